@@ -1,0 +1,123 @@
+"""The Python API that the CLI is a thin layer over.
+
+    from recipekit.engine import load_recipe
+    recipe = load_recipe("recipes/demo/drop-layers.yaml")
+    print(recipe.plan().output_bytes)
+    recipe.run("out/pruned")
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .architectures import layer_config
+from .build import build
+from .card import render_card
+from .execute import RunResult, check_output, write_model
+from .errors import Problem, WriteError
+from .layers import decoder_of
+from .lazy import LazyModel
+from .plan import Plan, make_plan
+from .recipe import Recipe, parse_recipe
+from .source import open_model
+from .yamlsource import Locator, load_yaml, read_recipe_text
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe, with the text it came from and the folder its paths are relative to."""
+
+    recipe: Recipe
+    text: str
+    base_dir: Path
+    locator: Locator = field(repr=False)
+
+    def build(self) -> LazyModel:
+        """The output as a lazy graph (reads configs and safetensors headers only)."""
+        return build(self.recipe, self.locator, self.base_dir)
+
+    def plan(self) -> Plan:
+        """Every output tensor, shard and offset, and the memory estimate; raises `PlanError`."""
+        return make_plan(self.build(), self.recipe.output)
+
+    def run(self, out: str | Path, *, overwrite: bool = False, progress: bool = False,
+            device: str = "cpu") -> RunResult:
+        """Build the model into directory `out`, which appears only when complete."""
+        plan = self.plan()
+        out = Path(out)
+        check_output(out, [s.root for _, s in plan.model.sources], overwrite=overwrite,
+                     needed=plan.output_bytes + len(self.text.encode()) * 2)
+        if plan.needs_torch:
+            _check_device(device)
+        files = {"README.md": render_card(plan, self.text, self.recipe.description).encode(),
+                 "recipe.yaml": self.text.encode()}
+        return write_model(plan, out, files, overwrite=overwrite, progress=progress, device=device)
+
+
+def load_recipe(source: str | Path | dict[str, Any], *, base_dir: str | Path | None = None) -> LoadedRecipe:
+    """Read a recipe from a file path or a dict; raises `RecipeError` listing every problem.
+
+    Relative model paths resolve against the recipe file's folder (or `base_dir`,
+    default the current directory, for a dict).
+    """
+    if isinstance(source, dict):
+        text = yaml.safe_dump(source, sort_keys=False)
+        data, locator = load_yaml(text, "<recipe>")
+        folder = Path(base_dir or ".").resolve()
+    else:
+        path = Path(source)
+        data, locator, text = read_recipe_text(path)
+        folder = Path(base_dir).resolve() if base_dir else path.resolve().parent
+    return LoadedRecipe(parse_recipe(data, locator), text, folder, locator)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `recipe inspect` shows about a model directory."""
+
+    path: Path
+    architecture: str
+    layers: int
+    tensors: int
+    bytes: int
+    dtypes: dict[str, int]
+    files: list[str]
+    tied_embeddings: bool
+    non_layer_tensors: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "architecture": self.architecture, "layers": self.layers,
+                "tensors": self.tensors, "bytes": self.bytes, "dtypes": self.dtypes, "files": self.files,
+                "tied_embeddings": self.tied_embeddings, "non_layer_tensors": self.non_layer_tensors}
+
+
+def inspect_model(path: str | Path) -> ModelInfo:
+    """Summarise a model directory from its config and safetensors headers."""
+    source = open_model(str(path), base_dir=Path.cwd())
+    model = LazyModel.from_source("model", source)
+    decoder = decoder_of(model, str(path))
+    layer_names = decoder.layer_names()
+    dtypes: Counter[str] = Counter()
+    for t in source.tensors.values():
+        dtypes[t.dtype] += t.nbytes
+    config = source.config
+    architecture = ", ".join(config.get("architectures") or []) or str(config.get("model_type", "unknown"))
+    tied = bool(layer_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    return ModelInfo(
+        path=source.root, architecture=architecture, layers=len(decoder.layers), tensors=len(source.tensors),
+        bytes=sum(dtypes.values()), dtypes=dict(sorted(dtypes.items())),
+        files=[f.name for f in source.files], tied_embeddings=tied and not any(n.endswith("lm_head.weight")
+                                                                             for n in source.tensors),
+        non_layer_tensors=sorted(n for n in source.tensors if n not in layer_names))
+
+
+def _check_device(device: str) -> None:
+    from .compute import device_problem
+
+    problem = device_problem(device)
+    if problem:
+        raise WriteError(Problem(problem))

@@ -1,0 +1,58 @@
+"""Turn a validated recipe into the LazyModel it describes, reading only headers and configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from recipekit.ops.registry import function_for
+
+from .errors import Problem, RecipekitError, SourceError
+from .layers import decoder_of
+from .lazy import LazyModel
+from .recipe import Recipe
+from .source import open_model
+from .yamlsource import Locator
+
+
+def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path) -> dict[str, LazyModel]:
+    """Open every input model; report all that fail at once, located at their `models` entry."""
+    models: dict[str, LazyModel] = {}
+    problems: list[Problem] = []
+    for name, ref in recipe.models.items():
+        path = ("models", name)
+        where = locator.where(path)
+        try:
+            model = LazyModel.from_source(name, open_model(ref, base_dir=base_dir, where=where))
+            count = len(decoder_of(model, name).layers)
+            models[name] = model.evolve(layer_origins=tuple(f"{name}:{i}" for i in range(count)))
+        except RecipekitError as e:
+            # a problem found in a model file names that file; the recipe location comes first
+            problems.extend(Problem(p.message if p.where in (None, where) else f"{p.where}: {p.message}", where, path)
+                            for p in e.problems)
+    if problems:
+        raise SourceError(problems)
+    return models
+
+
+def build(recipe: Recipe, locator: Locator, base_dir: Path) -> LazyModel:
+    """Run every step's model-level function; the last step's result is the output."""
+    results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir)
+    model = None
+    for k, step in enumerate(recipe.steps):
+        try:
+            model = function_for(step)(step, results)
+        except RecipekitError as e:
+            raise type(e)([_locate(p, ("steps", k), locator) for p in e.problems]) from None
+        if step.id is not None:
+            results[step.id] = model
+    tokenizer = recipe.output.tokenizer
+    if tokenizer is not None:
+        model = model.evolve(side_files=results[tokenizer].side_files)
+    return model
+
+
+def _locate(problem: Problem, prefix: tuple, locator: Locator) -> Problem:
+    """Give a problem raised deep inside an op the recipe location of the field it concerns."""
+    if problem.where is not None and problem.path:
+        return problem
+    path = prefix + problem.path
+    return Problem(problem.message, problem.where or locator.where(path), path)

@@ -1,0 +1,154 @@
+"""The `recipe` command: a thin layer over `recipekit.engine`'s API.
+
+Exit codes: 0 done, 1 failed while running, 2 bad input. A user's mistake is
+one located line per problem, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .api import inspect_model, load_recipe
+from .architectures import layer_config
+from .card import layer_runs
+from .errors import RecipekitError
+from .plan import Plan
+from .recipe import recipe_json_schema
+from .sizes import human
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RecipekitError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recipe: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failure while running, not a user's mistake
+        if args.debug:
+            traceback.print_exc()
+        print(f"recipe: failed: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recipe", description="Build language-model checkpoints from recipes.")
+    parser.add_argument("--version", action="version", version=f"recipekit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="build the model a recipe describes")
+    run.add_argument("recipe", type=Path, metavar="RECIPE")
+    run.add_argument("-o", "--out", type=Path, required=True, metavar="OUT", help="output model directory")
+    run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    run.add_argument("--device", default="cpu", help="where tensors are computed: cpu (default) or cuda")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_run)
+
+    validate = sub.add_parser("validate", help="check a recipe and its inputs; exit 2 with located errors")
+    validate.add_argument("recipe", type=Path, metavar="RECIPE")
+    validate.add_argument("--schema-only", action="store_true", help="check the recipe text only, open no model")
+    validate.set_defaults(handler=_validate)
+
+    plan = sub.add_parser("plan", help="show what a recipe will build, its size and peak memory")
+    plan.add_argument("recipe", type=Path, metavar="RECIPE")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=_plan)
+
+    inspect = sub.add_parser("inspect", help="show a model directory's layers, tensors, dtypes and size")
+    inspect.add_argument("model", type=Path, metavar="MODEL")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(handler=_inspect)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the recipe format")
+    schema.set_defaults(handler=_schema)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    loaded = load_recipe(args.recipe)
+    progress = not args.quiet and sys.stderr.isatty()
+    plan = loaded.plan()
+    result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device)
+    inputs = ", ".join(f"{name} {layer_config(source.config).get('num_hidden_layers', '?')}"
+                       for name, source in plan.model.sources)
+    print(f"recipe: layers {inputs} -> {len(plan.model.layer_origins)}; wrote {human(result.bytes_written)} in "
+          f"{result.shards} shard(s) to {result.out} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    loaded = load_recipe(args.recipe)
+    if not args.schema_only:
+        loaded.build()
+    what = "recipe" if args.schema_only else "recipe and its inputs"
+    print(f"{args.recipe}: ok ({what}: {len(loaded.recipe.models)} model(s), {len(loaded.recipe.steps)} step(s))")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    plan = load_recipe(args.recipe).plan()
+    summary = plan_summary(plan)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"layers ({summary['layers']} out):")
+    for run in summary["layer_runs"]:
+        print(f"  {run['output']:>9}  <- {run['from']}")
+    print(f"other tensors from: {summary['other_tensors_from']}")
+    print(f"tensors: {summary['tensors']} ({summary['copied']} copied as bytes, {summary['computed']} computed)")
+    for shard in summary["shards"]:
+        print(f"  {shard['file']}  {human(shard['bytes'])}  {shard['tensors']} tensors")
+    print(f"output: {human(summary['output_bytes'])}; reads {human(summary['input_bytes_read'])}; "
+          f"peak memory about {human(summary['peak_memory'])}")
+    return 0
+
+
+def plan_summary(plan: Plan) -> dict:
+    """What `recipe plan --json` prints."""
+    tensors = plan.tensors
+    return {
+        "layers": len(plan.model.layer_origins),
+        "layer_runs": [{"output": out, "from": src} for out, src in layer_runs(plan.model.layer_origins)],
+        "other_tensors_from": plan.model.sources[0][0],
+        "tensors": len(tensors),
+        "copied": sum(t.is_copy for t in tensors),
+        "computed": sum(not t.is_copy for t in tensors),
+        "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.tensors)} for s in plan.shards],
+        "output_bytes": plan.output_bytes,
+        "input_bytes_read": plan.input_bytes,
+        "peak_memory": plan.peak_memory,
+    }
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return 0
+    print(f"{info.path}")
+    print(f"  architecture: {info.architecture}")
+    print(f"  layers: {info.layers}; tensors: {info.tensors}; size: {human(info.bytes)} in {len(info.files)} file(s)")
+    print("  dtypes: " + ", ".join(f"{d} {human(b)}" for d, b in info.dtypes.items()))
+    print(f"  embeddings: {'tied' if info.tied_embeddings else 'untied'}")
+    print("  non-layer tensors: " + ", ".join(info.non_layer_tensors))
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(recipe_json_schema(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

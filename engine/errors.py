@@ -1,0 +1,60 @@
+"""Typed errors for everything a user can get wrong.
+
+Each error carries one or more `Problem`s; the CLI prints one line per problem
+and exits with code 2. Code never recognises an error by its message text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One complaint: `where` is `file:line:col` (or a file) when known, `path` the place in the recipe."""
+
+    message: str
+    where: str | None = None
+    path: Path_ = ()
+
+    def __str__(self) -> str:
+        head = ": ".join(part for part in (self.where, format_path(self.path)) if part)
+        return f"{head}: {self.message}" if head else self.message
+
+
+def format_path(path: Path_) -> str:
+    """`("steps", 0, "layers")` -> `steps[0].layers`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class RecipekitError(Exception):
+    """Base of the errors caused by user input; `problems` holds each complaint."""
+
+    def __init__(self, problems: list[Problem] | Problem | str):
+        if isinstance(problems, str):
+            problems = [Problem(problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class RecipeError(RecipekitError):
+    """The recipe text is not a valid recipe (syntax, schema, references)."""
+
+
+class SourceError(RecipekitError):
+    """An input model cannot be used: missing, unreadable, or its files lie."""
+
+
+class PlanError(RecipekitError):
+    """A valid recipe that cannot be built from these inputs."""
+
+
+class WriteError(RecipekitError):
+    """The output location cannot be written as asked."""

@@ -1,0 +1,252 @@
+"""Write a plan to disk: shards streamed tensor by tensor, the directory appearing by atomic rename.
+
+Every tensor's offset is fixed by the plan, so jobs can run in any order and
+still give the same bytes. Unchanged tensors are copied by the kernel
+(`os.copy_file_range`), several streams at once; computed tensors go through
+`compute.py` one at a time in input-file order.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Problem, SourceError, WriteError
+from .lazy import Apply
+from .plan import INDEX_FILE, Plan, TensorPlan
+from .safetensors_header import TensorInfo
+from .sizes import human
+
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
+              "chat_template.jinja", "chat_template.json")
+_PARTIAL = ".recipekit-partial-"
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+_CHUNK = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    bytes_written: int
+    seconds: float
+    shards: int
+
+
+def check_output(out: Path, input_roots: list[Path], *, overwrite: bool, needed: int) -> None:
+    """Refuse an output location before anything is written."""
+    out = out.resolve()
+    problems = []
+    if out.exists() and not overwrite:
+        problems.append(Problem(f"{out} already exists; pass --overwrite to replace it"))
+    elif out.exists() and not out.is_dir():
+        problems.append(Problem(f"{out} exists and is not a directory; refusing to replace it"))
+    for root in input_roots:
+        if out == root or root in out.parents:
+            problems.append(Problem(f"the output {out} would be inside the input model directory {root}"))
+        elif out in root.parents:
+            problems.append(Problem(f"the input model directory {root} is inside the output {out}"))
+    if problems:
+        raise WriteError(problems)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise WriteError(f"not enough free disk for {out}: the output needs {human(needed)}, "
+                         f"{human(free)} is free")
+
+
+def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bool = False,
+                progress: bool = True, device: str = "cpu") -> RunResult:
+    """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically."""
+    start = time.perf_counter()
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _write_shards(plan, tmp, progress=progress, device=device)
+        _write_json(tmp / INDEX_FILE, plan.index())
+        _write_json(tmp / "config.json", plan.config)
+        for name in SIDE_FILES:
+            source = plan.model.side_files.side_file(name)
+            if source is not None:
+                shutil.copyfile(source, tmp / name)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        _replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"no space left while writing {out}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RunResult(out, plan.output_bytes, time.perf_counter() - start, len(plan.shards))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.recipekit-old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove partial outputs of earlier runs for the same OUT whose process is gone."""
+    for path in out.parent.glob(f".{out.name}{_PARTIAL}*"):
+        try:
+            os.kill(int(path.name.rsplit("-", 1)[-1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
+class _Inputs:
+    """Read-only descriptors of input files, opened once, shared by threads."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, info: TensorInfo) -> int:
+        with self._lock:
+            if info.file not in self._fds:
+                try:
+                    self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                except OSError as e:
+                    raise SourceError(Problem(f"cannot open: {e.strerror}", str(info.file))) from None
+            return self._fds[info.file]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None:
+    inputs, outputs = _Inputs(), []
+    bar = _progress_bar(plan.output_bytes, progress)
+    try:
+        copies: list[tuple[TensorPlan, int, int]] = []
+        computes: list[tuple[TensorPlan, int, int]] = []
+        for shard in plan.shards:
+            fd = os.open(tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            outputs.append(fd)
+            _allocate(fd, shard.size)
+            os.pwrite(fd, shard.header, 0)
+            base = len(shard.header)
+            for t in shard.tensors:
+                (copies if t.is_copy else computes).append((t, fd, base + t.offset))
+            bar.update(len(shard.header))
+        # read every input file front to back
+        copies.sort(key=lambda job: (job[0].node.tensor.file, job[0].node.tensor.offset))
+        computes.sort(key=lambda job: _first_input(job[0]))
+
+        def copy(job: tuple[TensorPlan, int, int]) -> None:
+            t, fd, offset = job
+            info = t.node.tensor
+            _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
+            bar.update(t.nbytes)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            pending = pool.map(copy, copies)
+            if computes:
+                _compute(computes, inputs, bar, device)
+            for _ in pending:
+                pass  # re-raise the first failed copy
+    finally:
+        for fd in outputs:
+            os.close(fd)
+        inputs.close()
+        bar.close()
+
+
+def _compute(jobs: list[tuple[TensorPlan, int, int]], inputs: _Inputs, bar, device: str) -> None:
+    from . import compute  # torch is imported here, only when a tensor must be computed
+
+    evaluator = compute.Evaluator([t.node for t, _, _ in jobs], inputs.fd, device)
+    for t, fd, offset in jobs:
+        compute.write_tensor(evaluator.value(t.node), fd, offset)
+        bar.update(t.nbytes)
+
+
+def _first_input(t: TensorPlan) -> tuple[Path, int]:
+    """Where the first tensor a computed output reads lies, to order reads front to back."""
+    node = t.node
+    while isinstance(node, Apply):
+        if not node.inputs:
+            return (Path(), 0)
+        node = node.inputs[0]
+    return (node.tensor.file, node.tensor.offset)
+
+
+def _allocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise WriteError("no space left on the output disk") from None
+        os.ftruncate(fd, size)  # filesystems without fallocate
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int, info: TensorInfo) -> None:
+    """Copy bytes between files inside the kernel; plain reads and writes where it refuses."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
+        except OSError as e:
+            if e.errno not in _FALLBACK_ERRNOS:
+                raise
+            _copy_chunks(src, dst, src_offset, dst_offset, count, info)
+            return
+        if done == 0:
+            raise SourceError(Problem(f"file ended before tensor {info.name!r}: was it truncated while running?",
+                                      str(info.file)))
+        count -= done
+        src_offset += done
+        dst_offset += done
+
+
+def _copy_chunks(src: int, dst: int, src_offset: int, dst_offset: int, count: int, info: TensorInfo) -> None:
+    while count > 0:
+        data = os.pread(src, min(count, _CHUNK), src_offset)
+        if not data:
+            raise SourceError(Problem(f"file ended before tensor {info.name!r}: was it truncated while running?",
+                                      str(info.file)))
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(dst, view, dst_offset)
+            view, dst_offset = view[written:], dst_offset + written
+        src_offset += len(data)
+        count -= len(data)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="writing", leave=False)

@@ -1,0 +1,107 @@
+"""Decoder layers found from tensor names, and the one primitive of layer surgery.
+
+A decoder layer tensor is named `<prefix>.layers.<i>.<rest>`. `compose_layers`
+builds a model whose layer j is layer i of some model m: dropping, slicing
+and frankenmerging are all lists of such picks.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .architectures import layer_config, materialise, rewrite_layers
+from .errors import PlanError
+from .lazy import LazyModel, merge_sources
+
+_LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*?\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """The decoder stack of a model: `layers[i]` maps each `<rest>` to the full tensor name."""
+
+    prefix: str
+    layers: tuple[dict[str, str], ...]
+
+    def layer_names(self) -> set[str]:
+        return {name for layer in self.layers for name in layer.values()}
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """`model.layers.3.mlp.up_proj.weight` -> (`model.layers`, 3, `mlp.up_proj.weight`)."""
+    match = _LAYER_NAME.match(name)
+    return (match["prefix"], int(match["index"]), match["rest"]) if match else None
+
+
+def decoder_of(model: LazyModel, model_name: str) -> Decoder:
+    """Find the decoder stack; the prefix whose layer count matches `num_hidden_layers` wins."""
+    stacks: dict[str, dict[int, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+    for name in model.tensors:
+        parts = split_layer_name(name)
+        if parts:
+            stacks[parts[0]][parts[1]][parts[2]] = name
+    expected = layer_config(model.config).get("num_hidden_layers")
+    if not stacks:
+        raise PlanError(f"model {model_name!r} has no decoder layers (tensors named <prefix>.layers.<i>.<rest>)")
+    matching = [p for p, layers in stacks.items() if len(layers) == expected]
+    if len(stacks) == 1:
+        prefix = next(iter(stacks))
+    elif len(matching) == 1:
+        prefix = matching[0]
+    else:
+        raise PlanError(f"model {model_name!r}: cannot tell the decoder stack among {sorted(stacks)} "
+                        f"(config num_hidden_layers = {expected})")
+    layers = stacks[prefix]
+    count = len(layers)
+    if sorted(layers) != list(range(count)):
+        raise PlanError(f"model {model_name!r}: layer indices under {prefix!r} are not 0..{count - 1}")
+    if expected != count:
+        raise PlanError(f"model {model_name!r}: config.json says num_hidden_layers = {expected!r} "
+                        f"but the weights hold {count} layers")
+    return Decoder(prefix, tuple(dict(layers[i]) for i in range(count)))
+
+
+def compose_layers(picks: list[tuple[str, LazyModel, int]], base_name: str, base: LazyModel,
+                   note: str, tag: str) -> LazyModel:
+    """A model whose layer j is layer `picks[j][2]` of model `picks[j][1]`; all else from `base`.
+
+    Picked layers from other models must have the base's tensor names and shapes.
+    """
+    base_decoder = decoder_of(base, base_name)
+    decoders = {id(m): decoder_of(m, n) for n, m, _ in picks}
+    base_shapes: dict[str, set[tuple[int, ...]]] = defaultdict(set)
+    for layer in base_decoder.layers:
+        for rest, name in layer.items():
+            base_shapes[rest].add(base.tensors[name].shape)
+
+    layer_names = base_decoder.layer_names()
+    tensors = {name: node for name, node in base.tensors.items() if name not in layer_names}
+    for j, (name, model, i) in enumerate(picks):
+        for rest, full in decoders[id(model)].layers[i].items():
+            node = model.tensors[full]
+            if model is not base and node.shape not in base_shapes.get(rest, ()):
+                raise PlanError(f"layer {i} of model {name!r} does not fit the base {base_name!r}: tensor "
+                                f"{rest!r} has shape {list(node.shape)}, the base has "
+                                f"{sorted(list(s) for s in base_shapes[rest]) or 'no such tensor'}")
+            tensors[f"{base_decoder.prefix}.{j}.{rest}"] = node
+
+    config = dict(base.config)
+    source_configs = {id(m): materialise(layer_config(m.config)) for _, m, _ in picks}
+    try:
+        new_layers = rewrite_layers(materialise(layer_config(base.config)),
+                                    [(source_configs[id(m)], i) for _, m, i in picks])
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    if layer_config(config) is config:
+        config = new_layers
+    else:
+        config["text_config"] = new_layers
+    return base.evolve(
+        config=config,
+        tensors=tensors,
+        sources=merge_sources(base, *(m for _, m, _ in picks)),
+        layer_origins=tuple(m.layer_origins[i] for _, m, i in picks),
+        notes=tuple(dict.fromkeys(base.notes + tuple(n for _, m, _ in picks for n in m.notes) + (note,))),
+        tags=tuple(dict.fromkeys(base.tags + tuple(t for _, m, _ in picks for t in m.tags) + (tag,))),
+    )

@@ -1,0 +1,83 @@
+"""The lazy model graph: what every output tensor will be, before any byte is read.
+
+A node is a frozen value, so two equal nodes are one piece of work: `Load` is
+one tensor's bytes in an input file, `Apply` is a named kernel over other
+nodes. Ops rewrite a `LazyModel` into a new one; they never read data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+from .safetensors_header import TensorInfo
+from .source import ModelSource
+
+
+@dataclass(frozen=True)
+class Load:
+    """The bytes of one input tensor, unchanged."""
+
+    tensor: TensorInfo
+
+    @property
+    def dtype(self) -> str:
+        return self.tensor.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensor.shape
+
+
+@dataclass(frozen=True)
+class Apply:
+    """`kernel` (a name in `engine/kernels.py`) applied to `inputs`; result has `dtype` and `shape`."""
+
+    kernel: str
+    inputs: tuple[Node, ...]
+    params: tuple[tuple[str, object], ...]
+    dtype: str
+    shape: tuple[int, ...]
+
+
+Node = Union[Load, Apply]
+
+
+@dataclass(frozen=True)
+class LazyModel:
+    """A model as a graph: config, tensors by output name, and where it came from.
+
+    `side_files` is the source whose tokenizer and generation config travel with
+    the model; `sources` are all inputs it derives from, by recipe name;
+    `layer_origins[j]` says where output layer j comes from (`"a:20"`); `notes`
+    and `tags` are the model card's lines about the steps and its Hub tags.
+    """
+
+    config: dict = field(repr=False)
+    tensors: dict[str, Node] = field(repr=False)
+    side_files: ModelSource
+    sources: tuple[tuple[str, ModelSource], ...]
+    layer_origins: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def from_source(cls, name: str, source: ModelSource) -> LazyModel:
+        """The input model as it is; `layer_origins` is filled in once its layers are known."""
+        return cls(
+            config=source.config,
+            tensors={n: Load(t) for n, t in source.tensors.items()},
+            side_files=source,
+            sources=((name, source),),
+        )
+
+    def evolve(self, **changes) -> LazyModel:
+        return replace(self, **changes)
+
+
+def merge_sources(*models: LazyModel) -> tuple[tuple[str, ModelSource], ...]:
+    """The union of the models' input sources, first appearance first."""
+    seen: dict[str, ModelSource] = {}
+    for model in models:
+        for name, source in model.sources:
+            seen.setdefault(name, source)
+    return tuple(seen.items())

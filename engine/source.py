@@ -1,0 +1,100 @@
+"""Input models: where their config, tensors and side files are.
+
+A source is opened from a reference as written in a recipe. Only `config.json`
+and safetensors headers are read. Local directories are the one kind of source
+today; Hub ids plug in behind `open_model` by resolving to a local snapshot.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Problem, SourceError
+from .safetensors_header import TensorInfo, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """An opened input model. `ref` is the reference as the user wrote it."""
+
+    ref: str
+    root: Path
+    config: dict = field(repr=False)
+    tensors: dict[str, TensorInfo] = field(repr=False)
+    hub_id: str | None = None
+
+    def side_file(self, name: str) -> Path | None:
+        """A file beside the weights (tokenizer, generation config), if present."""
+        path = self.root / name
+        return path if path.is_file() else None
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files holding this model's tensors, in name order."""
+        return sorted({t.file for t in self.tensors.values()})
+
+
+def open_model(ref: str, *, base_dir: Path, where: str | None = None) -> ModelSource:
+    """Open the model a recipe names; `where` locates the reference in the recipe for errors."""
+    root = (base_dir / Path(ref).expanduser()).resolve()
+    if not root.exists():
+        raise SourceError(Problem(f"model directory {ref!r} not found (looked in {root})", where))
+    if not root.is_dir():
+        raise SourceError(Problem(f"model {ref!r} is a file; expected a model directory ({root})", where))
+    return ModelSource(ref=ref, root=root, config=_read_config(root, ref, where), tensors=_read_tensors(root, ref, where))
+
+
+def _read_config(root: Path, ref: str, where: str | None) -> dict:
+    path = root / "config.json"
+    if not path.is_file():
+        raise SourceError(Problem(f"model {ref!r} has no config.json ({root})", where))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(Problem(f"cannot read config.json of model {ref!r}: {e}", where)) from None
+    if not isinstance(config, dict):
+        raise SourceError(Problem(f"config.json of model {ref!r} is not a JSON object", where))
+    return config
+
+
+def _read_tensors(root: Path, ref: str, where: str | None) -> dict[str, TensorInfo]:
+    index = root / INDEX_FILE
+    if index.is_file():
+        return _read_sharded(root, index, ref, where)
+    single = root / SINGLE_FILE
+    if single.is_file():
+        return read_header(single)[0]
+    found = sorted(p.name for p in root.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf", ".safetensors"})
+    hint = (f" (found {', '.join(found[:3])}; only safetensors weights are read, never pickles)" if found else "")
+    raise SourceError(Problem(f"model {ref!r} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}", where))
+
+
+def _read_sharded(root: Path, index: Path, ref: str, where: str | None) -> dict[str, TensorInfo]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise SourceError(Problem(f"{INDEX_FILE} of model {ref!r} is not a valid index (needs a weight_map)",
+                                  where)) from None
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = (root / shard).resolve()
+        if path.parent != root:
+            raise SourceError(Problem(f"{INDEX_FILE} of model {ref!r} names {shard!r}, outside the model directory",
+                                      where))
+        if not path.is_file():
+            raise SourceError(Problem(f"model {ref!r}: shard {shard!r} named by {INDEX_FILE} is missing", where))
+        headers[shard] = read_header(path)[0]
+    tensors = {}
+    for name, shard in sorted(weight_map.items()):
+        info = headers[shard].get(name)
+        if info is None:
+            raise SourceError(Problem(f"model {ref!r}: {INDEX_FILE} puts {name!r} in {shard!r}, which does not hold it",
+                                      where))
+        tensors[name] = info
+    return tensors

@@ -1,0 +1,1 @@
+"""recipekit operations: model-level rewrites of LazyModels, one module per family."""
