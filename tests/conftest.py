@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny import make_model
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """A 6-layer fp32 Llama in one file, untied embeddings."""
+    return make_model(tmp_path_factory.mktemp("models") / "llama", layers=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def llama_sharded(tmp_path_factory):
+    """A 6-layer fp32 Llama in several shards with an index, tied embeddings."""
+    return make_model(tmp_path_factory.mktemp("models") / "llama-sharded", layers=6, seed=2, tied=True,
+                      shard_size="60KB")

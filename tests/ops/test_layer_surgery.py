@@ -1,0 +1,145 @@
+"""drop_layers and slice_layers, checked against transformers' own models."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from recipekit.engine import PlanError, load_recipe
+from tests.tiny import assert_layers_from, load_causal_lm, make_model, read_config, write_recipe
+
+TOKENS = torch.tensor([[5, 17, 42, 3, 88, 9, 61, 23]])
+
+
+def logits_without_layers(model_dir, dropped: set[int]) -> torch.Tensor:
+    """Reference: the original model with decoder layers deleted in memory."""
+    model = load_causal_lm(model_dir)
+    kept = [layer for i, layer in enumerate(model.model.layers) if i not in dropped]
+    model.model.layers = torch.nn.ModuleList(kept)
+    model.config.num_hidden_layers = len(kept)
+    for j, layer in enumerate(kept):
+        layer.self_attn.layer_idx = j
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def logits_of(model_dir) -> torch.Tensor:
+    with torch.no_grad():
+        return load_causal_lm(model_dir)(TOKENS).logits
+
+
+@pytest.mark.parametrize("fixture", ["llama", "llama_sharded"])
+def test_drop_layers_logits_match_in_memory_removal(fixture, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {model_dir}}}
+        steps:
+          - op: drop_layers
+            model: base
+            layers: [1, [3, 5]]
+        """)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    assert read_config(out)["num_hidden_layers"] == 3
+    torch.testing.assert_close(logits_of(out), logits_without_layers(model_dir, {1, 3, 4}), atol=1e-6, rtol=0)
+    assert_layers_from(out, [(model_dir, 0), (model_dir, 2), (model_dir, 5)], model_dir)
+
+
+def test_tied_embeddings_stay_tied(llama_sharded, tmp_path):
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {llama_sharded}}}
+        steps: [{{op: drop_layers, model: base, layers: [0]}}]
+        """)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    config = read_config(out)
+    assert config["tie_word_embeddings"] is True
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]
+    model = load_causal_lm(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_frankenmerge_is_bitwise_and_loads(llama, llama_sharded, tmp_path):
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{a: {llama}, b: {llama_sharded}}}
+        steps:
+          - op: slice_layers
+            slices:
+              - {{model: a, range: [0, 4]}}
+              - {{model: b, range: [2, 6]}}
+              - {{model: a, range: [3, 4]}}
+        output: {{shard_size: 40KB}}
+        """)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    origins = [(llama, i) for i in range(4)] + [(llama_sharded, i) for i in range(2, 6)] + [(llama, 3)]
+    assert_layers_from(out, origins, llama)
+    assert read_config(out)["num_hidden_layers"] == 9
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert logits_of(out).shape == (1, TOKENS.shape[1], 96)
+
+
+def test_slice_base_gives_non_layer_tensors(llama, llama_sharded, tmp_path):
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{a: {llama}, b: {llama_sharded}}}
+        steps:
+          - op: slice_layers
+            slices: [{{model: a, range: [0, 2]}}]
+            base: b
+        """)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    assert_layers_from(out, [(llama, 0), (llama, 1)], llama_sharded)
+    assert read_config(out)["tie_word_embeddings"] is True
+
+
+def test_slices_of_a_different_shape_are_refused_before_writing(llama, tmp_path):
+    wide = make_model(tmp_path / "wide", hidden_size=48, head_dim=12)
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{a: {llama}, w: {wide}}}
+        steps:
+          - op: slice_layers
+            slices: [{{model: a, range: [0, 2]}}, {{model: w, range: [0, 2]}}]
+        """)
+    with pytest.raises(PlanError, match="does not fit the base"):
+        load_recipe(recipe).run(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _without_layer_types(model_dir, tmp_path):
+    copy = tmp_path / model_dir.name
+    shutil.copytree(model_dir, copy)
+    config = read_config(copy)
+    original = config.pop("layer_types")
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy, original
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("qwen3", dict(use_sliding_window=True, sliding_window=16, max_window_layers=3)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=2)),
+    ("gemma3_text", dict(sliding_window=16, sliding_window_pattern=3)),
+    ("gemma2", dict(sliding_window=16)),
+])
+def test_per_layer_config_lists_follow_the_layers(family, settings, tmp_path):
+    """layer_types is materialised from the family's rule when absent, then sliced like the layers."""
+    model_dir = make_model(tmp_path / family, family=family, layers=6, **settings)
+    spelt_out = read_config(model_dir)["layer_types"]
+    stripped, original = _without_layer_types(model_dir, tmp_path / "stripped")
+    assert original == spelt_out
+    for source in (model_dir, stripped):
+        recipe = write_recipe(tmp_path, f"""
+            recipe: 1
+            models: {{base: {source}}}
+            steps: [{{op: drop_layers, model: base, layers: [0, 4]}}]
+            """)
+        out = load_recipe(recipe).run(tmp_path / "out", overwrite=True).out
+        expected = [t for i, t in enumerate(original) if i not in (0, 4)]
+        assert read_config(out)["layer_types"] == expected
+        model = load_causal_lm(out)  # transformers' strict config accepts it
+        assert model.config.layer_types == expected
+        assert len(set(expected)) == 2  # the test means something only with both kinds left

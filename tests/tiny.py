@@ -1,0 +1,106 @@
+"""Tiny checkpoints for tests, built in a temporary folder.
+
+`make_model` uses transformers' own config and model classes with random
+init and `save_pretrained`, so the inputs are exactly what real users feed
+recipekit. `write_recipe` writes a recipe next to them.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+FAMILIES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig",
+}
+
+
+def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int = 0, tied: bool = False,
+               shard_size: str | None = None, dtype: str = "float32", **config) -> Path:
+    """Save a randomly initialised tiny model of `family` to `path` and return `path`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=layers, vocab_size=96, head_dim=8, max_position_embeddings=128,
+                    tie_word_embeddings=tied)
+    settings.update(config)
+    cfg = getattr(transformers, FAMILIES[family])(**settings)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():  # make norms differ from 1 so dropped/moved layers show in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def load_causal_lm(path: Path):
+    """Load an output the way users do, in fp32, for logits comparisons."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def tensors_of(path: Path) -> dict:
+    """Every tensor of a model directory, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def source_tensors(model_dir: Path) -> dict:
+    """Tensors of an input model, read with the safetensors library (independent of recipekit's reader)."""
+    return tensors_of(model_dir)
+
+
+def assert_layers_from(out: Path, origins: list[tuple[Path, int]], base: Path, dtype=None) -> None:
+    """Output layer j must equal layer `origins[j][1]` of the model in `origins[j][0]`, bit for bit
+    (after casting to `dtype` when given); every other tensor must equal `base`'s."""
+    import re
+
+    import torch
+
+    got = tensors_of(out)
+    cache: dict[Path, dict] = {}
+
+    def source(path: Path) -> dict:
+        if path not in cache:
+            cache[path] = tensors_of(path)
+        return cache[path]
+
+    expected = {}
+    for name, tensor in source(base).items():
+        if not re.match(r".*layers\.\d+\.", name):
+            expected[name] = tensor
+    for j, (path, i) in enumerate(origins):
+        for name, tensor in source(path).items():
+            match = re.match(r"(.*layers)\.(\d+)\.(.*)", name)
+            if match and int(match[2]) == i:
+                expected[f"{match[1]}.{j}.{match[3]}"] = tensor
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        want = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        assert got[name].dtype == want.dtype, name
+        assert torch.equal(got[name], want), name
