@@ -221,6 +221,7 @@ def generate(spec: ModelSpec, root: Path, log) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-partial-", dir=root.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cached model is meant to be shared
         rng = random.Random(1234)
         weights = _bf16_block(rng, BLOCK_ELEMS, 0.0, 0.02)
         norms = _bf16_block(rng, 1 << 14, 1.0, 0.05)
