@@ -5,21 +5,36 @@
     plan = recipe.plan()            # reads headers only
     result = recipe.run("out/pruned", overwrite=True)
 
-Importing this package does not import torch.
+Names are imported on first use, so `import recipekit.engine` is cheap and
+never imports torch.
 """
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-from .api import LoadedRecipe, ModelInfo, inspect_model, load_recipe
-from .errors import PlanError, Problem, RecipeError, RecipekitError, SourceError, WriteError
-from .execute import RunResult
-from .plan import Plan
+_EXPORTS = {
+    "LoadedRecipe": "api", "ModelInfo": "api", "inspect_model": "api", "load_recipe": "api",
+    "PlanError": "errors", "Problem": "errors", "RecipeError": "errors", "RecipekitError": "errors",
+    "SourceError": "errors", "WriteError": "errors", "RunResult": "execute", "Plan": "plan",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-try:
-    __version__ = version("recipekit")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+if TYPE_CHECKING:
+    from .api import LoadedRecipe, ModelInfo, inspect_model, load_recipe
+    from .errors import PlanError, Problem, RecipeError, RecipekitError, SourceError, WriteError
+    from .execute import RunResult
+    from .plan import Plan
 
-__all__ = ["LoadedRecipe", "ModelInfo", "Plan", "PlanError", "Problem", "RecipeError", "RecipekitError",
-           "RunResult", "SourceError", "WriteError", "inspect_model", "load_recipe", "__version__"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("recipekit")
+        except PackageNotFoundError:  # a source tree that was never installed
+            return "0+unknown"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
