@@ -7,14 +7,15 @@ checked in a second pass so one report holds everything wrong with a recipe.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from recipekit.ops.registry import OPS, Step
 
 from .errors import Path_, Problem, RecipeError
-from .schema import Name, Ref, Strict
+from .schema import Name, Ref, StepBase, Strict
 from .sizes import parse_size
 from .yamlsource import Locator
 
@@ -63,18 +64,53 @@ def parse_recipe(data: Any, locator: Locator) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError([_problem(err, data, locator) for err in e.errors(include_url=False)]) from None
-    problems = check_references(recipe, locator)
+        problems = [_problem(err, data, locator) for err in e.errors(include_url=False)]
+        # report wrong references too, for the steps that are valid on their own
+        models = data.get("models") if isinstance(data.get("models"), dict) else {}
+        steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+        output = data.get("output") if isinstance(data.get("output"), dict) else {}
+        tokenizer = output.get("tokenizer") if isinstance(output.get("tokenizer"), str) else None
+        problems += check_references(list(models), [_valid_step(s) for s in steps], tokenizer, locator)
+        raise RecipeError(sorted(problems, key=lambda p: _position(p.where))) from None
+    problems = check_references(list(recipe.models), recipe.steps, recipe.output.tokenizer, locator)
     if problems:
         raise RecipeError(problems)
     return recipe
 
 
-def check_references(recipe: Recipe, locator: Locator) -> list[Problem]:
+_STEP = TypeAdapter(Step)
+
+
+@dataclass(frozen=True)
+class _InvalidStep:
+    """Stands for a step that failed validation: it reads nothing we can check, but its id still counts."""
+
+    id: str | None
+
+    def references(self) -> list[tuple[Path_, str]]:
+        return []
+
+
+def _valid_step(data: Any) -> StepBase | _InvalidStep:
+    try:
+        return _STEP.validate_python(data)
+    except ValidationError:
+        step_id = data.get("id") if isinstance(data, dict) else None
+        return _InvalidStep(step_id if isinstance(step_id, str) else None)
+
+
+def _position(where: str | None) -> tuple[int, int]:
+    """`file:12:5` -> (12, 5), for listing problems in file order."""
+    parts = (where or "").rsplit(":", 2)
+    return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else (0, 0)
+
+
+def check_references(models: list[str], steps: list[StepBase | _InvalidStep], tokenizer: str | None,
+                     locator: Locator) -> list[Problem]:
     """Every step reads only models and earlier steps; ids are unique."""
     problems: list[Problem] = []
-    known = list(recipe.models)
-    for k, step in enumerate(recipe.steps):
+    known = list(models)
+    for k, step in enumerate(steps):
         for path, ref in step.references():
             if ref not in known:
                 full = ("steps", k, *path)
@@ -87,11 +123,10 @@ def check_references(recipe: Recipe, locator: Locator) -> list[Problem]:
                                         locator.where(full), full))
             else:
                 known.append(step.id)
-    tokenizer = recipe.output.tokenizer
-    if tokenizer is not None and tokenizer not in recipe.models:
+    if tokenizer is not None and tokenizer not in models:
         path = ("output", "tokenizer")
-        problems.append(Problem(f"unknown model {tokenizer!r}{_suggest(tokenizer, list(recipe.models))}; "
-                                f"the tokenizer comes from one of: {', '.join(recipe.models)}",
+        problems.append(Problem(f"unknown model {tokenizer!r}{_suggest(tokenizer, models)}; "
+                                f"the tokenizer comes from one of: {', '.join(models)}",
                                 locator.where(path), path))
     return problems
 
