@@ -52,9 +52,13 @@ def check_output(out: Path, input_roots: list[Path], *, overwrite: bool, needed:
             problems.append(Problem(f"the output {out} would be inside the input model directory {root}"))
         elif out in root.parents:
             problems.append(Problem(f"the input model directory {root} is inside the output {out}"))
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if existing != out and not existing.is_dir():
+        problems.append(Problem(f"cannot create {out}: {existing} is a file, not a directory"))
+    elif existing != out and not os.access(existing, os.W_OK):
+        problems.append(Problem(f"cannot create {out}: {existing} is not writable"))
     if problems:
         raise WriteError(problems)
-    existing = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise WriteError(f"not enough free disk for {out}: the output needs {human(needed)}, "

@@ -9,12 +9,22 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .architectures import layer_config, materialise, rewrite_layers
-from .errors import PlanError
+from .errors import Path_, PlanError, Problem
 from .lazy import LazyModel, merge_sources
 
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*?\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+class Pick(NamedTuple):
+    """Output layer := layer `layer` of `model` (named `name`); `path` is the recipe field that asked for it."""
+
+    name: str
+    model: LazyModel
+    layer: int
+    path: Path_ = ()
 
 
 @dataclass(frozen=True)
@@ -62,14 +72,13 @@ def decoder_of(model: LazyModel, model_name: str) -> Decoder:
     return Decoder(prefix, tuple(dict(layers[i]) for i in range(count)))
 
 
-def compose_layers(picks: list[tuple[str, LazyModel, int]], base_name: str, base: LazyModel,
-                   note: str, tag: str) -> LazyModel:
-    """A model whose layer j is layer `picks[j][2]` of model `picks[j][1]`; all else from `base`.
+def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str, tag: str) -> LazyModel:
+    """A model whose layer j is `picks[j]`; all other tensors and the config from `base`.
 
     Picked layers from other models must have the base's tensor names and shapes.
     """
     base_decoder = decoder_of(base, base_name)
-    decoders = {id(m): decoder_of(m, n) for n, m, _ in picks}
+    decoders = {id(p.model): decoder_of(p.model, p.name) for p in picks}
     base_shapes: dict[str, set[tuple[int, ...]]] = defaultdict(set)
     for layer in base_decoder.layers:
         for rest, name in layer.items():
@@ -77,20 +86,21 @@ def compose_layers(picks: list[tuple[str, LazyModel, int]], base_name: str, base
 
     layer_names = base_decoder.layer_names()
     tensors = {name: node for name, node in base.tensors.items() if name not in layer_names}
-    for j, (name, model, i) in enumerate(picks):
+    for j, (name, model, i, path) in enumerate(picks):
         for rest, full in decoders[id(model)].layers[i].items():
             node = model.tensors[full]
             if model is not base and node.shape not in base_shapes.get(rest, ()):
-                raise PlanError(f"layer {i} of model {name!r} does not fit the base {base_name!r}: tensor "
-                                f"{rest!r} has shape {list(node.shape)}, the base has "
-                                f"{sorted(list(s) for s in base_shapes[rest]) or 'no such tensor'}")
+                raise PlanError(Problem(
+                    f"layer {i} of model {name!r} does not fit the base {base_name!r}: tensor {rest!r} has shape "
+                    f"{list(node.shape)}, the base has {sorted(list(s) for s in base_shapes[rest]) or 'no such tensor'}",
+                    path=path))
             tensors[f"{base_decoder.prefix}.{j}.{rest}"] = node
 
     config = dict(base.config)
-    source_configs = {id(m): materialise(layer_config(m.config)) for _, m, _ in picks}
+    source_configs = {id(p.model): materialise(layer_config(p.model.config)) for p in picks}
     try:
         new_layers = rewrite_layers(materialise(layer_config(base.config)),
-                                    [(source_configs[id(m)], i) for _, m, i in picks])
+                                    [(source_configs[id(p.model)], p.layer) for p in picks])
     except ValueError as e:
         raise PlanError(str(e)) from None
     if layer_config(config) is config:
@@ -100,8 +110,8 @@ def compose_layers(picks: list[tuple[str, LazyModel, int]], base_name: str, base
     return base.evolve(
         config=config,
         tensors=tensors,
-        sources=merge_sources(base, *(m for _, m, _ in picks)),
-        layer_origins=tuple(m.layer_origins[i] for _, m, i in picks),
-        notes=tuple(dict.fromkeys(base.notes + tuple(n for _, m, _ in picks for n in m.notes) + (note,))),
-        tags=tuple(dict.fromkeys(base.tags + tuple(t for _, m, _ in picks for t in m.tags) + (tag,))),
+        sources=merge_sources(base, *(p.model for p in picks)),
+        layer_origins=tuple(p.model.layer_origins[p.layer] for p in picks),
+        notes=tuple(dict.fromkeys(base.notes + tuple(n for p in picks for n in p.model.notes) + (note,))),
+        tags=tuple(dict.fromkeys(base.tags + tuple(t for p in picks for t in p.model.tags) + (tag,))),
     )

@@ -15,7 +15,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 from recipekit.ops.registry import OPS, Step
 
 from .errors import Path_, Problem, RecipeError
-from .schema import Name, Ref, StepBase, Strict
+from .schema import NAME_PATTERN, Name, Ref, StepBase, Strict
 from .sizes import parse_size
 from .yamlsource import Locator
 
@@ -158,6 +158,11 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
         return Problem(f"every step needs an 'op': one of {', '.join(OPS)}", locator.where(path), path)
     if kind == "missing":
         return Problem(f"missing required key {str(path[-1])!r}", locator.where(path[:-1]), path)
+    at_key = loc[-1:] == ("[key]",)  # pydantic's marker for a dict key that failed validation
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+        name = path[-1] if at_key else _value_at(data, path)
+        return Problem(f"{name!r} is not a valid name: use letters, digits, '_', '-' and '.', "
+                       f"starting with a letter or '_'", locator.where(path, key=at_key), path)
     message = err["msg"].removeprefix("Value error, ")
     if kind in ("int_type", "int_parsing", "string_type", "list_type", "dict_type", "model_type", "tuple_type",
                 "bool_type", "float_type", "literal_error", "enum"):
@@ -165,7 +170,7 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
         message = f"{message[0].lower()}{message[1:]}, got {value!r}"
         if kind == "literal_error" and path and isinstance(value, str):
             message += _suggest(value, [v.strip("'") for v in ctx.get("expected", "").replace(" or ", ", ").split(", ")])
-    return Problem(message, locator.where(path), path)
+    return Problem(message, locator.where(path, key=at_key), path)
 
 
 def _data_path(loc: Path_, data: Any) -> Path_:
@@ -180,7 +185,7 @@ def _data_path(loc: Path_, data: Any) -> Path_:
         elif isinstance(node, list) and isinstance(part, int):
             node = node[part] if part < len(node) else None
         elif isinstance(part, str):
-            continue  # a union member's name, not a data key
+            continue  # a union member's name or "[key]", not a data key
         else:
             node = None
         path.append(part)

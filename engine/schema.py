@@ -30,24 +30,36 @@ class StepBase(Strict):
     id: Name | None = Field(None, description="Name of this step's result, for later steps to refer to it.")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_range(value: object) -> tuple[int, int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
+        raise ValueError(f"expected a layer range [start, end] (two integers, end exclusive), got {value!r}")
+    start, end = value
+    if start < 0 or end < 0:
+        raise ValueError(f"layer indices count from 0; got [{start}, {end}]")
+    if start >= end:
+        raise ValueError(f"a range [start, end] needs start < end (end is exclusive); got [{start}, {end}]")
+    return (start, end)
+
+
 def _layer_span(value: object) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise ValueError("expected a layer index or a [start, end] range")
-    if isinstance(value, int):
+    if _is_int(value):
         if value < 0:
             raise ValueError(f"layer indices count from 0; got {value}")
         return (value, value + 1)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        start, end = value
-        if start < 0 or end < 0:
-            raise ValueError(f"layer indices count from 0; got [{start}, {end}]")
-        if start >= end:
-            raise ValueError(f"a range [start, end] needs start < end (end is exclusive); got [{start}, {end}]")
-        return (start, end)
+    if isinstance(value, (list, tuple)):
+        return _layer_range(value)
     raise ValueError(f"expected a layer index or a [start, end] range (end exclusive), got {value!r}")
 
 
+LayerRange = Annotated[
+    tuple[int, int],
+    BeforeValidator(_layer_range, json_schema_input_type=tuple[int, int]),
+    Field(description="Layers [start, end), end exclusive."),
+]
 LayerSpan = Annotated[
     tuple[int, int],
     BeforeValidator(_layer_span, json_schema_input_type=int | tuple[int, int]),

@@ -80,9 +80,12 @@ def load_yaml(text: str | bytes, filename: str = "") -> tuple[Any, Locator]:
 
 def _yaml_problem(e: yaml.MarkedYAMLError, text: str, locator: Locator) -> Problem:
     mark = e.problem_mark or e.context_mark
+    lines = text.splitlines()
+    if e.context_mark is not None and (mark.line >= len(lines) or mark.index >= len(text.rstrip())):
+        # found only at the end of the file: the construct left open is where the mistake is
+        mark = e.context_mark
     where = locator.fmt((mark.line + 1, mark.column + 1)) if mark else locator.filename or None
     if mark is not None:
-        lines = text.splitlines()
         line = lines[mark.line] if mark.line < len(lines) else ""
         indent = line[: len(line) - len(line.lstrip(" \t"))]
         if "\t" in indent:

@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from recipekit.engine.errors import Path_, PlanError, Problem
-from recipekit.engine.layers import compose_layers, decoder_of
+from recipekit.engine.layers import Pick, compose_layers, decoder_of
 from recipekit.engine.lazy import LazyModel
-from recipekit.engine.schema import LayerSpan, Ref, StepBase, Strict
+from recipekit.engine.schema import LayerRange, LayerSpan, Ref, StepBase, Strict
 
 
 class DropLayers(StepBase):
@@ -29,17 +29,7 @@ class DropLayers(StepBase):
 
 class Slice(Strict):
     model: Ref = Field(description="The model or step the layers come from.")
-    range: tuple[int, int] = Field(description="Layers [start, end) of that model, end exclusive.")
-
-    @field_validator("range")
-    @classmethod
-    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
-        start, end = value
-        if start < 0:
-            raise ValueError(f"layer indices count from 0; got {start}")
-        if start >= end:
-            raise ValueError(f"range [start, end] needs start < end (end is exclusive); got [{start}, {end}]")
-        return value
+    range: LayerRange = Field(description="Layers [start, end) of that model, end exclusive.")
 
 
 class SliceLayers(StepBase):
@@ -72,7 +62,7 @@ def drop_layers(step: DropLayers, models: Mapping[str, LazyModel]) -> LazyModel:
                                 path=("layers",)))
     note = (f"`drop_layers` removed layers {_compact(sorted(dropped))} of `{step.model}` "
             f"({count} -> {len(keep)} layers)")
-    return compose_layers([(step.model, model, i) for i in keep], step.model, model, note, "pruned")
+    return compose_layers([Pick(step.model, model, i) for i in keep], step.model, model, note, "pruned")
 
 
 def slice_layers(step: SliceLayers, models: Mapping[str, LazyModel]) -> LazyModel:
@@ -84,7 +74,7 @@ def slice_layers(step: SliceLayers, models: Mapping[str, LazyModel]) -> LazyMode
         if end > count:
             problems.append(Problem(f"range [{start}, {end}] is out of range: {piece.model!r} has {count} layers "
                                     f"(end may be at most {count})", path=("slices", k, "range")))
-        picks.extend((piece.model, model, i) for i in range(start, min(end, count)))
+        picks.extend(Pick(piece.model, model, i, ("slices", k, "model")) for i in range(start, min(end, count)))
     if problems:
         raise PlanError(problems)
     base_name = step.base or step.slices[0].model

@@ -25,7 +25,7 @@ def test_dates_stay_text():
     ("a: 1\na: 2\n", "duplicate key 'a'", "f.yaml:2:1"),
     ("base: &b {x: 1}\nother:\n  <<: *b\n", "merge keys", "f.yaml:3:3"),
     ("a:\n\t- 1\n", "tab", "f.yaml:2:1"),
-    ("a: [1, 2\n", "YAML syntax error", "f.yaml:2:1"),
+    ("a: [1, 2\n", "YAML syntax error", "f.yaml:1:4"),
     ("", "empty", "f.yaml"),
     ("a: !custom 3\n", "not allowed", "f.yaml:1:4"),
 ])
