@@ -354,7 +354,7 @@ def warm_cache(files: list[Path]) -> None:
 
 
 def timed(argv: list[str], workdir: Path) -> tuple[float, float, int, str]:
-    """(wall seconds, max RSS MB, exit status, stderr tail) of one command."""
+    """(wall seconds, max RSS in MB (10^6 bytes), exit status, stderr tail) of one command."""
     gnu_time = Path("/usr/bin/time")
     if gnu_time.exists():
         stats = workdir / "time-v.txt"
@@ -366,7 +366,7 @@ def timed(argv: list[str], workdir: Path) -> tuple[float, float, int, str]:
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
         rss_kb = int(m.group(1)) if m else -1024
         stats.unlink(missing_ok=True)
-        return wall, rss_kb / 1024, proc.returncode, proc.stderr[-2000:]
+        return wall, rss_kb * 1024 / 1e6, proc.returncode, proc.stderr[-2000:]
     # no GNU time: the same numbers from wait4's rusage of the child
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -374,7 +374,7 @@ def timed(argv: list[str], workdir: Path) -> tuple[float, float, int, str]:
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode, stderr[-2000:]
+    return wall, usage.ru_maxrss * 1024 / 1e6, proc.returncode, stderr[-2000:]
 
 
 def clear(path: Path) -> None:
@@ -385,7 +385,7 @@ def clear(path: Path) -> None:
 
 
 def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: Path, workdir: Path,
-                  repeats: int, log) -> None:
+                  repeats: int, settle: float, log) -> None:
     """`repeats` rounds; each round times every row once, the order rotating between rounds."""
     for rnd in range(repeats):
         k = rnd % len(rows)
@@ -394,6 +394,7 @@ def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: P
                 continue
             clear(dest)
             subprocess.run(["sync"], check=False)
+            time.sleep(settle)  # let the VM take back the freed output pages (see README)
             warm_cache(inputs)
             wall, rss, rc, err = timed(row.argv, workdir)
             if rc != 0:
@@ -457,8 +458,9 @@ def check_output(out: Path, variant: str, log) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict) -> tuple[str, dict]:
-    limits = {"copy": COPY_RSS_TARGET_MB, "convert": CONVERT_RSS_BASE_MB + 2 * spec.largest_tensor / 2**20}
+def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict,
+           settle: float) -> tuple[str, dict]:
+    limits = {"copy": COPY_RSS_TARGET_MB, "convert": CONVERT_RSS_BASE_MB + 2 * spec.largest_tensor / 1e6}
     head = ("variant", "command", "runs", "wall s", "MB/s", "vs cp", "peak RSS MB", "RSS target", "ok")
     table = []
     data: dict = {}
@@ -500,7 +502,8 @@ def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict
     lines.append("")
     lines.append(f"model: {human(spec.nbytes)}, {spec.layers} layers, hidden {spec.shape['hidden_size']}, "
                  f"largest tensor {human(spec.largest_tensor)}; MB/s = output bytes / wall "
-                 f"(cp: input bytes); vs cp = throughput / cp's, target >= {RATIO_TARGET}")
+                 f"(cp: input bytes); vs cp = throughput / cp's, target >= {RATIO_TARGET}; "
+                 f"RSS and MB = 10^6 bytes; medians, {settle:g}s settle before each run")
     if startup:
         lines.append(f"fixed cost: `recipe validate` (import, parse, headers; no data) median "
                      f"{startup['median_wall_s']:.2f}s, RSS {startup['peak_rss_mb']:.0f} MB")
@@ -531,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the model (cached), recipes and outputs go (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per variant (default: %(default)s)")
     p.add_argument("--variants", default="copy,convert", help="comma list of copy, convert (default: both)")
+    p.add_argument("--settle", type=float, default=10.0,
+                   help="seconds to wait after removing the previous output, before warming the cache and "
+                        "timing (default: %(default)s; see README)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     p.add_argument("--recipe", help="the recipe executable (default: beside this python, else on PATH)")
     p.add_argument("--no-mergekit", action="store_true", help="skip mergekit-yaml even if installed")
@@ -581,7 +587,6 @@ def main(argv: list[str] | None = None) -> int:
         log("mergekit-yaml is not on PATH: no mergekit rows")
 
     # the fixed cost of a run: interpreter start, imports, recipe parse, input headers
-    startup = {}
     vrows = []
     for _ in range(3):
         warm_cache(inputs)
@@ -600,10 +605,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(variant, "mergekit", [mergekit, str(mk_configs[variant]), str(dest),
                                                   "--out-shard-size", "2B", "--lazy-unpickle"]))
         log(f"timing {variant}: {args.repeats} rounds of " + ", ".join(r.tool for r in rows))
-        bench_variant(rows, inputs, input_bytes, dest, workdir, args.repeats, log)
+        bench_variant(rows, inputs, input_bytes, dest, workdir, args.repeats, args.settle, log)
         rows_by_variant[variant] = rows
 
-    text, data = report(rows_by_variant, spec, startup)
+    text, data = report(rows_by_variant, spec, startup, args.settle)
     print(text)
     if args.json:
         doc = {
@@ -614,8 +619,9 @@ def main(argv: list[str] | None = None) -> int:
                       "dropped": list(spec.drop), "largest_tensor_bytes": spec.largest_tensor,
                       "shards": len(inputs) - 3, **spec.shape, "vocab_size": VOCAB},
             "repeats": args.repeats,
+            "settle_s": args.settle,
             "targets": {"ratio_vs_cp": RATIO_TARGET, "copy_rss_mb": COPY_RSS_TARGET_MB,
-                        "convert_rss_mb": CONVERT_RSS_BASE_MB + 2 * spec.largest_tensor / 2**20},
+                        "convert_rss_mb": CONVERT_RSS_BASE_MB + 2 * spec.largest_tensor / 1e6},
             "recipe_validate": startup,
             "variants": data,
         }
