@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable
 
@@ -59,13 +60,55 @@ def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
 def write_tensor(tensor: torch.Tensor, fd: int, offset: int) -> None:
     """Write a tensor's raw little-endian bytes at `offset`, without a copy on the CPU."""
     tensor = tensor.detach().contiguous().cpu()
+    view = _bytes_of(tensor)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as writable bytes (no copy)."""
     size = tensor.numel() * tensor.element_size()
     if size == 0:
-        return
-    view = memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
-    done = 0
-    while done < size:
-        done += os.pwrite(fd, view[done:], offset + done)
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
+
+
+CAST_CHUNK_BYTES = 8 * 2**20
+_chunk_buffers = threading.local()
+
+
+def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dtype: str) -> None:
+    """Cast one input tensor into `dtype` straight from file to file, a chunk at a time.
+
+    A cast is elementwise, so it never needs the whole tensor: each thread keeps
+    two reusable buffers of `CAST_CHUNK_BYTES`, whatever the tensor's size.
+    """
+    source, target = TORCH_DTYPES[info.dtype], TORCH_DTYPES[dtype]
+    in_size, out_size = source.itemsize, target.itemsize
+    step = CAST_CHUNK_BYTES // max(in_size, out_size)
+    key = (source, target)
+    buffers = getattr(_chunk_buffers, "by_dtypes", None)
+    if buffers is None:
+        buffers = _chunk_buffers.by_dtypes = {}
+    if key not in buffers:
+        buffers[key] = (torch.empty(step, dtype=source), torch.empty(step, dtype=target))
+    inp, out = buffers[key]
+    inp_bytes = _bytes_of(inp)
+    count, done = info.nbytes // in_size, 0
+    while done < count:
+        n = min(step, count - done)
+        view, got = inp_bytes[: n * in_size], 0
+        while got < len(view):
+            read = os.preadv(src_fd, [view[got:]], info.offset + done * in_size + got)
+            if read == 0:
+                raise OSError(f"{info.file} ended before tensor {info.name!r} (was it truncated while running?)")
+            got += read
+        out[:n].copy_(inp[:n])
+        result, written = _bytes_of(out)[: n * out_size], 0
+        while written < len(result):
+            written += os.pwrite(dst_fd, result[written:], dst_offset + done * out_size + written)
+        done += n
 
 
 class Evaluator:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import Problem, SourceError, WriteError
 from .lazy import Apply
-from .plan import INDEX_FILE, Plan, TensorPlan
+from .plan import INDEX_FILE, Plan, TensorPlan, copy_threads
 from .safetensors_header import TensorInfo
 from .sizes import human
 
@@ -146,7 +146,7 @@ def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None
     inputs, outputs = _Inputs(), []
     bar = _progress_bar(plan.output_bytes, progress)
     try:
-        copies: list[tuple[TensorPlan, int, int]] = []
+        streamed: list[tuple[TensorPlan, int, int]] = []  # byte copies and chunked casts
         computes: list[tuple[TensorPlan, int, int]] = []
         for shard in plan.shards:
             fd = os.open(tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -155,38 +155,39 @@ def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None
             os.pwrite(fd, shard.header, 0)
             base = len(shard.header)
             for t in shard.tensors:
-                (copies if t.is_copy else computes).append((t, fd, base + t.offset))
+                (streamed if t.is_copy or t.cast_source else computes).append((t, fd, base + t.offset))
             bar.update(len(shard.header))
         # read every input file front to back
-        copies.sort(key=lambda job: (job[0].node.tensor.file, job[0].node.tensor.offset))
+        streamed.sort(key=lambda job: _first_input(job[0]))
         computes.sort(key=lambda job: _first_input(job[0]))
+        compute = None
+        if computes or any(not t.is_copy for t, _, _ in streamed):
+            from . import compute  # torch is imported here, only when a tensor must be computed
 
-        def copy(job: tuple[TensorPlan, int, int]) -> None:
+        def stream(job: tuple[TensorPlan, int, int]) -> None:
             t, fd, offset = job
-            info = t.node.tensor
-            _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
+            if t.is_copy:
+                info = t.node.tensor
+                _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
+            else:
+                info = t.cast_source.tensor
+                compute.cast_stream(info, inputs.fd(info), fd, offset, t.dtype)
             bar.update(t.nbytes)
 
-        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            pending = pool.map(copy, copies)
+        with ThreadPoolExecutor(max_workers=copy_threads()) as pool:
+            pending = pool.map(stream, streamed)
             if computes:
-                _compute(computes, inputs, bar, device)
+                evaluator = compute.Evaluator([t.node for t, _, _ in computes], inputs.fd, device)
+                for t, fd, offset in computes:
+                    compute.write_tensor(evaluator.value(t.node), fd, offset)
+                    bar.update(t.nbytes)
             for _ in pending:
-                pass  # re-raise the first failed copy
+                pass  # re-raise the first failed job
     finally:
         for fd in outputs:
             os.close(fd)
         inputs.close()
         bar.close()
-
-
-def _compute(jobs: list[tuple[TensorPlan, int, int]], inputs: _Inputs, bar, device: str) -> None:
-    from . import compute  # torch is imported here, only when a tensor must be computed
-
-    evaluator = compute.Evaluator([t.node for t, _, _ in jobs], inputs.fd, device)
-    for t, fd, offset in jobs:
-        compute.write_tensor(evaluator.value(t.node), fd, offset)
-        bar.update(t.nbytes)
 
 
 def _first_input(t: TensorPlan) -> tuple[Path, int]:

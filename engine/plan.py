@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ INDEX_FILE = "model.safetensors.index.json"
 BASE_MEMORY = 80 * 2**20
 TORCH_MEMORY = 300 * 2**20
 COPY_BUFFER = 16 * 2**20  # per copy thread, only where the kernel refuses copy_file_range
+CAST_BUFFERS = 2 * 8 * 2**20  # per thread: compute.CAST_CHUNK_BYTES in and out
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class TensorPlan:
     def is_copy(self) -> bool:
         """Passes through unchanged: its bytes are copied, never decoded."""
         return isinstance(self.node, Load)
+
+    @property
+    def cast_source(self) -> Load | None:
+        """The input of a plain dtype cast, which is streamed chunk by chunk; else None."""
+        return cast_source(self.node)
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,25 @@ def _nbytes(node: Node) -> int:
     return math.prod(node.shape) * DTYPE_SIZES[node.dtype]
 
 
+def cast_source(node: Node) -> Load | None:
+    if isinstance(node, Apply) and node.kernel == "cast" and isinstance(node.inputs[0], Load):
+        return node.inputs[0]
+    return None
+
+
 def _peak_memory(nodes: dict[str, Node]) -> int:
-    """Estimate: the process, plus for the largest computed tensor its inputs and its result."""
+    """Estimate: the process, plus per thread its buffers, plus the largest computed tensor's working set."""
+    threads = copy_threads()
     computed = [n for n in nodes.values() if isinstance(n, Apply)]
     if not computed:
-        return BASE_MEMORY + 2 * COPY_BUFFER
-    return BASE_MEMORY + TORCH_MEMORY + max(_working_set(n) for n in computed)
+        return BASE_MEMORY + threads * COPY_BUFFER
+    whole = [_working_set(n) for n in computed if cast_source(n) is None]
+    return BASE_MEMORY + TORCH_MEMORY + threads * CAST_BUFFERS + max(whole, default=0)
+
+
+def copy_threads() -> int:
+    """Copy streams run at once: one per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _working_set(node: Node) -> int:

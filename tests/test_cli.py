@@ -76,14 +76,14 @@ def test_failure_mid_run_leaves_nothing(tmp_path, monkeypatch):
 
     calls = []
 
-    def failing_write(tensor, fd, offset):
-        calls.append(offset)
+    def failing_cast(*args):
+        calls.append(args)
         if len(calls) == 3:
             raise OSError("disk on fire")
-        return original(tensor, fd, offset)
+        return original(*args)
 
-    original = compute.write_tensor
-    monkeypatch.setattr(compute, "write_tensor", failing_write)
+    original = compute.cast_stream
+    monkeypatch.setattr(compute, "cast_stream", failing_cast)
     rc = main(["run", str(DEMO / "frankenmerge.yaml"), "-o", str(tmp_path / "out"), "-q"])
     assert rc == 1
     assert list(tmp_path.iterdir()) == []
@@ -95,7 +95,7 @@ def test_interrupted_run_leaves_nothing_and_says_so(tmp_path, monkeypatch, capsy
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compute, "write_tensor", interrupt)
+    monkeypatch.setattr(compute, "cast_stream", interrupt)
     assert main(["run", str(DEMO / "frankenmerge.yaml"), "-o", str(tmp_path / "out"), "-q"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
