@@ -2,8 +2,9 @@
 
 Every tensor's offset is fixed by the plan, so jobs can run in any order and
 still give the same bytes. Unchanged tensors are copied by the kernel
-(`os.copy_file_range`), several streams at once; computed tensors go through
-`compute.py` one at a time in input-file order.
+(`os.copy_file_range`) and plain dtype casts are streamed in small chunks,
+several streams at once; other computed tensors go through `compute.py` one
+at a time in input-file order.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ class Load:
 
 @dataclass(frozen=True)
 class Apply:
-    """`kernel` (a name in `engine/kernels.py`) applied to `inputs`; result has `dtype` and `shape`."""
+    """`kernel` (a name in `compute.KERNELS`) applied to `inputs`; result has `dtype` and `shape`."""
 
     kernel: str
     inputs: tuple[Node, ...]
