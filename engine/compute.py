@@ -45,22 +45,26 @@ def device_problem(device: str) -> str | None:
 
 def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
     """One input tensor, read from its file into fresh CPU memory."""
-    buffer = bytearray(info.nbytes)
-    view, done = memoryview(buffer), 0
-    while done < info.nbytes:
-        got = os.preadv(fd, [view[done:]], info.offset + done)
-        if got == 0:
-            raise OSError(f"{info.file} ended before tensor {info.name!r} (was it truncated while running?)")
-        done += got
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
+    tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+    _read_into(_bytes_of(tensor), fd, info.offset, info)
+    return tensor
 
 
 def write_tensor(tensor: torch.Tensor, fd: int, offset: int) -> None:
     """Write a tensor's raw little-endian bytes at `offset`, without a copy on the CPU."""
-    tensor = tensor.detach().contiguous().cpu()
-    view = _bytes_of(tensor)
+    _write_from(_bytes_of(tensor.detach().contiguous().cpu()), fd, offset)
+
+
+def _read_into(view: memoryview, fd: int, offset: int, info: TensorInfo) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"{info.file} ended before tensor {info.name!r} (was it truncated while running?)")
+        done += got
+
+
+def _write_from(view: memoryview, fd: int, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
@@ -96,18 +100,12 @@ def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dty
     inp, out = buffers[key]
     inp_bytes = _bytes_of(inp)
     count, done = info.nbytes // in_size, 0
+    out_bytes = _bytes_of(out)
     while done < count:
         n = min(step, count - done)
-        view, got = inp_bytes[: n * in_size], 0
-        while got < len(view):
-            read = os.preadv(src_fd, [view[got:]], info.offset + done * in_size + got)
-            if read == 0:
-                raise OSError(f"{info.file} ended before tensor {info.name!r} (was it truncated while running?)")
-            got += read
+        _read_into(inp_bytes[: n * in_size], src_fd, info.offset + done * in_size, info)
         out[:n].copy_(inp[:n])
-        result, written = _bytes_of(out)[: n * out_size], 0
-        while written < len(result):
-            written += os.pwrite(dst_fd, result[written:], dst_offset + done * out_size + written)
+        _write_from(out_bytes[: n * out_size], dst_fd, dst_offset + done * out_size)
         done += n
 
 
