@@ -12,13 +12,13 @@ import errno
 import json
 import os
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Problem, SourceError, WriteError
+from .inputs import InputFiles
 from .lazy import Apply
 from .plan import INDEX_FILE, Plan, TensorPlan, copy_threads
 from .safetensors_header import TensorInfo
@@ -122,29 +122,8 @@ def _remove_stale_partials(out: Path) -> None:
             pass  # another user's live process
 
 
-class _Inputs:
-    """Read-only descriptors of input files, opened once, shared by threads."""
-
-    def __init__(self):
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
-
-    def fd(self, info: TensorInfo) -> int:
-        with self._lock:
-            if info.file not in self._fds:
-                try:
-                    self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-                except OSError as e:
-                    raise SourceError(Problem(f"cannot open: {e.strerror}", str(info.file))) from None
-            return self._fds[info.file]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-
-
 def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None:
-    inputs, outputs = _Inputs(), []
+    inputs, outputs = InputFiles(), []
     bar = _progress_bar(plan.output_bytes, progress)
     try:
         streamed: list[tuple[TensorPlan, int, int]] = []  # byte copies and chunked casts

@@ -12,7 +12,6 @@ import yaml
 
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
-from tests.tiny import write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo"
