@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import Problem, SourceError, WriteError
 from .inputs import InputFiles
 from .lazy import Apply
+from .progress import progress_bar
 from .plan import INDEX_FILE, Plan, TensorPlan, copy_threads
 from .safetensors_header import TensorInfo
 from .sizes import human
@@ -124,7 +125,7 @@ def _remove_stale_partials(out: Path) -> None:
 
 def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None:
     inputs, outputs = InputFiles(), []
-    bar = _progress_bar(plan.output_bytes, progress)
+    bar = progress_bar(plan.output_bytes, progress, unit="B", desc="writing")
     try:
         streamed: list[tuple[TensorPlan, int, int]] = []  # byte copies and chunked casts
         computes: list[tuple[TensorPlan, int, int]] = []
@@ -219,19 +220,3 @@ def _copy_chunks(src: int, dst: int, src_offset: int, dst_offset: int, count: in
             view, dst_offset = view[written:], dst_offset + written
         src_offset += len(data)
         count -= len(data)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="writing", leave=False)

@@ -1,0 +1,88 @@
+"""The streamed forward equals transformers' own forward, family by family, and holds one layer at a time."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recipekit.engine.errors import PlanError
+from recipekit.engine.forward import StreamedForward
+from recipekit.engine.lazy import LazyModel
+from recipekit.engine.source import open_model
+from tests.tiny import load_causal_lm, make_model
+
+BATCH = [[5, 17, 42, 3, 88, 9, 61, 23, 7, 11], [1, 2, 3, 4, 5, 6], [90, 4]]
+
+FAMILIES = {
+    "llama": ("llama", {}),
+    "llama-bf16": ("llama", {"dtype": "bfloat16"}),
+    "llama-tied": ("llama", {"tied": True}),
+    "llama-linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                        "rope_theta": 500.0}}),
+    "llama3-rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8, "rope_theta": 500000.0}}),
+    "mistral-sliding": ("mistral", {"sliding_window": 3}),
+    "qwen2-bias-sliding": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen3-qk-norm": ("qwen3", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2}),
+}
+
+
+def lazy(path) -> LazyModel:
+    return LazyModel.from_source("m", open_model(str(path), base_dir=path.parent))
+
+
+def padded(batch):
+    length = max(map(len, batch))
+    ids = torch.tensor([s + [0] * (length - len(s)) for s in batch])
+    mask = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in batch])
+    return ids, mask
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_hidden_states_and_logits_equal_transformers(case, tmp_path):
+    family, settings = FAMILIES[case]
+    path = make_model(tmp_path / case, family=family, layers=3, seed=3, **settings)
+    reference = load_causal_lm(path)
+    if "qwen2" in case:
+        assert reference.model.layers[0].self_attn.q_proj.bias is not None
+    ids, mask = padded(BATCH)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask, output_hidden_states=True)
+
+    residuals = {}
+    forward = StreamedForward(lazy(path))
+    final, valid = forward.run(BATCH, observer=lambda a: residuals.__setitem__(a.layer, a.tensor.clone())
+                               if a.point == "residual" else None)
+    assert torch.equal(valid, mask.bool())
+    for layer in range(3):
+        torch.testing.assert_close(residuals[layer][valid], expected.hidden_states[layer][valid], atol=1e-4, rtol=0)
+    torch.testing.assert_close(final[valid], expected.hidden_states[3][valid], atol=1e-4, rtol=0)
+    logits = final @ forward.lm_head().T
+    torch.testing.assert_close(logits[valid], expected.logits[valid], atol=1e-4, rtol=0)
+
+
+def test_observers_see_every_point_of_every_layer(tmp_path):
+    path = make_model(tmp_path / "m", layers=2)
+    seen = []
+    StreamedForward(lazy(path)).run(BATCH, observer=lambda a: seen.append((a.point, a.layer, tuple(a.tensor.shape))))
+    points = ["residual", "attn_in", "mlp_in", "down_in", "down_out"]
+    assert seen == [(p, layer, (3, 10, 64 if p == "down_in" else 32)) for layer in range(2) for p in points] + [
+        ("final", 2, (3, 10, 32))]
+
+
+def test_weights_held_do_not_grow_with_depth(tmp_path):
+    peaks = {}
+    for layers in (4, 16):
+        forward = StreamedForward(lazy(make_model(tmp_path / f"m{layers}", layers=layers, vocab_size=16)))
+        forward.run([[1, 2, 3, 4]])
+        peaks[layers] = forward.peak_weight_bytes
+        assert forward.weight_bytes_held == 0
+    layer_bytes = sum(p.numel() * 4 for n, p in load_causal_lm(tmp_path / "m4").named_parameters()
+                      if ".layers.0." in n)
+    assert peaks[4] == peaks[16] <= 2 * layer_bytes
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    path = make_model(tmp_path / "g", family="gemma2", layers=2)
+    with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3; this model is 'gemma2'"):
+        StreamedForward(lazy(path))
