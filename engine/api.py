@@ -18,7 +18,7 @@ from .architectures import layer_config
 from .build import build
 from .card import render_card
 from .execute import RunResult, check_output, write_model
-from .errors import Problem, WriteError
+from .errors import PlanError, Problem
 from .layers import decoder_of
 from .lazy import LazyModel
 from .plan import Plan, make_plan
@@ -52,7 +52,7 @@ class LoadedRecipe:
         check_output(out, [s.root for _, s in plan.model.sources], overwrite=overwrite,
                      needed=plan.output_bytes + len(self.text.encode()) * 2)
         if plan.needs_torch:
-            _check_device(device)
+            check_device(device)
         files = {"README.md": render_card(plan, self.text, self.recipe.description).encode(),
                  "recipe.yaml": self.text.encode()}
         return write_model(plan, out, files, overwrite=overwrite, progress=progress, device=device)
@@ -115,9 +115,19 @@ def inspect_model(path: str | Path) -> ModelInfo:
         non_layer_tensors=sorted(n for n in source.tensors if n not in layer_names))
 
 
-def _check_device(device: str) -> None:
+def model_or_recipe(path: str | Path) -> LazyModel:
+    """A model directory as it is, or a recipe file as the model it would build (nothing is written)."""
+    path = Path(path)
+    if path.is_file():
+        recipe = load_recipe(path)
+        plan = recipe.plan()
+        return plan.model.evolve(config=plan.config, tensors={t.name: t.node for t in plan.tensors})
+    return LazyModel.from_source(str(path), open_model(str(path), base_dir=Path.cwd()))
+
+
+def check_device(device: str) -> None:
     from .compute import device_problem
 
     problem = device_problem(device)
     if problem:
-        raise WriteError(Problem(problem))
+        raise PlanError(Problem(problem))

@@ -16,7 +16,7 @@ from pathlib import Path
 # This process uses no pydantic plugins; looking for them costs ~30 ms of every command.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from .api import inspect_model, load_recipe
+from .api import check_device, inspect_model, load_recipe, model_or_recipe
 from .architectures import layer_config
 from .card import layer_runs
 from .errors import RecipekitError
@@ -71,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", type=Path, metavar="MODEL")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(handler=_inspect)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a text under a model, or under what a recipe builds")
+    evaluate.add_argument("model", type=Path, metavar="MODEL", help="a model directory or a recipe file")
+    evaluate.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text to score")
+    evaluate.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
+    evaluate.add_argument("--stride", type=_positive, default=None,
+                          help="tokens between window starts (default: the window, no overlap)")
+    evaluate.add_argument("--max-tokens", type=_positive, default=16384,
+                          help="score at most this many tokens of the text (bounds memory; default 16384)")
+    evaluate.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=_eval)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the recipe format")
     schema.set_defaults(handler=_schema)
@@ -155,6 +168,32 @@ def _inspect(args: argparse.Namespace) -> int:
     print("  dtypes: " + ", ".join(f"{d} {human(b)}" for d, b in info.dtypes.items()))
     print(f"  embeddings: {'tied' if info.tied_embeddings else 'untied'}")
     print("  non-layer tensors: " + ", ".join(info.non_layer_tensors))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .perplexity import perplexity, read_text
+
+    if args.stride is not None and args.stride > args.seq_len:
+        raise RecipekitError(f"--stride {args.stride} is longer than --seq-len {args.seq_len}: tokens would be skipped")
+    model = model_or_recipe(args.model)
+    text = read_text(args.text)
+    check_device(args.device)
+    result = perplexity(model, text, text_name=str(args.text), seq_len=args.seq_len, stride=args.stride,
+                        max_tokens=args.max_tokens, device=args.device,
+                        progress=not args.quiet and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"model": str(args.model), "text": str(args.text), **result.to_dict()}, indent=2))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+              f"({result.windows} window(s) of {result.seq_len}, stride {result.stride})")
     return 0
 
 
