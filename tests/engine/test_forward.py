@@ -86,3 +86,25 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     path = make_model(tmp_path / "g", family="gemma2", layers=2)
     with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3; this model is 'gemma2'"):
         StreamedForward(lazy(path))
+
+
+def test_capture_maxabs_and_last_token_equal_direct_computation(tmp_path):
+    from recipekit.engine.capture import LastToken, MaxAbs
+
+    forward = StreamedForward(lazy(make_model(tmp_path / "m", layers=2)))
+    kept = {}
+    maxabs, last = MaxAbs(("down_in", "down_out")), LastToken(("residual", "final"))
+
+    def observe(a):
+        kept[(a.point, a.layer)] = a.tensor.clone()
+        maxabs(a)
+        last(a)
+
+    _, valid = forward.run(BATCH, observer=observe)
+    lengths = [len(s) for s in BATCH]
+    for key, peak in maxabs.values.items():
+        assert torch.equal(peak, kept[key][valid].abs().amax(dim=0))
+    assert set(maxabs.values) == {(p, layer) for p in ("down_in", "down_out") for layer in range(2)}
+    for key, states in last.values.items():
+        assert torch.equal(states, torch.stack([kept[key][b, n - 1] for b, n in enumerate(lengths)]))
+    assert set(last.values) == {("residual", 0), ("residual", 1), ("final", 2)}

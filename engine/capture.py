@@ -1,0 +1,45 @@
+"""Observers for the streamed forward: keep what an analysis needs, not whole activations.
+
+Pass one as `observer=` to `StreamedForward.run`; each sees every
+`Activation` (point, layer, tensor [b, T, C], valid [b, T], rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .forward import Activation
+
+
+@dataclass
+class MaxAbs:
+    """Per-channel max |activation| over all real tokens, for the chosen points: `values[(point, layer)]` is [C]."""
+
+    points: tuple[str, ...]
+    values: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, a: Activation) -> None:
+        if a.point not in self.points:
+            return
+        peak = a.tensor.abs().masked_fill(~a.valid[..., None], 0).amax(dim=(0, 1))
+        key = (a.point, a.layer)
+        self.values[key] = peak if key not in self.values else torch.maximum(self.values[key], peak)
+
+
+@dataclass
+class LastToken:
+    """The activation at each sequence's last real token: `values[(point, layer)]` is [B, C]."""
+
+    points: tuple[str, ...]
+    values: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, a: Activation) -> None:
+        if a.point not in self.points:
+            return
+        last = a.valid.sum(dim=1) - 1
+        picked = a.tensor[torch.arange(a.tensor.shape[0], device=a.tensor.device), last]
+        key = (a.point, a.layer)
+        if key not in self.values:
+            self.values[key] = picked.new_zeros(0, picked.shape[-1])
+        self.values[key] = torch.cat([self.values[key], picked])
