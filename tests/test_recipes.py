@@ -18,6 +18,10 @@ RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "models" not i
 EXPECTED = {
     "recipes/demo/drop-layers.yaml": dict(
         layers=[("base", i) for i in (0, 1, 2, 4, 7)], base="base", dtype=None),
+    "recipes/demo/story-drop-middle.yaml": dict(
+        layers=[("story", i) for i in (0, 1, 2, 5, 6, 7)], base="story", dtype=None),
+    "recipes/demo/story-drop-first.yaml": dict(
+        layers=[("story", i) for i in range(1, 8)], base="story", dtype=None),
     "recipes/demo/frankenmerge.yaml": dict(
         layers=[("a", i) for i in range(4)] + [("b", i) for i in range(3, 8)] + [("b", 7)],
         base="a", dtype=torch.float16),
