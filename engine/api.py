@@ -21,6 +21,7 @@ from .execute import RunResult, check_output, write_model
 from .errors import PlanError, Problem
 from .layers import decoder_of
 from .lazy import LazyModel
+from .lock import lock_bytes, lock_problems, make_lock, read_lock
 from .plan import Plan, make_plan
 from .recipe import Recipe, parse_recipe
 from .source import open_model
@@ -45,16 +46,22 @@ class LoadedRecipe:
         return make_plan(self.build(), self.recipe.output)
 
     def run(self, out: str | Path, *, overwrite: bool = False, progress: bool = False,
-            device: str = "cpu") -> RunResult:
-        """Build the model into directory `out`, which appears only when complete."""
+            device: str = "cpu", lock: Path | None = None) -> RunResult:
+        """Build the model into directory `out`, which appears only when complete.
+
+        With `lock` (a `recipe.lock`), refuse to run unless every input still matches it.
+        """
         plan = self.plan()
         out = Path(out)
         check_output(out, [s.root for _, s in plan.model.sources], overwrite=overwrite,
                      needed=plan.output_bytes + len(self.text.encode()) * 2)
         if plan.needs_torch:
             check_device(device)
+        current = make_lock(plan)
+        if lock is not None:
+            _check_lock(lock, current)
         files = {"README.md": render_card(plan, self.text, self.recipe.description).encode(),
-                 "recipe.yaml": self.text.encode()}
+                 "recipe.yaml": self.text.encode(), "recipe.lock": lock_bytes(current)}
         return write_model(plan, out, files, overwrite=overwrite, progress=progress, device=device)
 
 
@@ -123,6 +130,19 @@ def model_or_recipe(path: str | Path) -> LazyModel:
         plan = recipe.plan()
         return plan.model.evolve(config=plan.config, tensors={t.name: t.node for t in plan.tensors})
     return LazyModel.from_source(str(path), open_model(str(path), base_dir=Path.cwd()))
+
+
+def _check_lock(path: Path, current: dict) -> None:
+    try:
+        locked = read_lock(path)
+    except FileNotFoundError:
+        raise PlanError(Problem("--locked: no lock file here (a run writes recipe.lock beside its recipe.yaml)",
+                                str(path))) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PlanError(Problem(f"cannot read the lock file: {e}", str(path))) from None
+    problems = lock_problems(locked, current, str(path))
+    if problems:
+        raise PlanError(problems)
 
 
 def check_device(device: str) -> None:

@@ -9,19 +9,22 @@ from .errors import Problem, RecipekitError, SourceError
 from .layers import decoder_of
 from .lazy import LazyModel
 from .recipe import Recipe
-from .source import open_model
+from .source import ModelSource, open_model
 from .yamlsource import Locator
 
 
 def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path) -> dict[str, LazyModel]:
     """Open every input model; report all that fail at once, located at their `models` entry."""
     models: dict[str, LazyModel] = {}
+    opened: dict[str, ModelSource] = {}  # a model named twice is read once
     problems: list[Problem] = []
     for name, ref in recipe.models.items():
         path = ("models", name)
         where = locator.where(path)
         try:
-            model = LazyModel.from_source(name, open_model(ref, base_dir=base_dir, where=where))
+            if ref not in opened:
+                opened[ref] = open_model(ref, base_dir=base_dir, where=where)
+            model = LazyModel.from_source(name, opened[ref])
             count = len(decoder_of(model, name).layers)
             models[name] = model.evolve(layer_origins=tuple(f"{name}:{i}" for i in range(count)))
         except RecipekitError as e:

@@ -31,7 +31,7 @@ def render_card(plan: Plan, recipe_text: str, description: str | None) -> str:
              "(also in `recipe.yaml`; `recipe run recipe.yaml -o OUT` rebuilds it).", "", "## Inputs", "",
              "| name | reference | layers |", "| --- | --- | --- |"]
     for name, source in model.sources:
-        kind = "" if source.hub_id else " (local directory)"
+        kind = f" at commit `{source.commit}`" if source.commit else " (local directory)"
         layers = layer_config(source.config).get("num_hidden_layers", "?")
         lines.append(f"| `{name}` | `{source.ref}`{kind} | {layers} |")
     lines += ["", "## Steps", "", *(f"- {note}" for note in model.notes), "", "## Layers", "",

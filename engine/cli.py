@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--out", type=Path, required=True, metavar="OUT", help="output model directory")
     run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     run.add_argument("--device", default="cpu", help="where tensors are computed: cpu (default) or cuda")
+    run.add_argument("--locked", action="store_true",
+                     help="refuse to run unless the inputs match the recipe's lock file (RECIPE with .lock)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
 
@@ -105,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     loaded = load_recipe(args.recipe)
     progress = not args.quiet and sys.stderr.isatty()
     plan = loaded.plan()
-    result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device)
+    lock = args.recipe.with_suffix(".lock") if args.locked else None
+    result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock)
     inputs = ", ".join(f"{name} {layer_config(source.config).get('num_hidden_layers', '?')}"
                        for name, source in plan.model.sources)
     print(f"recipe: layers {inputs} -> {len(plan.model.layer_origins)}; wrote {human(result.bytes_written)} in "
@@ -128,6 +131,10 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
+    print("inputs:")
+    for entry in summary["inputs"]:
+        origin = f"Hub {entry['repo']} at commit {entry['commit']}" if entry["commit"] else f"local {entry['path']}"
+        print(f"  {entry['name']}: {entry['ref']} -> {origin}")
     print(f"layers ({summary['layers']} out):")
     for run in summary["layer_runs"]:
         print(f"  {run['output']:>9}  <- {run['from']}")
@@ -144,6 +151,8 @@ def plan_summary(plan: Plan) -> dict:
     """What `recipe plan --json` prints."""
     tensors = plan.tensors
     return {
+        "inputs": [{"name": name, "ref": s.ref, "kind": "hub" if s.hub_id else "local", "repo": s.hub_id,
+                    "commit": s.commit, "path": str(s.root)} for name, s in plan.model.sources],
         "layers": len(plan.model.layer_origins),
         "layer_runs": [{"output": out, "from": src} for out, src in layer_runs(plan.model.layer_origins)],
         "other_tensors_from": plan.model.sources[0][0],

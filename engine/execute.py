@@ -24,10 +24,8 @@ from .progress import progress_bar
 from .plan import INDEX_FILE, Plan, TensorPlan, copy_threads
 from .safetensors_header import TensorInfo
 from .sizes import human
+from .source import SIDE_FILES
 
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
-              "chat_template.jinja", "chat_template.json")
 _PARTIAL = ".recipekit-partial-"
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 _CHUNK = 16 * 2**20

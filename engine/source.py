@@ -1,20 +1,29 @@
 """Input models: where their config, tensors and side files are.
 
-A source is opened from a reference as written in a recipe. Only `config.json`
-and safetensors headers are read. Local directories are the one kind of source
-today; Hub ids plug in behind `open_model` by resolving to a local snapshot.
+A source is opened from a reference as written in a recipe: a local model
+directory, or a Hub id (`org/name[@revision]`, see `hub.py`) resolved to a
+snapshot folder of huggingface_hub's cache. A reference that names an
+existing local path is always that path. Only `config.json` and safetensors
+headers are read.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import hub
 from .errors import Problem, SourceError
+from .hub import parse_hub_ref
 from .safetensors_header import TensorInfo, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Files that travel with the weights: the tokenizer and the generation config.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
+              "chat_template.jinja", "chat_template.json")
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,8 @@ class ModelSource:
     config: dict = field(repr=False)
     tensors: dict[str, TensorInfo] = field(repr=False)
     hub_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
 
     def side_file(self, name: str) -> Path | None:
         """A file beside the weights (tokenizer, generation config), if present."""
@@ -42,10 +53,32 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None) -> ModelSo
     """Open the model a recipe names; `where` locates the reference in the recipe for errors."""
     root = (base_dir / Path(ref).expanduser()).resolve()
     if not root.exists():
+        hub_ref = parse_hub_ref(ref)
+        if hub_ref is not None:
+            return _open_hub(ref, *hub_ref, where)
         raise SourceError(Problem(f"model directory {ref!r} not found (looked in {root})", where))
     if not root.is_dir():
         raise SourceError(Problem(f"model {ref!r} is a file; expected a model directory ({root})", where))
-    return ModelSource(ref=ref, root=root, config=_read_config(root, ref, where), tensors=_read_tensors(root, ref, where))
+
+    def local(name: str, required: bool) -> Path | None:
+        path = root / name
+        return path if path.is_file() else None
+
+    return ModelSource(ref=ref, root=root, config=_read_config(root, ref, where),
+                       tensors=_read_tensors(root, ref, where, local))
+
+
+def _open_hub(ref: str, repo_id: str, revision: str, where: str | None) -> ModelSource:
+    snapshot = hub.resolve(repo_id, revision, where=where)
+
+    def remote(name: str, required: bool) -> Path | None:
+        return hub.fetch(repo_id, snapshot.commit, name, where=where, required=required)
+
+    tensors = _read_tensors(snapshot.folder, ref, where, remote)
+    for name in SIDE_FILES:
+        remote(name, False)
+    return ModelSource(ref=ref, root=snapshot.folder, config=_read_config(snapshot.folder, ref, where),
+                       tensors=tensors, hub_id=repo_id, revision=revision, commit=snapshot.commit)
 
 
 def _read_config(root: Path, ref: str, where: str | None) -> dict:
@@ -61,19 +94,22 @@ def _read_config(root: Path, ref: str, where: str | None) -> dict:
     return config
 
 
-def _read_tensors(root: Path, ref: str, where: str | None) -> dict[str, TensorInfo]:
-    index = root / INDEX_FILE
-    if index.is_file():
-        return _read_sharded(root, index, ref, where)
-    single = root / SINGLE_FILE
-    if single.is_file():
+Fetch = Callable[[str, bool], "Path | None"]  # (file name, required) -> its path, or None if absent
+
+
+def _read_tensors(root: Path, ref: str, where: str | None, fetch: Fetch) -> dict[str, TensorInfo]:
+    index = fetch(INDEX_FILE, False)
+    if index is not None:
+        return _read_sharded(root, index, ref, where, fetch)
+    single = fetch(SINGLE_FILE, False)
+    if single is not None:
         return read_header(single)[0]
     found = sorted(p.name for p in root.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf", ".safetensors"})
     hint = (f" (found {', '.join(found[:3])}; only safetensors weights are read, never pickles)" if found else "")
     raise SourceError(Problem(f"model {ref!r} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}", where))
 
 
-def _read_sharded(root: Path, index: Path, ref: str, where: str | None) -> dict[str, TensorInfo]:
+def _read_sharded(root: Path, index: Path, ref: str, where: str | None, fetch: Fetch) -> dict[str, TensorInfo]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -83,11 +119,11 @@ def _read_sharded(root: Path, index: Path, ref: str, where: str | None) -> dict[
                                   where)) from None
     headers: dict[str, dict[str, TensorInfo]] = {}
     for shard in sorted(set(weight_map.values())):
-        path = (root / shard).resolve()
-        if path.parent != root:
+        if "/" in shard or "\\" in shard or shard in (".", ".."):
             raise SourceError(Problem(f"{INDEX_FILE} of model {ref!r} names {shard!r}, outside the model directory",
                                       where))
-        if not path.is_file():
+        path = fetch(shard, False)
+        if path is None:
             raise SourceError(Problem(f"model {ref!r}: shard {shard!r} named by {INDEX_FILE} is missing", where))
         headers[shard] = read_header(path)[0]
     tensors = {}

@@ -5,6 +5,12 @@ import pytest
 from tests.tiny import make_model
 
 
+@pytest.fixture(autouse=True)
+def _caches_in_tmp(tmp_path_factory, monkeypatch):
+    """Tests never write outside their temporary folders: recipekit's hash cache goes there too."""
+    monkeypatch.setenv("RECIPEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "recipekit-cache"))
+
+
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory):
     """A 6-layer fp32 Llama in one file, untied embeddings."""

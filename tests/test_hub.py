@@ -1,0 +1,200 @@
+"""Hub references through a real huggingface_hub cache layout, offline; lock files and --locked."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from recipekit.engine.cli import main
+from tests.tiny import make_model, tensors_of, write_recipe
+
+COMMIT_1 = "1" * 40
+COMMIT_2 = "2" * 40
+
+
+def put_in_cache(cache: Path, repo_id: str, model_dir: Path, commit: str, ref: str | None = "main") -> Path:
+    """Lay a model directory out as huggingface_hub caches it: blobs by hash, snapshot symlinks, refs.
+
+    Done by hand because huggingface_hub has no offline way to fill its cache.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for file in sorted(model_dir.iterdir()):
+        data = file.read_bytes()
+        digest = hashlib.sha256(data).hexdigest() if file.suffix == ".safetensors" else hashlib.sha1(data).hexdigest()
+        (repo / "blobs" / digest).write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    if ref:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An offline cache holding org/tiny at two commits; refs/main points at the first."""
+    cache = tmp_path / "hub-cache"
+    one = make_model(tmp_path / "src1", layers=4, seed=11, shard_size="40KB")
+    two = make_model(tmp_path / "src2", layers=4, seed=12)
+    put_in_cache(cache, "org/tiny", one, COMMIT_1)
+    put_in_cache(cache, "org/tiny", two, COMMIT_2, ref=None)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return {"cache": cache, "one": one, "two": two}
+
+
+def _recipe(tmp_path, models: str) -> Path:
+    return write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {models}
+        steps:
+          - op: slice_layers
+            slices: [{{model: a, range: [0, 2]}}, {{model: b, range: [2, 4]}}]
+        """)
+
+
+def test_hub_ids_resolve_through_the_cache_and_follow_refs(hub, tmp_path, capsys):
+    recipe = _recipe(tmp_path, f"{{a: org/tiny, b: 'org/tiny@{COMMIT_1}'}}")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out1"), "-q"]) == 0
+    got = tensors_of(tmp_path / "out1")
+    src = tensors_of(hub["one"])
+    assert got["model.layers.0.mlp.up_proj.weight"].equal(src["model.layers.0.mlp.up_proj.weight"])
+    lock = json.loads((tmp_path / "out1" / "recipe.lock").read_text())
+    assert lock["inputs"]["a"]["commit"] == lock["inputs"]["b"]["commit"] == COMMIT_1
+    assert COMMIT_1 in (tmp_path / "out1" / "README.md").read_text()
+    assert "org/tiny" in (tmp_path / "out1" / "README.md").read_text().split("---")[1]  # base_model
+
+    (hub["cache"] / "models--org--tiny" / "refs" / "main").write_text(COMMIT_2)  # the branch moves
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out2"), "-q"]) == 0
+    lock = json.loads((tmp_path / "out2" / "recipe.lock").read_text())
+    assert lock["inputs"]["a"]["commit"] == COMMIT_2 and lock["inputs"]["b"]["commit"] == COMMIT_1
+    got = tensors_of(tmp_path / "out2")
+    assert got["model.layers.0.mlp.up_proj.weight"].equal(tensors_of(hub["two"])["model.layers.0.mlp.up_proj.weight"])
+    assert got["model.layers.2.mlp.up_proj.weight"].equal(src["model.layers.2.mlp.up_proj.weight"])
+
+
+def test_plan_says_which_source_it_used(hub, tmp_path, capsys):
+    local = tmp_path / "org" / "tiny"  # a local path that is also a plausible Hub id wins
+    shutil.copytree(hub["two"], local)
+    recipe = _recipe(tmp_path, f"{{a: org/tiny, b: 'org/tiny@{COMMIT_1}'}}")
+    assert main(["plan", str(recipe), "--json"]) == 0
+    inputs = {i["name"]: i for i in json.loads(capsys.readouterr().out)["inputs"]}
+    assert inputs["a"]["kind"] == "local" and inputs["a"]["path"] == str(local)
+    assert inputs["b"]["kind"] == "hub" and inputs["b"]["commit"] == COMMIT_1
+
+
+class _Counting:
+    """A file handle that counts the bytes read through it."""
+
+    def __init__(self, handle):
+        self.handle, self.read_bytes = handle, 0
+
+    def read(self, n=-1):
+        data = self.handle.read(n)
+        self.read_bytes += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_plan_reads_only_headers(hub, tmp_path, monkeypatch):
+    import builtins
+    import struct
+
+    handles, raw_opens = [], []
+    real_open, real_os_open = builtins.open, os.open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if str(file).endswith(".safetensors"):
+            handles.append((Path(file), _Counting(handle)))
+            return handles[-1][1]
+        return handle
+
+    def recording_os_open(path, *args, **kwargs):
+        if str(path).endswith(".safetensors"):
+            raw_opens.append(path)
+        return real_os_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(os, "open", recording_os_open)
+    recipe = _recipe(tmp_path, "{a: org/tiny, b: org/tiny}")
+    assert main(["plan", str(recipe)]) == 0
+    assert len(handles) == len(list(hub["one"].glob("*.safetensors"))) > 1
+    for path, handle in handles:
+        header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+        assert handle.read_bytes == header < path.stat().st_size
+    assert raw_opens == []
+
+
+def test_locked_refuses_a_moved_branch_and_a_modified_local_shard(hub, tmp_path, capsys):
+    local = tmp_path / "local"
+    shutil.copytree(hub["one"], local)
+    recipe = _recipe(tmp_path, f"{{a: org/tiny, b: {local}}}")
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "-o", str(out), "-q"]) == 0
+    shutil.copy(out / "recipe.lock", tmp_path / "recipe.lock")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "again"), "-q", "--locked"]) == 0
+
+    (hub["cache"] / "models--org--tiny" / "refs" / "main").write_text(COMMIT_2)
+    capsys.readouterr()
+    assert main(["run", str(recipe), "-o", str(tmp_path / "moved"), "-q", "--locked"]) == 2
+    err = capsys.readouterr().err
+    assert f"input 'a' (org/tiny) now resolves to commit {COMMIT_2}, the lock has {COMMIT_1}" in err
+    assert not (tmp_path / "moved").exists()
+
+    (hub["cache"] / "models--org--tiny" / "refs" / "main").write_text(COMMIT_1)
+    index = json.loads((local / "model.safetensors.index.json").read_text())
+    shard = local / index["weight_map"]["model.layers.2.mlp.down_proj.weight"]  # a shard the recipe reads
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "modified"), "-q", "--locked"]) == 2
+    err = capsys.readouterr().err
+    assert f"input 'b': {shard.name} changed" in err and str(tmp_path / "recipe.lock") in err
+    assert not (tmp_path / "modified").exists()
+
+
+def test_a_hub_id_missing_from_the_offline_cache_is_one_line(hub, tmp_path, capsys):
+    recipe = _recipe(tmp_path, "{a: org/absent, b: org/tiny}")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "models.a: Hub model 'org/absent@main': config.json is not in the cache" in err
+    assert "HF_HUB_OFFLINE is set" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_hashes_are_remembered_and_invalidated(tmp_path, monkeypatch):
+    from recipekit.engine import lock
+
+    file = tmp_path / "w.safetensors"
+    file.write_bytes(b"abc" * 1000)
+    reads = []
+    real = hashlib.sha256
+
+    def counting_sha256(*args):
+        reads.append(file)
+        return real(*args)
+
+    monkeypatch.setattr(lock.hashlib, "sha256", counting_sha256)
+    first = lock.file_sha256(file)
+    assert first == real(b"abc" * 1000).hexdigest()
+    assert lock.file_sha256(file) == first and len(reads) == 1  # remembered
+    file.write_bytes(b"abd" * 1000)
+    os.utime(file, ns=(1, 1))
+    assert lock.file_sha256(file) == real(b"abd" * 1000).hexdigest() and len(reads) == 2
+    assert lock.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
