@@ -106,9 +106,9 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     loaded = load_recipe(args.recipe)
     progress = not args.quiet and sys.stderr.isatty()
-    plan = loaded.plan()
     lock = args.recipe.with_suffix(".lock") if args.locked else None
     result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock)
+    plan = result.plan
     inputs = ", ".join(f"{name} {layer_config(source.config).get('num_hidden_layers', '?')}"
                        for name, source in plan.model.sources)
     print(f"recipe: layers {inputs} -> {len(plan.model.layer_origins)}; wrote {human(result.bytes_written)} in "

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Problem, SourceError, WriteError
@@ -36,7 +36,11 @@ class RunResult:
     out: Path
     bytes_written: int
     seconds: float
-    shards: int
+    plan: Plan = field(repr=False)
+
+    @property
+    def shards(self) -> int:
+        return len(self.plan.shards)
 
 
 def check_output(out: Path, input_roots: list[Path], *, overwrite: bool, needed: int) -> None:
@@ -93,7 +97,7 @@ def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return RunResult(out, plan.output_bytes, time.perf_counter() - start, len(plan.shards))
+    return RunResult(out, plan.output_bytes, time.perf_counter() - start, plan)
 
 
 def _write_json(path: Path, data: dict) -> None:
