@@ -18,12 +18,13 @@ from .architectures import layer_config
 from .build import build
 from .card import render_card
 from .execute import RunResult, check_output, write_model
-from .errors import PlanError, Problem
+from .errors import PlanError, Problem, RecipeError
 from .layers import decoder_of
 from .lazy import LazyModel
 from .lock import lock_bytes, lock_problems, make_lock, read_lock
 from .plan import Plan, make_plan
 from .recipe import Recipe, parse_recipe
+from .shared import MAX_SHARED_RECIPE_BYTES, fetch_shared, untrusted_problems
 from .source import open_model
 from .yamlsource import Locator, load_yaml, read_recipe_text
 
@@ -36,10 +37,11 @@ class LoadedRecipe:
     text: str
     base_dir: Path
     locator: Locator = field(repr=False)
+    hub_only: bool = False  # a recipe fetched from the Hub resolves Hub ids only, never local paths
 
     def build(self) -> LazyModel:
         """The output as a lazy graph (reads configs and safetensors headers only)."""
-        return build(self.recipe, self.locator, self.base_dir)
+        return build(self.recipe, self.locator, self.base_dir, self.hub_only)
 
     def plan(self) -> Plan:
         """Every output tensor, shard and offset, and the memory estimate; raises `PlanError`."""
@@ -80,6 +82,23 @@ def load_recipe(source: str | Path | dict[str, Any], *, base_dir: str | Path | N
         data, locator, text = read_recipe_text(path)
         folder = Path(base_dir).resolve() if base_dir else path.resolve().parent
     return LoadedRecipe(parse_recipe(data, locator), text, folder, locator)
+
+
+def load_shared_recipe(ref: str, *, allow_local_paths: bool = False) -> tuple[LoadedRecipe, Path | None]:
+    """The recipe shared in Hub model repo `org/name[@rev]`, treated as untrusted data, and its lock file if any.
+
+    Its models must be Hub ids unless `allow_local_paths` (then relative paths
+    resolve against the working directory); size limits apply.
+    """
+    recipe_file, lock_file = fetch_shared(ref)
+    data, locator, text = read_recipe_text(recipe_file, max_bytes=MAX_SHARED_RECIPE_BYTES)
+    locator.filename = f"{ref}:recipe.yaml"
+    recipe = parse_recipe(data, locator)
+    problems = untrusted_problems(recipe, locator, allow_local_paths=allow_local_paths)
+    if problems:
+        raise RecipeError(problems)
+    loaded = LoadedRecipe(recipe, text, Path.cwd(), locator, hub_only=not allow_local_paths)
+    return loaded, lock_file
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .source import ModelSource, open_model
 from .yamlsource import Locator
 
 
-def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path) -> dict[str, LazyModel]:
+def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False) -> dict[str, LazyModel]:
     """Open every input model; report all that fail at once, located at their `models` entry."""
     models: dict[str, LazyModel] = {}
     opened: dict[str, ModelSource] = {}  # a model named twice is read once
@@ -23,7 +23,7 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path) -> dict[str, L
         where = locator.where(path)
         try:
             if ref not in opened:
-                opened[ref] = open_model(ref, base_dir=base_dir, where=where)
+                opened[ref] = open_model(ref, base_dir=base_dir, where=where, hub_only=hub_only)
             model = LazyModel.from_source(name, opened[ref])
             count = len(decoder_of(model, name).layers)
             models[name] = model.evolve(layer_origins=tuple(f"{name}:{i}" for i in range(count)))
@@ -36,9 +36,9 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path) -> dict[str, L
     return models
 
 
-def build(recipe: Recipe, locator: Locator, base_dir: Path) -> LazyModel:
+def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False) -> LazyModel:
     """Run every step's model-level function; the last step's result is the output."""
-    results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir)
+    results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
     model = None
     for k, step in enumerate(recipe.steps):
         try:

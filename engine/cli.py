@@ -16,10 +16,11 @@ from pathlib import Path
 # This process uses no pydantic plugins; looking for them costs ~30 ms of every command.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from .api import check_device, inspect_model, load_recipe, model_or_recipe
+from .api import check_device, inspect_model, load_recipe, load_shared_recipe, model_or_recipe
 from .architectures import layer_config
 from .card import layer_runs
 from .errors import RecipekitError
+from .hub import parse_hub_ref
 from .plan import Plan
 from .recipe import recipe_json_schema
 from .sizes import human
@@ -50,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="build the model a recipe describes")
-    run.add_argument("recipe", type=Path, metavar="RECIPE")
+    run.add_argument("recipe", type=Path, metavar="RECIPE",
+                     help="a recipe file, or a Hub model id (org/name[@rev]) whose shared recipe.yaml is rebuilt")
     run.add_argument("-o", "--out", type=Path, required=True, metavar="OUT", help="output model directory")
+    run.add_argument("--allow-local-paths", action="store_true",
+                     help="let a recipe fetched from the Hub read local model paths")
     run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     run.add_argument("--device", default="cpu", help="where tensors are computed: cpu (default) or cuda")
     run.add_argument("--locked", action="store_true",
@@ -87,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=_eval)
 
+    show = sub.add_parser("show", help="print the recipe shared in a Hub model repo, with its locked inputs")
+    show.add_argument("ref", metavar="ORG/NAME[@REV]")
+    show.set_defaults(handler=_show)
+
     schema = sub.add_parser("schema", help="print the JSON Schema of the recipe format")
     schema.set_defaults(handler=_schema)
     return parser
@@ -104,9 +112,13 @@ class _Version(argparse.Action):
 
 def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    loaded = load_recipe(args.recipe)
-    progress = not args.quiet and sys.stderr.isatty()
     lock = args.recipe.with_suffix(".lock") if args.locked else None
+    if not args.recipe.exists() and parse_hub_ref(str(args.recipe)) is not None:
+        loaded, shared_lock = load_shared_recipe(str(args.recipe), allow_local_paths=args.allow_local_paths)
+        lock = shared_lock or lock  # a shared lock means: rebuild exactly those inputs
+    else:
+        loaded = load_recipe(args.recipe)
+    progress = not args.quiet and sys.stderr.isatty()
     result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock)
     plan = result.plan
     inputs = ", ".join(f"{name} {layer_config(source.config).get('num_hidden_layers', '?')}"
@@ -177,6 +189,20 @@ def _inspect(args: argparse.Namespace) -> int:
     print("  dtypes: " + ", ".join(f"{d} {human(b)}" for d, b in info.dtypes.items()))
     print(f"  embeddings: {'tied' if info.tied_embeddings else 'untied'}")
     print("  non-layer tensors: " + ", ".join(info.non_layer_tensors))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .lock import read_lock
+    from .shared import fetch_shared
+
+    recipe_file, lock_file = fetch_shared(args.ref)
+    print(recipe_file.read_text(encoding="utf-8").rstrip("\n"))
+    if lock_file is not None:
+        print("\n# inputs, as locked:")
+        for name, entry in read_lock(lock_file).get("inputs", {}).items():
+            origin = f"commit {entry['commit']}" if entry.get("commit") else "local directory"
+            print(f"#   {name}: {entry.get('ref')} ({origin}, {len(entry.get('files', {}))} file(s))")
     return 0
 
 

@@ -49,11 +49,16 @@ class ModelSource:
         return sorted({t.file for t in self.tensors.values()})
 
 
-def open_model(ref: str, *, base_dir: Path, where: str | None = None) -> ModelSource:
-    """Open the model a recipe names; `where` locates the reference in the recipe for errors."""
+def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: bool = False) -> ModelSource:
+    """Open the model a recipe names; `where` locates the reference in the recipe for errors.
+
+    `hub_only` (for recipes fetched from the Hub) never looks at local paths.
+    """
+    hub_ref = parse_hub_ref(ref)
+    if hub_only and hub_ref is not None:
+        return _open_hub(ref, *hub_ref, where)
     root = (base_dir / Path(ref).expanduser()).resolve()
     if not root.exists():
-        hub_ref = parse_hub_ref(ref)
         if hub_ref is not None:
             return _open_hub(ref, *hub_ref, where)
         raise SourceError(Problem(f"model directory {ref!r} not found (looked in {root})", where))

@@ -156,9 +156,12 @@ class _Builder:
         return self.locator.fmt((node.start_mark.line + 1, node.start_mark.column + 1))
 
 
-def read_recipe_text(path: Path) -> tuple[Any, Locator, str]:
+def read_recipe_text(path: Path, *, max_bytes: int | None = None) -> tuple[Any, Locator, str]:
     """Read and parse a recipe file; returns data, locator and the verbatim text."""
     try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise RecipeError(Problem(f"the recipe is {path.stat().st_size} bytes; a shared recipe may have at "
+                                      f"most {max_bytes}", str(path)))
         raw = path.read_bytes()
     except IsADirectoryError:
         raise RecipeError(Problem("is a directory, not a recipe file", str(path))) from None

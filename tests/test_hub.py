@@ -198,3 +198,55 @@ def test_local_hashes_are_remembered_and_invalidated(tmp_path, monkeypatch):
     os.utime(file, ns=(1, 1))
     assert lock.file_sha256(file) == real(b"abd" * 1000).hexdigest() and len(reads) == 2
     assert lock.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
+
+
+def _share(hub, tmp_path, repo_id: str, models: str) -> Path:
+    """Build a model from a recipe and publish its output folder in the cache as `repo_id`."""
+    recipe = _recipe(tmp_path, models)
+    out = tmp_path / "published"
+    assert main(["run", str(recipe), "-o", str(out), "-q"]) == 0
+    put_in_cache(hub["cache"], repo_id, out, "3" * 40)
+    return out
+
+
+def test_a_shared_recipe_rebuilds_byte_identical(hub, tmp_path, capsys, monkeypatch):
+    original = _share(hub, tmp_path, "org/pruned", f"{{a: org/tiny, b: 'org/tiny@{COMMIT_1}'}}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "org/pruned", "-o", str(tmp_path / "rebuilt"), "-q"]) == 0
+    files = sorted(p.name for p in original.iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "rebuilt").iterdir())
+    for name in files:
+        assert (original / name).read_bytes() == (tmp_path / "rebuilt" / name).read_bytes(), name
+
+    capsys.readouterr()
+    assert main(["show", "org/pruned"]) == 0
+    shown = capsys.readouterr().out
+    assert "op: slice_layers" in shown and f"#   a: org/tiny (commit {COMMIT_1}" in shown
+
+    (hub["cache"] / "models--org--tiny" / "refs" / "main").write_text(COMMIT_2)  # its lock now refuses
+    assert main(["run", "org/pruned", "-o", str(tmp_path / "moved"), "-q"]) == 2
+    assert "now resolves to commit" in capsys.readouterr().err
+    assert not (tmp_path / "moved").exists()
+
+
+@pytest.mark.parametrize("ref", ["local-model", "/abs/model", "../x", "~/model"])
+def test_a_shared_recipe_naming_a_local_path_is_refused(hub, tmp_path, capsys, monkeypatch, ref):
+    recipe_dir = tmp_path / "shared"
+    recipe_dir.mkdir()
+    (recipe_dir / "recipe.yaml").write_text(
+        f"recipe: 1\nmodels:\n  a: org/tiny\n  b: '{ref}'\nsteps:\n"
+        "  - op: slice_layers\n    slices: [{model: a, range: [0, 2]}, {model: b, range: [2, 4]}]\n")
+    (recipe_dir / "config.json").write_text("{}")
+    put_in_cache(hub["cache"], "org/evil", recipe_dir, "4" * 40)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "org/evil", "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("org/evil:recipe.yaml:4:6: models.b: ") and "is not a Hub id" in err
+    assert "--allow-local-paths" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+    if ref == "local-model":  # allowed, it reads the user's own directory
+        shutil.copytree(hub["two"], tmp_path / "local-model")
+        assert main(["run", "org/evil", "-o", str(tmp_path / "out"), "-q", "--allow-local-paths"]) == 0
+        assert tensors_of(tmp_path / "out")["model.layers.2.mlp.up_proj.weight"].equal(
+            tensors_of(hub["two"])["model.layers.2.mlp.up_proj.weight"])
