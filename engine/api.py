@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from .card import render_card
 from .execute import RunResult, check_output, write_model
 from .errors import PlanError, Problem, RecipeError
 from .layers import decoder_of
-from .lazy import LazyModel
+from . import hub
+from .lazy import LazyModel, loads_of
 from .lock import lock_bytes, lock_problems, make_lock, read_lock
 from .plan import Plan, make_plan
 from .recipe import Recipe, parse_recipe
@@ -59,12 +60,15 @@ class LoadedRecipe:
                      needed=plan.output_bytes + len(self.text.encode()) * 2)
         if plan.needs_torch:
             check_device(device)
+        needed = {load.tensor.file for t in plan.tensors for load in loads_of(t.node)}
+        downloaded, skipped = hub.fetch_needed([s for _, s in plan.model.sources], needed)
         current = make_lock(plan)
         if lock is not None:
             _check_lock(lock, current)
         files = {"README.md": render_card(plan, self.text, self.recipe.description).encode(),
                  "recipe.yaml": self.text.encode(), "recipe.lock": lock_bytes(current)}
-        return write_model(plan, out, files, overwrite=overwrite, progress=progress, device=device)
+        result = write_model(plan, out, files, overwrite=overwrite, progress=progress, device=device)
+        return replace(result, downloaded=downloaded, skipped=skipped)
 
 
 def load_recipe(source: str | Path | dict[str, Any], *, base_dir: str | Path | None = None) -> LoadedRecipe:

@@ -121,6 +121,9 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock)
     plan = result.plan
+    if result.downloaded or result.skipped:
+        print(f"recipe: downloaded {human(result.downloaded)} of Hub shards, skipped {human(result.skipped)} "
+              f"that the output does not use", file=sys.stderr)
     inputs = ", ".join(f"{name} {layer_config(source.config).get('num_hidden_layers', '?')}"
                        for name, source in plan.model.sources)
     print(f"recipe: layers {inputs} -> {len(plan.model.layer_origins)}; wrote {human(result.bytes_written)} in "
@@ -129,11 +132,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from . import hub
+
     loaded = load_recipe(args.recipe)
-    if not args.schema_only:
-        loaded.build()
-    what = "recipe" if args.schema_only else "recipe and its inputs"
+    # validate never reads anything remote: Hub inputs are checked only when the cache holds them
+    uncached = [ref for ref in dict.fromkeys(loaded.recipe.models.values())
+                if not (loaded.base_dir / Path(ref).expanduser()).exists() and not hub.in_cache(ref)]
+    what = "recipe"
+    if not args.schema_only and not uncached:
+        with hub.cache_only():
+            loaded.build()
+        what = "recipe and its inputs"
     print(f"{args.recipe}: ok ({what}: {len(loaded.recipe.models)} model(s), {len(loaded.recipe.steps)} step(s))")
+    if uncached and not args.schema_only:
+        print(f"inputs not checked: {', '.join(uncached)} not in the local Hub cache (validate never downloads; "
+              f"`recipe plan` reads their headers)")
     return 0
 
 

@@ -37,6 +37,8 @@ class RunResult:
     bytes_written: int
     seconds: float
     plan: Plan = field(repr=False)
+    downloaded: int = 0  # bytes of Hub shards fetched for this run
+    skipped: int = 0  # bytes of Hub shards not fetched because the output uses none of their tensors
 
     @property
     def shards(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,32 @@ def cache_dir() -> Path:
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return _cache_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_cache_only = False
+
+
+@contextmanager
+def cache_only():
+    """Inside this block nothing is fetched from the Hub, whatever HF_HUB_OFFLINE says."""
+    global _cache_only
+    before, _cache_only = _cache_only, True
+    try:
+        yield
+    finally:
+        _cache_only = before
+
+
+def in_cache(ref: str) -> bool:
+    """Whether a Hub reference resolves from the cache alone (its config.json is there)."""
+    parsed = parse_hub_ref(ref)
+    if parsed is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(parsed[0], "config.json", cache_dir=cache_dir(), revision=parsed[1]),
+                      str)
 
 
 @dataclass(frozen=True)
@@ -83,3 +109,72 @@ def fetch(repo_id: str, revision: str, filename: str, *, where: str | None, requ
                                   f"hf auth login)", where)) from None
     except RevisionNotFoundError:
         raise SourceError(Problem(f"Hub model {repo_id!r} has no revision {revision!r}", where)) from None
+
+
+def remote_header(repo_id: str, commit: str, filename: str, *, where: str | None) -> tuple[bytes, int]:
+    """The JSON header of a remote safetensors file and the file's size, read by two HTTP range requests.
+
+    This is how `plan` learns shapes of shards that are not in the cache without downloading them.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    from .safetensors_header import header_length
+
+    url = hf_hub_url(repo_id, filename, revision=commit)
+    try:
+        size = get_hf_file_metadata(url).size
+        headers = build_hf_headers()
+
+        def get(first: int, last: int) -> bytes:
+            response = get_session().get(url, headers={**headers, "Range": f"bytes={first}-{last}"},
+                                         follow_redirects=True)
+            response.raise_for_status()
+            return response.content[: last - first + 1]
+
+        n = header_length(get(0, 7), size, f"{repo_id}/{filename}")
+        return get(8, 8 + n - 1), size
+    except OSError as e:  # huggingface_hub's HTTP errors are OSErrors
+        raise SourceError(Problem(f"cannot read the header of {filename} of Hub model {repo_id!r}: {e}",
+                                  where)) from None
+
+
+def download(repo_id: str, commit: str, filename: str) -> Path:
+    """Download one file of a resolved snapshot into the cache (with huggingface_hub's progress bar)."""
+    return fetch(repo_id, commit, filename, where=None, required=True)
+
+
+def fetch_needed(sources, needed: set[Path]) -> tuple[int, int]:
+    """Download the shards of Hub `sources` that hold a `needed` tensor file and are not cached yet.
+
+    Returns (bytes downloaded, bytes of shards skipped because no tensor in them is used).
+    Each download is checked against the header the plan was made from.
+    """
+    from .safetensors_header import read_header
+
+    downloaded = skipped = 0
+    for source in sources:
+        if not source.hub_id:
+            continue
+        planned: dict[Path, dict] = {}
+        for name, info in source.tensors.items():
+            planned.setdefault(info.file, {})[name] = info
+        for file, infos in sorted(planned.items()):
+            size = max(i.offset + i.nbytes for i in infos.values())
+            if file not in needed:
+                skipped += size
+            elif not file.exists():
+                got = download(source.hub_id, source.commit, file.name)
+                if read_header(got)[0] != infos:
+                    raise SourceError(Problem(f"{file.name} of Hub model {source.hub_id!r} differs from the header "
+                                              f"the plan was made from", str(got)))
+                downloaded += size
+    return downloaded, skipped
+
+
+def cached(repo_id: str, commit: str, filename: str) -> Path | None:
+    """A file of a resolved snapshot if the cache holds it; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir(), revision=commit)
+    return Path(found) if isinstance(found, str) else None

@@ -74,6 +74,13 @@ class LazyModel:
         return replace(self, **changes)
 
 
+def loads_of(node: Node) -> list[Load]:
+    """Every input tensor a node reads."""
+    if isinstance(node, Load):
+        return [node]
+    return [load for child in node.inputs for load in loads_of(child)]
+
+
 def merge_sources(*models: LazyModel) -> tuple[tuple[str, ModelSource], ...]:
     """The union of the models' input sources, first appearance first."""
     seen: dict[str, ModelSource] = {}

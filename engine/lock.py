@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from .errors import Problem
-from .lazy import Load, Node
+from .lazy import loads_of
 from .plan import Plan
 
 LOCK_VERSION = 1
@@ -25,7 +25,7 @@ def make_lock(plan: Plan) -> dict:
     """The lock of everything `plan` reads."""
     used: dict[Path, set[Path]] = {}
     for t in plan.tensors:
-        for load in _loads(t.node):
+        for load in loads_of(t.node):
             used.setdefault(load.tensor.file.parent, set()).add(load.tensor.file)
     inputs = {}
     for name, source in plan.model.sources:
@@ -118,9 +118,3 @@ def _save_hash_cache(known: dict[str, str]) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
-
-
-def _loads(node: Node) -> list[Load]:
-    if isinstance(node, Load):
-        return [node]
-    return [load for child in node.inputs for load in _loads(child)]

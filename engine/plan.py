@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .lazy import Apply, LazyModel, Load, Node
+from .lazy import Apply, LazyModel, Load, Node, loads_of
 from .recipe import OUTPUT_DTYPES, Output
 from .safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 
@@ -74,15 +74,8 @@ class Plan:
     @property
     def input_bytes(self) -> int:
         """Bytes read from the inputs: every distinct input tensor once."""
-        loads: set[Load] = set()
-        stack = [t.node for t in self.tensors]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, Load):
-                loads.add(node)
-            else:
-                stack.extend(node.inputs)
-        return sum(n.tensor.nbytes for n in loads)
+        loads = {load for t in self.tensors for load in loads_of(t.node)}
+        return sum(load.tensor.nbytes for load in loads)
 
     @property
     def needs_torch(self) -> bool:

@@ -45,16 +45,27 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise SourceError(Problem("truncated safetensors file: shorter than its 8-byte header length", where))
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise SourceError(Problem(
-                    f"not a safetensors file or truncated: header length {n} does not fit in {size} bytes", where))
+            n = header_length(f.read(8), size, where)
             raw = f.read(n)
     except OSError as e:
         raise SourceError(Problem(f"cannot read: {e.strerror}", where)) from None
+    return parse_header(raw, size, file, where)
+
+
+def header_length(head: bytes, size: int, where: str) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file's size."""
+    if len(head) < 8:
+        raise SourceError(Problem("truncated safetensors file: shorter than its 8-byte header length", where))
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise SourceError(Problem(
+            f"not a safetensors file or truncated: header length {n} does not fit in {size} bytes", where))
+    return n
+
+
+def parse_header(raw: bytes, size: int, file: Path, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate the JSON header `raw` of a safetensors file of `size` bytes that is (or will be) at `file`."""
+    n = len(raw)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import hub
 from .errors import Problem, SourceError
 from .hub import parse_hub_ref
-from .safetensors_header import TensorInfo, read_header
+from .safetensors_header import TensorInfo, parse_header, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -65,23 +65,37 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
     if not root.is_dir():
         raise SourceError(Problem(f"model {ref!r} is a file; expected a model directory ({root})", where))
 
-    def local(name: str, required: bool) -> Path | None:
+    def local(name: str) -> Path | None:
         path = root / name
         return path if path.is_file() else None
 
+    def local_header(name: str) -> dict[str, TensorInfo] | None:
+        path = local(name)
+        return read_header(path)[0] if path is not None else None
+
     return ModelSource(ref=ref, root=root, config=_read_config(root, ref, where),
-                       tensors=_read_tensors(root, ref, where, local))
+                       tensors=_read_tensors(root, ref, where, local, local_header))
 
 
 def _open_hub(ref: str, repo_id: str, revision: str, where: str | None) -> ModelSource:
     snapshot = hub.resolve(repo_id, revision, where=where)
 
-    def remote(name: str, required: bool) -> Path | None:
-        return hub.fetch(repo_id, snapshot.commit, name, where=where, required=required)
+    def small_file(name: str) -> Path | None:
+        return hub.fetch(repo_id, snapshot.commit, name, where=where, required=False)
 
-    tensors = _read_tensors(snapshot.folder, ref, where, remote)
+    def shard_header(name: str) -> dict[str, TensorInfo] | None:
+        """From the cached shard, else by range request (online); the shard itself is fetched by `run`."""
+        path = hub.cached(repo_id, snapshot.commit, name)
+        if path is not None:
+            return read_header(path)[0]
+        if hub.offline():
+            return None
+        raw, size = hub.remote_header(repo_id, snapshot.commit, name, where=where)
+        return parse_header(raw, size, snapshot.folder / name, f"{repo_id}/{name}")[0]
+
+    tensors = _read_tensors(snapshot.folder, ref, where, small_file, shard_header)
     for name in SIDE_FILES:
-        remote(name, False)
+        small_file(name)
     return ModelSource(ref=ref, root=snapshot.folder, config=_read_config(snapshot.folder, ref, where),
                        tensors=tensors, hub_id=repo_id, revision=revision, commit=snapshot.commit)
 
@@ -99,22 +113,24 @@ def _read_config(root: Path, ref: str, where: str | None) -> dict:
     return config
 
 
-Fetch = Callable[[str, bool], "Path | None"]  # (file name, required) -> its path, or None if absent
+SmallFile = Callable[[str], "Path | None"]  # a file of the model by name, or None if absent
+Header = Callable[[str], "dict[str, TensorInfo] | None"]  # a shard's tensors by file name, or None if absent
 
 
-def _read_tensors(root: Path, ref: str, where: str | None, fetch: Fetch) -> dict[str, TensorInfo]:
-    index = fetch(INDEX_FILE, False)
+def _read_tensors(root: Path, ref: str, where: str | None, small_file: SmallFile,
+                  header: Header) -> dict[str, TensorInfo]:
+    index = small_file(INDEX_FILE)
     if index is not None:
-        return _read_sharded(root, index, ref, where, fetch)
-    single = fetch(SINGLE_FILE, False)
+        return _read_sharded(index, ref, where, header)
+    single = header(SINGLE_FILE)
     if single is not None:
-        return read_header(single)[0]
+        return single
     found = sorted(p.name for p in root.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf", ".safetensors"})
     hint = (f" (found {', '.join(found[:3])}; only safetensors weights are read, never pickles)" if found else "")
     raise SourceError(Problem(f"model {ref!r} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}", where))
 
 
-def _read_sharded(root: Path, index: Path, ref: str, where: str | None, fetch: Fetch) -> dict[str, TensorInfo]:
+def _read_sharded(index: Path, ref: str, where: str | None, header: Header) -> dict[str, TensorInfo]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -127,10 +143,10 @@ def _read_sharded(root: Path, index: Path, ref: str, where: str | None, fetch: F
         if "/" in shard or "\\" in shard or shard in (".", ".."):
             raise SourceError(Problem(f"{INDEX_FILE} of model {ref!r} names {shard!r}, outside the model directory",
                                       where))
-        path = fetch(shard, False)
-        if path is None:
+        found = header(shard)
+        if found is None:
             raise SourceError(Problem(f"model {ref!r}: shard {shard!r} named by {INDEX_FILE} is missing", where))
-        headers[shard] = read_header(path)[0]
+        headers[shard] = found
     tensors = {}
     for name, shard in sorted(weight_map.items()):
         info = headers[shard].get(name)

@@ -250,3 +250,94 @@ def test_a_shared_recipe_naming_a_local_path_is_refused(hub, tmp_path, capsys, m
         assert main(["run", "org/evil", "-o", str(tmp_path / "out"), "-q", "--allow-local-paths"]) == 0
         assert tensors_of(tmp_path / "out")["model.layers.2.mlp.up_proj.weight"].equal(
             tensors_of(hub["two"])["model.layers.2.mlp.up_proj.weight"])
+
+
+class FakeHub:
+    """A Hub 'online' for one test: serves files of local folders, records every download."""
+
+    def __init__(self, cache: Path):
+        self.cache, self.repos, self.downloads = cache, {}, []
+
+    def add(self, repo_id: str, folder: Path, commit: str) -> None:
+        self.repos[repo_id] = (commit, folder)
+
+    def hf_hub_download(self, repo_id, filename, *, revision, cache_dir, local_files_only):
+        from huggingface_hub.errors import EntryNotFoundError
+
+        commit, folder = self.repos[repo_id]
+        assert revision in ("main", commit) and not local_files_only
+        if not (folder / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        self.downloads.append(filename)
+        repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+        target = repo / "snapshots" / commit / filename
+        if not target.exists():
+            data = (folder / filename).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            (repo / "blobs").mkdir(parents=True, exist_ok=True)
+            (repo / "blobs" / digest).write_bytes(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(Path("..") / ".." / "blobs" / digest)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return str(target)
+
+    def remote_header(self, repo_id, commit, filename, *, where):
+        data = (self.repos[repo_id][1] / filename).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        return data[8:8 + n], len(data)
+
+
+def test_online_plan_reads_headers_only_and_run_downloads_only_used_shards(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from recipekit.engine import hub
+
+    cache = tmp_path / "cache"
+    fake = FakeHub(cache)
+    fake.add("org/big", make_model(tmp_path / "remote", layers=4, seed=5, shard_size="40KB"), "5" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(hub, "remote_header", fake.remote_header)
+    recipe = write_recipe(tmp_path, """
+        recipe: 1
+        models: {a: org/big}
+        steps: [{op: drop_layers, model: a, layers: [[1, 4]]}]
+        """)
+    assert main(["plan", str(recipe)]) == 0
+    assert not [f for f in fake.downloads if f.endswith(".safetensors")]  # headers by range request only
+
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())
+    used = {index["weight_map"][n] for n in index["weight_map"] if ".layers." not in n or ".layers.0." in n}
+    fetched = {f for f in fake.downloads if f.endswith(".safetensors")}
+    assert fetched == used and len(fetched) < len(set(index["weight_map"].values()))
+    assert "skipped" in capsys.readouterr().err
+    got, want = tensors_of(tmp_path / "out"), tensors_of(tmp_path / "remote")
+    assert got["model.layers.0.mlp.up_proj.weight"].equal(want["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_validate_reads_nothing_remote(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("validate touched the Hub")
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    recipe = _recipe(tmp_path, "{a: org/not-cached, b: org/not-cached}")
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "ok (recipe: 2 model(s)" in out and "inputs not checked: org/not-cached not in the local Hub cache" in out
+
+
+def test_validate_checks_cached_hub_inputs(hub, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, """
+        recipe: 1
+        models: {a: org/tiny}
+        steps: [{op: drop_layers, model: a, layers: [9]}]
+        """)
+    assert main(["validate", str(recipe)]) == 2
+    assert "layer 9 is out of range: 'a' has 4 layers" in capsys.readouterr().err
