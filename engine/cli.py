@@ -137,7 +137,8 @@ def _validate(args: argparse.Namespace) -> int:
     loaded = load_recipe(args.recipe)
     # validate never reads anything remote: Hub inputs are checked only when the cache holds them
     uncached = [ref for ref in dict.fromkeys(loaded.recipe.models.values())
-                if not (loaded.base_dir / Path(ref).expanduser()).exists() and not hub.in_cache(ref)]
+                if parse_hub_ref(ref) is not None and not (loaded.base_dir / Path(ref).expanduser()).exists()
+                and not hub.in_cache(ref)]
     what = "recipe"
     if not args.schema_only and not uncached:
         with hub.cache_only():
