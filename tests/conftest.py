@@ -7,8 +7,11 @@ from tests.tiny import make_model
 
 @pytest.fixture(autouse=True)
 def _caches_in_tmp(tmp_path_factory, monkeypatch):
-    """Tests never write outside their temporary folders: recipekit's hash cache goes there too."""
+    """Tests never write outside their temporary folders (recipekit's hash cache goes there too) and never
+    reach the Hub: huggingface_hub is offline unless a test installs its fake Hub."""
     monkeypatch.setenv("RECIPEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "recipekit-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache"))
 
 
 @pytest.fixture(scope="session")

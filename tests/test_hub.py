@@ -229,8 +229,16 @@ def test_a_shared_recipe_rebuilds_byte_identical(hub, tmp_path, capsys, monkeypa
     assert not (tmp_path / "moved").exists()
 
 
-@pytest.mark.parametrize("ref", ["local-model", "/abs/model", "../x", "~/model"])
-def test_a_shared_recipe_naming_a_local_path_is_refused(hub, tmp_path, capsys, monkeypatch, ref):
+@pytest.mark.parametrize("kind", ["relative", "absolute", "parent", "home"])
+def test_a_shared_recipe_naming_a_local_path_is_refused_unless_allowed(hub, tmp_path, capsys, monkeypatch, kind):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ref, target = {"relative": ("local-model", work / "local-model"),
+                   "absolute": (str(tmp_path / "abs-model"), tmp_path / "abs-model"),
+                   "parent": ("../x", tmp_path / "x"),
+                   "home": ("~/home-model", tmp_path / "home-model")}[kind]
     recipe_dir = tmp_path / "shared"
     recipe_dir.mkdir()
     (recipe_dir / "recipe.yaml").write_text(
@@ -238,18 +246,17 @@ def test_a_shared_recipe_naming_a_local_path_is_refused(hub, tmp_path, capsys, m
         "  - op: slice_layers\n    slices: [{model: a, range: [0, 2]}, {model: b, range: [2, 4]}]\n")
     (recipe_dir / "config.json").write_text("{}")
     put_in_cache(hub["cache"], "org/evil", recipe_dir, "4" * 40)
-    monkeypatch.chdir(tmp_path)
-    assert main(["run", "org/evil", "-o", str(tmp_path / "out"), "-q"]) == 2
+    shutil.copytree(hub["two"], target)
+
+    assert main(["run", "org/evil", "-o", str(work / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("org/evil:recipe.yaml:4:6: models.b: ") and "is not a Hub id" in err
     assert "--allow-local-paths" in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
+    assert not (work / "out").exists()
 
-    if ref == "local-model":  # allowed, it reads the user's own directory
-        shutil.copytree(hub["two"], tmp_path / "local-model")
-        assert main(["run", "org/evil", "-o", str(tmp_path / "out"), "-q", "--allow-local-paths"]) == 0
-        assert tensors_of(tmp_path / "out")["model.layers.2.mlp.up_proj.weight"].equal(
-            tensors_of(hub["two"])["model.layers.2.mlp.up_proj.weight"])
+    assert main(["run", "org/evil", "-o", str(work / "out"), "-q", "--allow-local-paths"]) == 0
+    assert tensors_of(work / "out")["model.layers.2.mlp.up_proj.weight"].equal(
+        tensors_of(hub["two"])["model.layers.2.mlp.up_proj.weight"])
 
 
 class FakeHub:
