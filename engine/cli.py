@@ -91,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=_eval)
 
+    analyze = sub.add_parser("analyze", help="per-layer metrics of a model (or of what a recipe builds)")
+    analyze.add_argument("model", type=Path, metavar="MODEL", help="a model directory or a recipe file")
+    analyze.add_argument("--metric", required=True, choices=["snr"],
+                         help="snr: random-matrix signal-to-noise ratio of each module's weight (data-free)")
+    analyze.add_argument("--module", action="append", metavar="NAME",
+                         help="a module such as self_attn.v_proj (repeatable; default: all projections)")
+    analyze.add_argument("--json", action="store_true", help="machine-readable output")
+    analyze.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    analyze.set_defaults(handler=_analyze)
+
     show = sub.add_parser("show", help="print the recipe shared in a Hub model repo, with its locked inputs")
     show.add_argument("ref", metavar="ORG/NAME[@REV]")
     show.set_defaults(handler=_show)
@@ -203,6 +213,25 @@ def _inspect(args: argparse.Namespace) -> int:
     print("  dtypes: " + ", ".join(f"{d} {human(b)}" for d, b in info.dtypes.items()))
     print(f"  embeddings: {'tied' if info.tied_embeddings else 'untied'}")
     print("  non-layer tensors: " + ", ".join(info.non_layer_tensors))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import snr_table
+
+    rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()),
+                     progress=not args.quiet and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"model": str(args.model), "metric": "snr", "rows": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    modules = list(dict.fromkeys(r.module for r in rows))
+    print("SNR (random-matrix signal/noise; inf = no singular value at or below the noise edge)")
+    print("layer  " + "  ".join(f"{m:>16}" for m in modules))
+    by_layer: dict[int, dict[str, float]] = {}
+    for r in rows:
+        by_layer.setdefault(r.layer, {})[r.module] = r.snr
+    for layer, values in by_layer.items():
+        print(f"{layer:>5}  " + "  ".join(f"{values[m]:>16.4g}" for m in modules))
     return 0
 
 

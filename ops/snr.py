@@ -1,0 +1,41 @@
+"""Random-matrix signal-to-noise ratio of a weight matrix, as laserRMT computes it.
+
+Singular values S (float64); sigma = (q75(S) - q25(S)) / 1.349 estimates the
+noise scale; the Marchenko-Pastur edge for aspect ratio beta = min/max is
+sigma * (1 + sqrt(beta)). SNR = sum of S above the edge / sum of S at or
+below it: infinite when no singular value is at or below the edge. That is
+not "all signal": a well-conditioned rectangular matrix (even pure Gaussian
+noise of shape 1024 x 4096) has every singular value above this edge.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class SNR:
+    snr: float  # math.inf when no singular value is at or below the threshold
+    snr_over_max: float  # snr / max(S)
+    threshold: float
+    signal_values: int  # how many singular values are above the threshold
+
+
+def snr(weight: torch.Tensor) -> SNR:
+    """[out, in] matrix -> its random-matrix SNR (computed in float64)."""
+    import torch
+
+    values = torch.linalg.svdvals(weight.to(torch.float64))
+    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    sigma = (q75 - q25) / 1.349
+    rows, cols = weight.shape
+    beta = min(rows, cols) / max(rows, cols)
+    threshold = sigma * (1 + math.sqrt(beta))
+    above = values > threshold
+    signal, noise = float(values[above].sum()), float(values[~above].sum())
+    ratio = math.inf if not (~above).any() else signal / noise
+    return SNR(ratio, ratio / float(values.max()), threshold, int(above.sum()))
