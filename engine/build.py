@@ -8,6 +8,7 @@ from recipekit.ops.registry import function_for
 from .errors import Problem, RecipekitError, SourceError
 from .layers import decoder_of
 from .lazy import LazyModel
+from .probe import Probe
 from .recipe import Recipe
 from .source import ModelSource, open_model
 from .yamlsource import Locator
@@ -39,10 +40,11 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
 def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False) -> LazyModel:
     """Run every step's model-level function; the last step's result is the output."""
     results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
+    probe = Probe()
     model = None
     for k, step in enumerate(recipe.steps):
         try:
-            model = function_for(step)(step, results)
+            model = function_for(step)(step, results, probe)
         except RecipekitError as e:
             raise type(e)([_locate(p, ("steps", k), locator) for p in e.problems]) from None
         if step.id is not None:

@@ -5,23 +5,60 @@ Both ops only compute which layer of which model becomes each output layer;
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from recipekit.engine.errors import Path_, PlanError, Problem
 from recipekit.engine.layers import Pick, compose_layers, decoder_of
 from recipekit.engine.lazy import LazyModel
+from recipekit.engine.probe import Probe
 from recipekit.engine.schema import LayerRange, LayerSpan, Ref, StepBase, Strict
 
 
+class SnrSelect(Strict):
+    """Choose layers by the random-matrix SNR of one module's weight (see `recipe analyze --metric snr`)."""
+
+    metric: Literal["snr"] = Field(description="Random-matrix signal-to-noise ratio (data-free).")
+    module: str = Field("self_attn.v_proj", description="Module whose weight is measured in every layer.")
+    where: Literal["infinite"] | None = Field(None, description="Choose the layers whose SNR is infinite.")
+    below: float | None = Field(None, description="Choose the layers whose SNR is below this value.")
+    lowest: int | None = Field(None, ge=1, description="Choose this many layers with the lowest SNR.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SnrSelect:
+        if sum(rule is not None for rule in (self.where, self.below, self.lowest)) != 1:
+            raise ValueError("give exactly one of where: infinite, below: X, lowest: k")
+        return self
+
+    def choose(self, values: list[float]) -> list[int]:
+        if self.where == "infinite":
+            return [i for i, v in enumerate(values) if math.isinf(v)]
+        if self.below is not None:
+            return [i for i, v in enumerate(values) if v < self.below]
+        return sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[: self.lowest])
+
+    def describe(self) -> str:
+        rule = "infinite" if self.where else f"below {self.below}" if self.below is not None else f"lowest {self.lowest}"
+        return f"snr of {self.module} {rule}"
+
+
 class DropLayers(StepBase):
-    """Remove decoder layers by index or range; the rest keep their order."""
+    """Remove decoder layers by index or range, or those a metric selects; the rest keep their order."""
 
     op: Literal["drop_layers"] = Field(description="Remove decoder layers.")
     model: Ref = Field(description="The model or step whose layers are dropped.")
-    layers: list[LayerSpan] = Field(min_length=1, description="Layers to remove: indices and [start, end) ranges.")
+    layers: list[LayerSpan] | None = Field(None, min_length=1,
+                                           description="Layers to remove: indices and [start, end) ranges.")
+    select: SnrSelect | None = Field(None, description="Instead of `layers`: choose the layers by a metric.")
+
+    @model_validator(mode="after")
+    def _layers_or_select(self) -> DropLayers:
+        if (self.layers is None) == (self.select is None):
+            raise ValueError("give either layers (indices and ranges) or select (a metric), not both or neither")
+        return self
 
     def references(self) -> list[tuple[Path_, str]]:
         return [(("model",), self.model)]
@@ -47,25 +84,43 @@ class SliceLayers(StepBase):
         return refs
 
 
-def drop_layers(step: DropLayers, models: Mapping[str, LazyModel]) -> LazyModel:
+def drop_layers(step: DropLayers, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
     model = models[step.model]
     count = len(decoder_of(model, step.model).layers)
-    problems = [Problem(f"layer {_span(span)} is out of range: {step.model!r} has {count} layers (0..{count - 1})",
-                        path=("layers", k))
-                for k, span in enumerate(step.layers) if span[1] > count]
-    if problems:
-        raise PlanError(problems)
-    dropped = {i for start, end in step.layers for i in range(start, end)}
+    if step.select is not None:
+        dropped, why = _selected(step, model, count, probe)
+    else:
+        problems = [Problem(f"layer {_span(span)} is out of range: {step.model!r} has {count} layers "
+                            f"(0..{count - 1})", path=("layers", k))
+                    for k, span in enumerate(step.layers) if span[1] > count]
+        if problems:
+            raise PlanError(problems)
+        dropped, why = {i for start, end in step.layers for i in range(start, end)}, ""
     keep = [i for i in range(count) if i not in dropped]
     if not keep:
         raise PlanError(Problem(f"dropping these layers leaves none of the {count} layers of {step.model!r}",
                                 path=("layers",)))
     note = (f"`drop_layers` removed layers {_compact(sorted(dropped))} of `{step.model}` "
-            f"({count} -> {len(keep)} layers)")
+            f"({count} -> {len(keep)} layers){why}")
     return compose_layers([Pick(step.model, model, i) for i in keep], step.model, model, note, "pruned")
 
 
-def slice_layers(step: SliceLayers, models: Mapping[str, LazyModel]) -> LazyModel:
+def _selected(step: DropLayers, model: LazyModel, count: int, probe: Probe) -> tuple[set[int], str]:
+    """The layers a metric selects, and the card's words for why (with every measured value)."""
+    values = probe.snr(model, step.model, step.select.module)
+    chosen = set(step.select.choose(values))
+    if not chosen or len(chosen) == count:
+        what = "no layer" if not chosen else f"all {count} layers"
+        raise PlanError(Problem(f"{step.select.describe()} selects {what} of {step.model!r} "
+                                f"(values: {_values(values)})", path=("select",)))
+    return chosen, f", selected by {step.select.describe()} (per layer: {_values(values)})"
+
+
+def _values(values: list[float]) -> str:
+    return ", ".join(f"{i}: {v:.4g}" for i, v in enumerate(values))
+
+
+def slice_layers(step: SliceLayers, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
     problems, picks = [], []
     for k, piece in enumerate(step.slices):
         model = models[piece.model]

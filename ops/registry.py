@@ -7,11 +7,13 @@ from typing import Annotated, Union, get_args
 from pydantic import Field
 
 from recipekit.engine.lazy import LazyModel
+from recipekit.engine.probe import Probe
 from recipekit.engine.schema import StepBase
 
 from . import layer_surgery
 
-OpFunction = Callable[[StepBase, Mapping[str, LazyModel]], LazyModel]
+# (parameters, models and earlier results by name, the engine's measurements) -> the step's result
+OpFunction = Callable[[StepBase, Mapping[str, LazyModel], Probe], LazyModel]
 
 
 def op_name(params: type[StepBase]) -> str:

@@ -328,8 +328,7 @@ RECIPE_CASES: dict[str, tuple[str, list[Line]]] = {
             model: a
             layer: [1]
         """,
-        [line("^layer: [1]", "steps[0].layer", "unknown key 'layer'", "did you mean 'layers'?"),
-         line("- ^op: drop_layers", "steps[0].layers", "missing required key 'layers'")],
+        [line("^layer: [1]", "steps[0].layer", "unknown key 'layer'", "did you mean 'layers'?")],
     ),
     "misspelt-top-level-key": (
         """

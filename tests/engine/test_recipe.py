@@ -60,7 +60,16 @@ steps:
 """)
     assert problems[0] == "r.yaml:4:5: steps[0]: every step needs an 'op': one of drop_layers, slice_layers"
     assert "r.yaml:5:5: steps[1].model: missing required key 'model'" in problems
-    assert "r.yaml:5:5: steps[1].layers: missing required key 'layers'" in problems
+
+
+def test_drop_layers_needs_layers_or_a_selector_not_both():
+    base = "recipe: 1\nmodels: {a: ./x}\nsteps:\n  - {op: drop_layers, model: a%s}\n"
+    message = "give either layers (indices and ranges) or select (a metric), not both or neither"
+    assert problems_of(base % "") == [f"r.yaml:4:5: steps[0]: {message}"]
+    assert problems_of(base % ", layers: [1], select: {metric: snr, where: infinite}") == [
+        f"r.yaml:4:5: steps[0]: {message}"]
+    assert problems_of(base % ", select: {metric: snr, where: infinite, lowest: 2}") == [
+        "r.yaml:4:41: steps[0].select: give exactly one of where: infinite, below: X, lowest: k"]
 
 
 def test_top_level_problems():

@@ -143,3 +143,63 @@ def test_per_layer_config_lists_follow_the_layers(family, settings, tmp_path):
         model = load_causal_lm(out)  # transformers' strict config accepts it
         assert model.config.layer_types == expected
         assert len(set(expected)) == 2  # the test means something only with both kinds left
+
+
+def _with_infinite_snr_layers(tmp_path, infinite: set[int]):
+    """A 5-layer model whose v_proj in `infinite` layers has a tight spectrum: every singular value lies above
+    the noise edge, so their SNR is infinite; the random v_proj of the other layers have finite SNR."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_model(tmp_path / "snr-model", layers=5, seed=7)
+    tensors = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(8)
+    for i in infinite:
+        name = f"model.layers.{i}.self_attn.v_proj.weight"
+        rows, cols = tensors[name].shape
+        u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(cols, rows, generator=g))
+        tensors[name] = (u @ torch.diag(torch.linspace(1.0, 1.02, rows)) @ v.T).contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("rule", ["where: infinite", "lowest: 2", "below: 7"])
+def test_drop_layers_selected_by_snr(tmp_path, rule):
+    from recipekit.ops.snr import snr
+    from tests.tiny import tensors_of
+
+    path = _with_infinite_snr_layers(tmp_path, {1, 3})
+    values = [snr(tensors_of(path)[f"model.layers.{i}.self_attn.v_proj.weight"]).snr for i in range(5)]
+    assert [i for i, v in enumerate(values) if v == float("inf")] == [1, 3]  # the model is what we meant
+    expected = {"where: infinite": [1, 3], "lowest: 2": sorted(sorted(range(5), key=values.__getitem__)[:2]),
+                "below: 7": [i for i, v in enumerate(values) if v < 7]}[rule]
+    assert 0 < len(expected) < 5
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {path}}}
+        steps:
+          - op: drop_layers
+            model: base
+            select: {{metric: snr, module: self_attn.v_proj, {rule}}}
+        """)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    assert_layers_from(out, [(path, i) for i in range(5) if i not in expected], path)
+    card = (out / "README.md").read_text()
+    assert "selected by snr of self_attn.v_proj" in card and "1: inf" in card.split("per layer:")[1]
+
+
+def test_a_selector_that_takes_no_layer_is_refused(tmp_path):
+    path = _with_infinite_snr_layers(tmp_path, set())
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {path}}}
+        steps:
+          - op: drop_layers
+            model: base
+            select: {{metric: snr, where: infinite}}
+        """)
+    with pytest.raises(PlanError) as info:
+        load_recipe(recipe).plan()
+    (problem,) = info.value.problems
+    assert problem.path == ("steps", 0, "select") and problem.where.endswith("recipe.yaml:6:13")
+    assert problem.message.startswith("snr of self_attn.v_proj infinite selects no layer of 'base' (values: 0: ")
