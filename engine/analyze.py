@@ -1,12 +1,16 @@
 """Per-layer analyses of a model, one weight in memory at a time.
 
 `snr_table` is data-free: the random-matrix SNR (see `ops/snr.py`) of each
-chosen module's weight in every decoder layer.
+chosen module's weight in every decoder layer. `similarity` runs the
+streamed forward over texts and measures how much each layer (or block of
+layers) changes the residual stream: angular distance and block influence.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 from recipekit.ops.snr import snr
 
@@ -57,3 +61,67 @@ def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = Non
                 bar.update(1)
     bar.close()
     return rows
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """Layer-to-layer similarity of the residual stream over some texts.
+
+    `angular[n][l]` is arccos(cos(x_l, x_{l+n})) / pi at each text's last token, averaged over
+    texts, where x_l is the residual stream entering layer l (x_L: after the last layer, never a
+    post-final-norm state). `bi[i]` is the block influence of layer i: 1 - mean over all tokens of
+    cos(input of layer i, output of layer i).
+    """
+
+    layers: int
+    texts: int
+    tokens: int
+    last: dict[int, torch.Tensor]  # layer -> [texts, C] residual at each text's last token
+    bi: list[float]
+
+    def angular(self, n: int) -> list[float]:
+        """Distance from the input of layer l to the input of layer l + n, for l = 0 .. layers - n."""
+        out = []
+        for start in range(self.layers - n + 1):
+            cos = torch.nn.functional.cosine_similarity(self.last[start], self.last[start + n], dim=-1)
+            out.append(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()))
+        return out
+
+
+def paragraphs(text: str) -> list[str]:
+    """The texts of a file: its blank-line separated paragraphs (the whole text if it has none)."""
+    parts = [p.strip() for p in text.split("\n\n")]
+    return [p for p in parts if p] or [text.strip()]
+
+
+def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 256, max_texts: int = 64,
+               device: str = "cpu", progress: bool = False) -> Similarity:
+    """Run the streamed forward over up to `max_texts` texts (each cut to `seq_len` tokens) and measure."""
+    from .forward import StreamedForward
+    from .tokenize import TextTokenizer
+
+    tokenizer = TextTokenizer.of(model.side_files)
+    sequences = [tokenizer.encode(t)[:seq_len] for t in texts[:max_texts]]
+    forward = StreamedForward(model, device=device, name=name)
+    count = len(forward.decoder.layers)
+    last: dict[int, list[torch.Tensor]] = {}
+    cos_sum = [0.0] * count
+    previous: list[torch.Tensor] = []  # the residual entering the layer before, for every sequence
+
+    def observe(a) -> None:
+        if a.point != "residual":
+            return
+        rows = slice(a.rows.start, a.rows.stop)
+        ends = a.valid.sum(dim=1) - 1
+        last.setdefault(a.layer, []).append(a.tensor[torch.arange(a.tensor.shape[0], device=a.tensor.device), ends])
+        if not previous:
+            previous.append(torch.empty(len(sequences), *a.tensor.shape[1:], device=a.tensor.device))
+        if a.layer > 0:
+            cos = torch.nn.functional.cosine_similarity(previous[0][rows], a.tensor, dim=-1)[a.valid]
+            cos_sum[a.layer - 1] += float(cos.sum())
+        previous[0][rows] = a.tensor
+
+    forward.run(sequences, observer=observe, progress=progress)
+    tokens = sum(len(s) for s in sequences)
+    return Similarity(count, len(sequences), tokens, {k: torch.cat(v) for k, v in last.items()},
+                      [1 - c / tokens for c in cos_sum])

@@ -93,8 +93,15 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="per-layer metrics of a model (or of what a recipe builds)")
     analyze.add_argument("model", type=Path, metavar="MODEL", help="a model directory or a recipe file")
-    analyze.add_argument("--metric", required=True, choices=["snr"],
-                         help="snr: random-matrix signal-to-noise ratio of each module's weight (data-free)")
+    analyze.add_argument("--metric", required=True, choices=["snr", "angular", "bi"],
+                         help="snr: random-matrix signal-to-noise ratio of each module's weight (data-free); "
+                              "angular: distance between the residual streams entering layers l and l+n; "
+                              "bi: block influence of each layer (both over --text)")
+    analyze.add_argument("--text", type=Path, metavar="FILE",
+                         help="texts for angular and bi: the file's blank-line separated paragraphs")
+    analyze.add_argument("--n", type=_positive, default=1, help="block size for angular (default 1)")
+    analyze.add_argument("--seq-len", type=_positive, default=256, help="tokens per text at most (default 256)")
+    analyze.add_argument("--max-texts", type=_positive, default=64, help="texts used at most (default 64)")
     analyze.add_argument("--module", action="append", metavar="NAME",
                          help="a module such as self_attn.v_proj (repeatable; default: all projections)")
     analyze.add_argument("--json", action="store_true", help="machine-readable output")
@@ -217,6 +224,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    if args.metric != "snr":
+        return _analyze_similarity(args)
     from .analyze import snr_table
 
     rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()),
@@ -232,6 +241,36 @@ def _analyze(args: argparse.Namespace) -> int:
         by_layer.setdefault(r.layer, {})[r.module] = r.snr
     for layer, values in by_layer.items():
         print(f"{layer:>5}  " + "  ".join(f"{values[m]:>16.4g}" for m in modules))
+    return 0
+
+
+def _analyze_similarity(args: argparse.Namespace) -> int:
+    from .analyze import paragraphs, similarity
+    from .perplexity import read_text
+
+    if args.text is None:
+        raise RecipekitError(f"--metric {args.metric} needs --text FILE: the texts to run the model on")
+    model = model_or_recipe(args.model)
+    texts = paragraphs(read_text(args.text))
+    result = similarity(model, str(args.model), texts, seq_len=args.seq_len, max_texts=args.max_texts,
+                        progress=not args.quiet and sys.stderr.isatty())
+    if args.metric == "angular":
+        if args.n > result.layers:
+            raise RecipekitError(f"--n {args.n} is more than the model's {result.layers} layers")
+        values = result.angular(args.n)
+        rows = [{"start": l, "end": l + args.n, "distance": d} for l, d in enumerate(values)]
+        header = f"angular distance between the inputs of layer l and l+{args.n} (last token, {result.texts} texts)"
+    else:
+        rows = [{"layer": i, "bi": v} for i, v in enumerate(result.bi)]
+        header = f"block influence 1 - cos(layer input, layer output) over {result.tokens} tokens of {result.texts} texts"
+    if args.json:
+        print(json.dumps({"model": str(args.model), "metric": args.metric, "texts": result.texts,
+                          "tokens": result.tokens, "rows": rows}, indent=2))
+        return 0
+    print(header)
+    for row in rows:
+        label = f"{row['start']:>3}-{row['end'] - 1:<3}" if "start" in row else f"{row['layer']:>7}"
+        print(f"{label}  {row.get('distance', row.get('bi')):.4f}")
     return 0
 
 

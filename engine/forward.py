@@ -33,8 +33,9 @@ SCORE_BUDGET = 2**26
 class Activation:
     """What an observer sees: `tensor` [b, T, C] for sequences `rows` of the pass; `valid` [b, T] marks real tokens.
 
-    `point` is `residual`, `attn_in`, `mlp_in`, `down_in`, `down_out` (of decoder layer `layer`) or `final`
-    (after the final norm, `layer` = number of layers).
+    `point` is `residual`, `attn_in`, `mlp_in`, `down_in`, `down_out` (of decoder layer `layer`; `residual`
+    of layer = number of layers is the stream after the last layer, before the final norm) or `final` (after
+    the final norm, `layer` = number of layers).
     """
 
     point: str
@@ -118,6 +119,7 @@ class StreamedForward:
                 del weights
                 bar.update(1)
             bar.close()
+            observe(Activation("residual", count, hidden, valid, range(len(sequences))))  # after the last layer
             norm = self._read({"norm": self.model.tensors[self.norm_name]}, files)
             final = rms_norm(hidden, norm["norm"], self.spec.eps)
             self._release(norm)

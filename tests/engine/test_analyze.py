@@ -1,8 +1,10 @@
-"""`recipe analyze --metric snr`: every layer and module, equal to the kernel on the stored weights."""
+"""`recipe analyze`: SNR against the kernel on the stored weights; angular distance and block influence against transformers."""
 from __future__ import annotations
 
 import json
 import math
+
+import pytest
 
 from recipekit.engine.cli import main
 from recipekit.ops.snr import snr
@@ -35,3 +37,64 @@ def test_snr_of_chosen_modules_and_of_a_recipe(tmp_path, capsys):
     assert "self_attn.q_proj" in capsys.readouterr().out
     assert main(["analyze", str(path), "--metric", "snr", "--module", "mlp.nope"]) == 2
     assert "has no mlp.nope in every layer" in capsys.readouterr().err
+
+
+def _reference_residuals(path, sequences):
+    """Per text: the residual stream entering every layer, and after the last (pre-norm), from transformers."""
+    import torch
+
+    from tests.tiny import load_causal_lm
+
+    model = load_causal_lm(path)
+    out = []
+    for seq in sequences:
+        captured = {}
+        hook = model.model.norm.register_forward_hook(lambda m, args, result: captured.setdefault("pre", args[0]))
+        with torch.no_grad():
+            states = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+        hook.remove()
+        out.append([s[0] for s in states[:-1]] + [captured["pre"][0]])
+    return out
+
+
+def test_angular_and_bi_equal_a_direct_computation_with_transformers(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from recipekit.engine.analyze import paragraphs, similarity
+    from recipekit.engine.lazy import LazyModel
+    from recipekit.engine.source import open_model
+    from recipekit.engine.tokenize import TextTokenizer
+
+    demo = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "models" / "llama-a"
+    path = make_model(tmp_path / "m", layers=4, vocab_size=258, seed=9)
+    shutil.copy(demo / "tokenizer.json", path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "add_bos_token": true}')
+    texts = paragraphs("The cat sat on the mat.\n\nA much longer second text, to pad the batch.\n\nThird.")
+    model = LazyModel.from_source("m", open_model(str(path), base_dir=tmp_path))
+    result = similarity(model, "m", texts)
+
+    sequences = [TextTokenizer.of(model.side_files).encode(t) for t in texts]
+    ref = _reference_residuals(path, sequences)
+    for n in (1, 2, 4):
+        expected = []
+        for start in range(4 - n + 1):
+            cos = torch.stack([torch.nn.functional.cosine_similarity(r[start][-1], r[start + n][-1], dim=0)
+                               for r in ref])
+            expected.append(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()))
+        assert result.angular(n) == pytest.approx(expected, abs=1e-5)
+    tokens = sum(len(s) for s in sequences)
+    bi = [1 - sum(float(torch.nn.functional.cosine_similarity(r[i], r[i + 1], dim=-1).sum()) for r in ref) / tokens
+          for i in range(4)]
+    assert result.bi == pytest.approx(bi, abs=1e-5)
+    assert result.tokens == tokens and result.texts == 3
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(texts))
+    assert main(["analyze", str(path), "--metric", "angular", "--n", "2", "--text", str(text), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["distance"] for r in rows] == pytest.approx(result.angular(2), abs=1e-6)
+    assert main(["analyze", str(path), "--metric", "bi"]) == 2
+    assert "needs --text FILE" in capsys.readouterr().err

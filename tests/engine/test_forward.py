@@ -67,7 +67,7 @@ def test_observers_see_every_point_of_every_layer(tmp_path):
     StreamedForward(lazy(path)).run(BATCH, observer=lambda a: seen.append((a.point, a.layer, tuple(a.tensor.shape))))
     points = ["residual", "attn_in", "mlp_in", "down_in", "down_out"]
     assert seen == [(p, layer, (3, 10, 64 if p == "down_in" else 32)) for layer in range(2) for p in points] + [
-        ("final", 2, (3, 10, 32))]
+        ("residual", 2, (3, 10, 32)), ("final", 2, (3, 10, 32))]
 
 
 def test_weights_held_do_not_grow_with_depth(tmp_path):
@@ -107,4 +107,4 @@ def test_capture_maxabs_and_last_token_equal_direct_computation(tmp_path):
     assert set(maxabs.values) == {(p, layer) for p in ("down_in", "down_out") for layer in range(2)}
     for key, states in last.values.items():
         assert torch.equal(states, torch.stack([kept[key][b, n - 1] for b, n in enumerate(lengths)]))
-    assert set(last.values) == {("residual", 0), ("residual", 1), ("final", 2)}
+    assert set(last.values) == {("residual", 0), ("residual", 1), ("residual", 2), ("final", 2)}
