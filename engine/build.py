@@ -40,7 +40,7 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
 def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False) -> LazyModel:
     """Run every step's model-level function; the last step's result is the output."""
     results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
-    probe = Probe()
+    probe = Probe(base_dir)
     model = None
     for k, step in enumerate(recipe.steps):
         try:

@@ -1,14 +1,34 @@
 """Measurements of LazyModels that ops may ask for (ops never open files themselves)."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from .lazy import LazyModel
+
+if TYPE_CHECKING:
+    from .analyze import Similarity
 
 
 class Probe:
-    """What the engine measures for data-driven ops. A recipe that selects nothing by a metric never calls it."""
+    """What the engine measures for data-driven ops. A recipe that selects nothing by a metric never calls it.
+
+    Text files named by a recipe are relative to `base_dir`, the recipe's folder.
+    """
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
 
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
         """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
         from .analyze import snr_table  # imports torch: only recipes that select by a metric pay for it
 
         return [row.snr for row in snr_table(model, name, (module,))]
+
+    def similarity(self, model: LazyModel, name: str, text: str, seq_len: int, max_texts: int) -> Similarity:
+        """Angular distances and block influences of `model` over the paragraphs of a text file."""
+        from .analyze import paragraphs, similarity
+        from .perplexity import read_text
+
+        texts = paragraphs(read_text(self.base_dir / Path(text).expanduser()))
+        return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts)

@@ -173,14 +173,17 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
     return Problem(message, locator.where(path, key=at_key), path)
 
 
+_DISCRIMINATORS = ("op", "metric")  # the fields tagged unions are selected by
+
+
 def _data_path(loc: Path_, data: Any) -> Path_:
     """Pydantic's location minus the union tags it inserts, i.e. a path into the data."""
     path: list[str | int] = []
     node = data
     for part in loc:
         if isinstance(node, dict):
-            if part not in node and node.get("op") == part:
-                continue  # discriminator tag
+            if part not in node and any(node.get(key) == part for key in _DISCRIMINATORS):
+                continue  # the union tag pydantic inserts
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int):
             node = node[part] if part < len(node) else None

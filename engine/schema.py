@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from .errors import Path_
+
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="A name: letters, digits, '_', '-', '.'.")]
@@ -28,6 +30,11 @@ class StepBase(Strict):
     """
 
     id: Name | None = Field(None, description="Name of this step's result, for later steps to refer to it.")
+
+    def local_paths(self) -> list[tuple[Path_, str]]:
+        """Files this step reads besides models (e.g. a text), with their field paths; a shared recipe may
+        name none unless the user allows local paths."""
+        return []
 
 
 def _is_int(value: object) -> bool:

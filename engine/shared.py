@@ -41,6 +41,11 @@ def untrusted_problems(recipe: Recipe, locator: Locator, *, allow_local_paths: b
                 problems.append(Problem(f"{ref!r} is not a Hub id: a shared recipe may only name Hub models "
                                         f"(org/name[@revision]); pass --allow-local-paths to let it read local "
                                         f"paths", locator.where(path), path))
+        for k, step in enumerate(recipe.steps):
+            for path, value in step.local_paths():
+                full = ("steps", k, *path)
+                problems.append(Problem(f"{value!r} is a local file: a shared recipe may not read local files; "
+                                        f"pass --allow-local-paths to let it", locator.where(full), full))
     if len(recipe.steps) > MAX_SHARED_STEPS:
         problems.append(Problem(f"{len(recipe.steps)} steps; a shared recipe may have at most {MAX_SHARED_STEPS}",
                                 locator.where(("steps",)), ("steps",)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -33,6 +33,10 @@ class SnrSelect(Strict):
             raise ValueError("give exactly one of where: infinite, below: X, lowest: k")
         return self
 
+    def measure(self, name: str, model: LazyModel, probe: Probe) -> list[float]:
+        """One value per layer."""
+        return probe.snr(model, name, self.module)
+
     def choose(self, values: list[float]) -> list[int]:
         if self.where == "infinite":
             return [i for i, v in enumerate(values) if math.isinf(v)]
@@ -45,6 +49,52 @@ class SnrSelect(Strict):
         return f"snr of {self.module} {rule}"
 
 
+class _TextSelect(Strict):
+    text: str = Field(description="UTF-8 text file, relative to the recipe's folder; its blank-line separated "
+                                  "paragraphs are the texts the model runs on.")
+    seq_len: int = Field(256, ge=1, description="Tokens per text at most.")
+    max_texts: int = Field(64, ge=1, description="Texts used at most.")
+
+
+class AngularSelect(_TextSelect):
+    """Choose the block of `n` consecutive layers whose input and output residual streams are closest."""
+
+    metric: Literal["angular"] = Field(description="Angular distance between the residual streams entering "
+                                                   "layers l and l+n, at each text's last token.")
+    n: int = Field(ge=1, description="How many consecutive layers to drop.")
+
+    def measure(self, name: str, model: LazyModel, probe: Probe) -> list[float]:
+        """One value per possible block start."""
+        return probe.similarity(model, name, self.text, self.seq_len, self.max_texts).angular(self.n)
+
+    def choose(self, values: list[float]) -> list[int]:
+        start = min(range(len(values)), key=lambda i: (values[i], i))
+        return list(range(start, start + self.n))
+
+    def describe(self) -> str:
+        return f"the smallest angular distance over {self.n} layer(s) on {self.text}"
+
+
+class BiSelect(_TextSelect):
+    """Choose the `count` layers with the lowest block influence."""
+
+    metric: Literal["bi"] = Field(description="Block influence: 1 - mean cos(layer input, layer output).")
+    count: int = Field(ge=1, description="How many layers to drop.")
+
+    def measure(self, name: str, model: LazyModel, probe: Probe) -> list[float]:
+        """One value per layer."""
+        return probe.similarity(model, name, self.text, self.seq_len, self.max_texts).bi
+
+    def choose(self, values: list[float]) -> list[int]:
+        return sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[: self.count])
+
+    def describe(self) -> str:
+        return f"the lowest block influence ({self.count} layer(s)) on {self.text}"
+
+
+Select = Annotated[Union[SnrSelect, AngularSelect, BiSelect], Field(discriminator="metric")]
+
+
 class DropLayers(StepBase):
     """Remove decoder layers by index or range, or those a metric selects; the rest keep their order."""
 
@@ -52,7 +102,7 @@ class DropLayers(StepBase):
     model: Ref = Field(description="The model or step whose layers are dropped.")
     layers: list[LayerSpan] | None = Field(None, min_length=1,
                                            description="Layers to remove: indices and [start, end) ranges.")
-    select: SnrSelect | None = Field(None, description="Instead of `layers`: choose the layers by a metric.")
+    select: Select | None = Field(None, description="Instead of `layers`: choose the layers by a metric.")
 
     @model_validator(mode="after")
     def _layers_or_select(self) -> DropLayers:
@@ -62,6 +112,11 @@ class DropLayers(StepBase):
 
     def references(self) -> list[tuple[Path_, str]]:
         return [(("model",), self.model)]
+
+    def local_paths(self) -> list[tuple[Path_, str]]:
+        if isinstance(self.select, _TextSelect):
+            return [(("select", "text"), self.select.text)]
+        return []
 
 
 class Slice(Strict):
@@ -107,13 +162,13 @@ def drop_layers(step: DropLayers, models: Mapping[str, LazyModel], probe: Probe)
 
 def _selected(step: DropLayers, model: LazyModel, count: int, probe: Probe) -> tuple[set[int], str]:
     """The layers a metric selects, and the card's words for why (with every measured value)."""
-    values = probe.snr(model, step.model, step.select.module)
-    chosen = set(step.select.choose(values))
-    if not chosen or len(chosen) == count:
+    values = step.select.measure(step.model, model, probe)
+    chosen = set(step.select.choose(values)) if values else set()
+    if not chosen or len(chosen) >= count:
         what = "no layer" if not chosen else f"all {count} layers"
         raise PlanError(Problem(f"{step.select.describe()} selects {what} of {step.model!r} "
                                 f"(values: {_values(values)})", path=("select",)))
-    return chosen, f", selected by {step.select.describe()} (per layer: {_values(values)})"
+    return chosen, f", selected by {step.select.describe()} (values: {_values(values)})"
 
 
 def _values(values: list[float]) -> str:

@@ -348,3 +348,18 @@ def test_validate_checks_cached_hub_inputs(hub, tmp_path, capsys):
         """)
     assert main(["validate", str(recipe)]) == 2
     assert "layer 9 is out of range: 'a' has 4 layers" in capsys.readouterr().err
+
+
+def test_a_shared_recipe_may_not_read_local_texts(hub, tmp_path, capsys, monkeypatch):
+    recipe_dir = tmp_path / "shared"
+    recipe_dir.mkdir()
+    (recipe_dir / "recipe.yaml").write_text(
+        "recipe: 1\nmodels: {a: org/tiny}\nsteps:\n"
+        "  - {op: drop_layers, model: a, select: {metric: bi, count: 1, text: /etc/passwd}}\n")
+    (recipe_dir / "config.json").write_text("{}")
+    put_in_cache(hub["cache"], "org/reader", recipe_dir, "6" * 40)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "org/reader", "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("org/reader:recipe.yaml:4:70: steps[0].select.text: '/etc/passwd' is a local file")
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,8 @@ EXPECTED = {
         layers=[("story", i) for i in (0, 1, 2, 5, 6, 7)], base="story", dtype=None),
     "recipes/demo/story-drop-by-snr.yaml": dict(  # v_proj SNR is lowest in layers 4 and 6
         layers=[("story", i) for i in (0, 1, 2, 3, 5, 7)], base="story", dtype=None),
+    "recipes/demo/story-drop-by-angular.yaml": dict(  # inputs of layers 2 and 4 are closest on heldout.txt
+        layers=[("story", i) for i in (0, 1, 4, 5, 6, 7)], base="story", dtype=None),
     "recipes/demo/story-drop-first.yaml": dict(
         layers=[("story", i) for i in range(1, 8)], base="story", dtype=None),
     "recipes/demo/frankenmerge.yaml": dict(

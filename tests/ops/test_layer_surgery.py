@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_drop_layers_selected_by_snr(tmp_path, rule):
     out = load_recipe(recipe).run(tmp_path / "out").out
     assert_layers_from(out, [(path, i) for i in range(5) if i not in expected], path)
     card = (out / "README.md").read_text()
-    assert "selected by snr of self_attn.v_proj" in card and "1: inf" in card.split("per layer:")[1]
+    assert "selected by snr of self_attn.v_proj" in card and "1: inf" in card.split("(values:")[1]
 
 
 def test_a_selector_that_takes_no_layer_is_refused(tmp_path):
@@ -203,3 +204,54 @@ def test_a_selector_that_takes_no_layer_is_refused(tmp_path):
     (problem,) = info.value.problems
     assert problem.path == ("steps", 0, "select") and problem.where.endswith("recipe.yaml:6:13")
     assert problem.message.startswith("snr of self_attn.v_proj infinite selects no layer of 'base' (values: 0: ")
+
+
+@pytest.fixture
+def talking_model(tmp_path):
+    """A tiny Llama with the demo byte-level tokenizer, and a text file of three paragraphs."""
+    demo = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "models" / "llama-a"
+    path = make_model(tmp_path / "talk", layers=5, vocab_size=258, seed=10)
+    shutil.copy(demo / "tokenizer.json", path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "add_bos_token": true}')
+    (tmp_path / "texts.txt").write_text("One small text.\n\nAnother, longer text for the batch.\n\nA third.\n")
+    return path
+
+
+@pytest.mark.parametrize("select", ["{metric: angular, n: 2, text: texts.txt}", "{metric: bi, count: 2, text: texts.txt}"])
+def test_drop_layers_selected_by_activations(talking_model, tmp_path, select):
+    from recipekit.engine.analyze import paragraphs, similarity
+    from recipekit.engine.lazy import LazyModel
+    from recipekit.engine.source import open_model
+
+    measured = similarity(LazyModel.from_source("m", open_model(str(talking_model), base_dir=tmp_path)), "m",
+                          paragraphs((tmp_path / "texts.txt").read_text()))
+    if "angular" in select:
+        distances = measured.angular(2)
+        start = distances.index(min(distances))
+        expected = [start, start + 1]
+    else:
+        expected = sorted(sorted(range(5), key=measured.bi.__getitem__)[:2])
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{m: {talking_model}}}
+        steps:
+          - op: drop_layers
+            model: m
+            select: {select}
+        """)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    assert_layers_from(out, [(talking_model, i) for i in range(5) if i not in expected], talking_model)
+    assert "selected by the" in (out / "README.md").read_text()
+
+
+def test_a_missing_text_is_a_located_error(talking_model, tmp_path):
+    from recipekit.engine import SourceError
+
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{m: {talking_model}}}
+        steps: [{{op: drop_layers, model: m, select: {{metric: bi, count: 1, text: nope.txt}}}}]
+        """)
+    with pytest.raises(SourceError) as info:
+        load_recipe(recipe).plan()
+    assert str(info.value).startswith(f"{tmp_path / 'nope.txt'}: steps[0]: text file not found")
