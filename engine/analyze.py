@@ -14,6 +14,7 @@ import torch
 
 from recipekit.ops.snr import snr
 
+from .capture import LastToken
 from .compute import Evaluator
 from .errors import PlanError
 from .inputs import InputFiles
@@ -67,7 +68,7 @@ def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = Non
 class Similarity:
     """Layer-to-layer similarity of the residual stream over some texts.
 
-    `angular[n][l]` is arccos(cos(x_l, x_{l+n})) / pi at each text's last token, averaged over
+    `angular(n)[l]` is arccos(cos(x_l, x_{l+n})) / pi at each text's last token, averaged over
     texts, where x_l is the residual stream entering layer l (x_L: after the last layer, never a
     post-final-norm state). `bi[i]` is the block influence of layer i: 1 - mean over all tokens of
     cos(input of layer i, output of layer i).
@@ -104,16 +105,15 @@ def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 
     sequences = [tokenizer.encode(t)[:seq_len] for t in texts[:max_texts]]
     forward = StreamedForward(model, device=device, name=name)
     count = len(forward.decoder.layers)
-    last: dict[int, list[torch.Tensor]] = {}
+    last = LastToken(("residual",))
     cos_sum = [0.0] * count
     previous: list[torch.Tensor] = []  # the residual entering the layer before, for every sequence
 
     def observe(a) -> None:
         if a.point != "residual":
             return
+        last(a)
         rows = slice(a.rows.start, a.rows.stop)
-        ends = a.valid.sum(dim=1) - 1
-        last.setdefault(a.layer, []).append(a.tensor[torch.arange(a.tensor.shape[0], device=a.tensor.device), ends])
         if not previous:
             previous.append(torch.empty(len(sequences), *a.tensor.shape[1:], device=a.tensor.device))
         if a.layer > 0:
@@ -123,5 +123,5 @@ def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 
 
     forward.run(sequences, observer=observe, progress=progress)
     tokens = sum(len(s) for s in sequences)
-    return Similarity(count, len(sequences), tokens, {k: torch.cat(v) for k, v in last.items()},
+    return Similarity(count, len(sequences), tokens, {layer: v for (_, layer), v in last.values.items()},
                       [1 - c / tokens for c in cos_sum])
