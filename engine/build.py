@@ -5,9 +5,9 @@ from pathlib import Path
 
 from recipekit.ops.registry import function_for
 
-from .errors import Problem, RecipekitError, SourceError
+from .errors import PlanError, Problem, RecipekitError, SourceError
 from .layers import decoder_of
-from .lazy import LazyModel
+from .lazy import LazyModel, unset_routers
 from .probe import Probe
 from .recipe import Recipe
 from .source import ModelSource, open_model
@@ -42,6 +42,7 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
     results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
     probe = Probe(base_dir)
     model = None
+    unset_since = None  # the step that left routers unset
     for k, step in enumerate(recipe.steps):
         try:
             model = function_for(step)(step, results, probe)
@@ -49,6 +50,12 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
             raise type(e)([_locate(p, ("steps", k), locator) for p in e.problems]) from None
         if step.id is not None:
             results[step.id] = model
+        if unset_since is None and unset_routers(model):
+            unset_since = k
+    if unset_routers(model):
+        path = ("steps", unset_since)
+        raise PlanError(Problem("the routers of this Mixture of Experts are not set: add an init_gates step after it "
+                                "(mode: random, uniform, cheap_embed or hidden)", locator.where(path), path))
     tokenizer = recipe.output.tokenizer
     if tokenizer is not None:
         model = model.evolve(side_files=results[tokenizer].side_files)

@@ -43,3 +43,28 @@ class LastToken:
         if key not in self.values:
             self.values[key] = picked.new_zeros(0, picked.shape[-1])
         self.values[key] = torch.cat([self.values[key], picked])
+
+
+@dataclass
+class MeanToken:
+    """The mean activation over each sequence's real tokens: `values[(point, layer)]` is [B, C].
+
+    With `skip_first`, position 0 (a BOS token, the same in every sequence) is left out of sequences longer than one.
+    """
+
+    points: tuple[str, ...]
+    skip_first: bool = False
+    values: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, a: Activation) -> None:
+        if a.point not in self.points:
+            return
+        used = a.valid.clone()
+        if self.skip_first:
+            used[:, 0] &= a.valid.sum(dim=1) == 1
+        weights = used.to(a.tensor.dtype)[..., None]
+        mean = (a.tensor * weights).sum(dim=1) / weights.sum(dim=1)
+        key = (a.point, a.layer)
+        if key not in self.values:
+            self.values[key] = mean.new_zeros(0, mean.shape[-1])
+        self.values[key] = torch.cat([self.values[key], mean])

@@ -21,6 +21,7 @@ from .architectures import layer_config
 from .card import layer_runs
 from .errors import RecipekitError
 from .hub import parse_hub_ref
+from .lazy import LazyModel
 from .plan import Plan
 from .recipe import recipe_json_schema
 from .sizes import human
@@ -138,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock)
     plan = result.plan
+    _print_messages(plan.model)
     if result.downloaded or result.skipped:
         print(f"recipe: downloaded {human(result.downloaded)} of Hub shards, skipped {human(result.skipped)} "
               f"that the output does not use", file=sys.stderr)
@@ -159,7 +161,7 @@ def _validate(args: argparse.Namespace) -> int:
     what = "recipe"
     if not args.schema_only and not uncached:
         with hub.cache_only():
-            loaded.build()
+            _print_messages(loaded.build())
         what = "recipe and its inputs"
     print(f"{args.recipe}: ok ({what}: {len(loaded.recipe.models)} model(s), {len(loaded.recipe.steps)} step(s))")
     if uncached and not args.schema_only:
@@ -170,6 +172,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     plan = load_recipe(args.recipe).plan()
+    _print_messages(plan.model)
     summary = plan_summary(plan)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -188,6 +191,12 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"output: {human(summary['output_bytes'])}; reads {human(summary['input_bytes_read'])}; "
           f"peak memory about {human(summary['peak_memory'])}")
     return 0
+
+
+def _print_messages(model: LazyModel) -> None:
+    """What the steps want the user to read (inferred choices, warnings), on stderr."""
+    for message in model.messages:
+        print(f"recipe: {message}", file=sys.stderr)
 
 
 def plan_summary(plan: Plan) -> dict:

@@ -8,6 +8,7 @@ has used it.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import threading
 from collections import Counter
@@ -31,7 +32,41 @@ def cast(x: torch.Tensor, *, dtype: str) -> torch.Tensor:
     return x.to(TORCH_DTYPES[dtype])
 
 
-KERNELS: dict[str, Callable[..., torch.Tensor]] = {"cast": cast}
+def _generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by the recipe's seed and a tensor's name: the same bytes on every run."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def randn(*, seed: int, name: str, std: float, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Normal values with standard deviation `std`, seeded by (`seed`, `name`)."""
+    values = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32) * std
+    return values.to(TORCH_DTYPES[dtype])
+
+
+def zeros(*, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.zeros(shape, dtype=TORCH_DTYPES[dtype])
+
+
+def constant(*, data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float32 values computed when the recipe was built (e.g. gates from prompts), in `dtype`."""
+    values = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+    return values.to(TORCH_DTYPES[dtype])
+
+
+def noise(x: torch.Tensor, *, seed: int, name: str, std: float) -> torch.Tensor:
+    """x plus seeded normal noise (computed on the CPU, so the result does not depend on --device)."""
+    added = torch.randn(x.shape, generator=_generator(seed, name), dtype=torch.float32) * std
+    return (x.float() + added.to(x.device)).to(x.dtype)
+
+
+def scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
+    return (x.float() * factor).to(x.dtype)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "cast": cast, "randn": randn, "zeros": zeros, "constant": constant, "noise": noise, "scale": scale,
+}
 
 
 def device_problem(device: str) -> str | None:
@@ -76,6 +111,11 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     if size == 0:
         return memoryview(b"")
     return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A copy of a CPU tensor's raw bytes."""
+    return bytes(_bytes_of(tensor.contiguous()))
 
 
 CAST_CHUNK_BYTES = 8 * 2**20

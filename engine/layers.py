@@ -114,4 +114,6 @@ def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str
         layer_origins=tuple(p.model.layer_origins[p.layer] for p in picks),
         notes=tuple(dict.fromkeys(base.notes + tuple(n for p in picks for n in p.model.notes) + (note,))),
         tags=tuple(dict.fromkeys(base.tags + tuple(t for p in picks for t in p.model.tags) + (tag,))),
+        messages=tuple(dict.fromkeys(base.messages + tuple(m for p in picks for m in p.model.messages))),
+        moe=None,  # its layer indices no longer hold
     )

@@ -50,6 +50,7 @@ class LazyModel:
     the model; `sources` are all inputs it derives from, by recipe name;
     `layer_origins[j]` says where output layer j comes from (`"a:20"`); `notes`
     and `tags` are the model card's lines about the steps and its Hub tags.
+    `messages` are printed when the recipe is planned or run.
     """
 
     config: dict = field(repr=False)
@@ -59,6 +60,8 @@ class LazyModel:
     layer_origins: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    messages: tuple[str, ...] = ()  # what the user should read now (an inferred choice, a warning)
+    moe: MoeInfo | None = None  # set by stack_experts for init_gates; layer surgery drops it
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:
@@ -72,6 +75,40 @@ class LazyModel:
 
     def evolve(self, **changes) -> LazyModel:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ExpertPrompts:
+    """One expert of a stacked MoE: the recipe name of its model and the prompts that should route to it."""
+
+    model: str
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MoeInfo:
+    """What `init_gates` needs to know about a model that `stack_experts` just built.
+
+    `routers[i]` (and `shared_gates[i]`, for a layout with a shared expert) name
+    layer i's router tensors; `base` is the dense model whose hidden states route.
+    """
+
+    layout: str
+    base_name: str
+    base: LazyModel = field(repr=False)
+    experts: tuple[ExpertPrompts, ...]
+    shared: ExpertPrompts | None
+    routers: tuple[str, ...]
+    shared_gates: tuple[str, ...] = ()
+
+
+UNSET_ROUTER = "unset_router"  # the kernel of a router no init_gates step has set; the planner refuses it
+
+
+def unset_routers(model: LazyModel) -> list[str]:
+    """Names of router tensors still waiting for `init_gates`."""
+    return [name for name, node in model.tensors.items() if isinstance(node, Apply) and node.kernel == UNSET_ROUTER]
 
 
 def loads_of(node: Node) -> list[Load]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .lazy import LazyModel
+from .lazy import LazyModel, MoeInfo
 
 if TYPE_CHECKING:
     from .analyze import Similarity
+    from .gates import GateRows
 
 
 class Probe:
@@ -32,3 +33,9 @@ class Probe:
 
         texts = paragraphs(read_text(self.base_dir / Path(text).expanduser()))
         return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts)
+
+    def prompt_gates(self, info: MoeInfo, mode: str, hidden_state: str, token: str) -> GateRows:
+        """Router rows of a stacked MoE from its experts' prompts, through the base model."""
+        from .gates import prompt_gates
+
+        return prompt_gates(info, mode, hidden_state=hidden_state, token=token)

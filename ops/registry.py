@@ -10,7 +10,7 @@ from recipekit.engine.lazy import LazyModel
 from recipekit.engine.probe import Probe
 from recipekit.engine.schema import StepBase
 
-from . import layer_surgery
+from . import layer_surgery, moe
 
 # (parameters, models and earlier results by name, the engine's measurements) -> the step's result
 OpFunction = Callable[[StepBase, Mapping[str, LazyModel], Probe], LazyModel]
@@ -37,6 +37,8 @@ def _register(entries: list[tuple[type[StepBase], OpFunction]]) -> dict[str, tup
 OPS = _register([
     (layer_surgery.DropLayers, layer_surgery.drop_layers),
     (layer_surgery.SliceLayers, layer_surgery.slice_layers),
+    (moe.StackExperts, moe.stack_experts),
+    (moe.InitGates, moe.init_gates),
 ])
 
 Step = Annotated[Union[tuple(params for params, _ in OPS.values())], Field(discriminator="op")]

@@ -104,3 +104,21 @@ def assert_layers_from(out: Path, origins: list[tuple[Path, int]], base: Path, d
         want = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         assert got[name].dtype == want.dtype, name
         assert torch.equal(got[name], want), name
+
+
+def add_char_tokenizer(path: Path, vocab_size: int = 96) -> Path:
+    """Give a tiny model a character-level `tokenizer.json` (BOS `<s>` = 0, `<unk>` = 1, then printable
+    characters), as `recipe eval` and prompt gates need one."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"][: vocab_size - 2]
+    vocab = {"<s>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "unk_token": "<unk>",
+         "add_bos_token": True}))
+    return path
