@@ -18,9 +18,10 @@ from .architectures import layer_config
 from .build import build
 from .card import render_card
 from .execute import RunResult, check_output, write_model
-from .errors import PlanError, Problem, RecipeError
+from .errors import PlanError, Problem, RecipeError, RecipekitError
 from .layers import decoder_of
 from . import hub
+from .foreign import MappedLocator, Translation, detect, translate
 from .lazy import LazyModel, loads_of
 from .lock import lock_bytes, lock_problems, make_lock, read_lock
 from .plan import Plan, make_plan
@@ -42,7 +43,12 @@ class LoadedRecipe:
 
     def build(self) -> LazyModel:
         """The output as a lazy graph (reads configs and safetensors headers only)."""
-        return build(self.recipe, self.locator, self.base_dir, self.hub_only)
+        try:
+            return build(self.recipe, self.locator, self.base_dir, self.hub_only)
+        except RecipekitError as e:
+            if isinstance(self.locator, MappedLocator):  # a foreign config: name its fields, not the recipe's
+                raise self.locator.problems(e) from None
+            raise
 
     def plan(self) -> Plan:
         """Every output tensor, shard and offset, and the memory estimate; raises `PlanError`."""
@@ -85,7 +91,33 @@ def load_recipe(source: str | Path | dict[str, Any], *, base_dir: str | Path | N
         path = Path(source)
         data, locator, text = read_recipe_text(path)
         folder = Path(base_dir).resolve() if base_dir else path.resolve().parent
+    if detect(data) is not None:
+        translation = translate(data, locator)
+        data, locator, text = translation.data, translation.locator, translation_text(translation)
+        try:
+            return LoadedRecipe(parse_recipe(data, locator), text, folder, locator)
+        except RecipeError as e:
+            raise locator.problems(e) from None
     return LoadedRecipe(parse_recipe(data, locator), text, folder, locator)
+
+
+def convert(path: str | Path) -> str:
+    """The recipe equivalent to a foreign config file (a mergekit-moe config), as YAML text."""
+    path = Path(path)
+    data, locator, _ = read_recipe_text(path)
+    if detect(data) is None:
+        what = "already a recipekit recipe" if isinstance(data, dict) and "recipe" in data else \
+            "not a config recipekit can convert (it reads mergekit-moe configs)"
+        raise RecipeError(Problem(what, str(path)))
+    loaded = load_recipe(path)  # validates the translation, located in the config
+    return loaded.text
+
+
+def translation_text(translation: Translation) -> str:
+    """The recipe text of a translated config: what `recipe convert` prints and the output's recipe.yaml."""
+    source = Path(translation.locator.filename).name or "a config"
+    return (f"# recipekit recipe translated from the {translation.format} config {source}\n"
+            f"# (relative model paths are relative to this file's folder)\n{translation.text}")
 
 
 def load_shared_recipe(ref: str, *, allow_local_paths: bool = False) -> tuple[LoadedRecipe, Path | None]:

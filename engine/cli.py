@@ -16,7 +16,7 @@ from pathlib import Path
 # This process uses no pydantic plugins; looking for them costs ~30 ms of every command.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from .api import check_device, inspect_model, load_recipe, load_shared_recipe, model_or_recipe
+from .api import check_device, convert, inspect_model, load_recipe, load_shared_recipe, model_or_recipe
 from .architectures import layer_config
 from .card import layer_runs
 from .errors import RecipekitError
@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     analyze.set_defaults(handler=_analyze)
 
+    convert = sub.add_parser("convert", help="print the recipe equivalent to a mergekit-moe config")
+    convert.add_argument("config", type=Path, metavar="CONFIG", help="a mergekit-moe YAML config")
+    convert.set_defaults(handler=_convert)
+
     show = sub.add_parser("show", help="print the recipe shared in a Hub model repo, with its locked inputs")
     show.add_argument("ref", metavar="ORG/NAME[@REV]")
     show.set_defaults(handler=_show)
@@ -147,6 +151,11 @@ def _run(args: argparse.Namespace) -> int:
                        for name, source in plan.model.sources)
     print(f"recipe: layers {inputs} -> {len(plan.model.layer_origins)}; wrote {human(result.bytes_written)} in "
           f"{result.shards} shard(s) to {result.out} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    print(convert(args.config), end="")
     return 0
 
 

@@ -44,6 +44,12 @@ def randn(*, seed: int, name: str, std: float, dtype: str, shape: tuple[int, ...
     return values.to(TORCH_DTYPES[dtype])
 
 
+def uniform(*, seed: int, name: str, bound: float, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform values in [-bound, bound), seeded by (`seed`, `name`)."""
+    values = torch.rand(shape, generator=_generator(seed, name), dtype=torch.float32) * (2 * bound) - bound
+    return values.to(TORCH_DTYPES[dtype])
+
+
 def zeros(*, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.zeros(shape, dtype=TORCH_DTYPES[dtype])
 
@@ -65,7 +71,7 @@ def scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "cast": cast, "randn": randn, "zeros": zeros, "constant": constant, "noise": noise, "scale": scale,
+    "cast": cast, "randn": randn, "uniform": uniform, "zeros": zeros, "constant": constant, "noise": noise, "scale": scale,
 }
 
 

@@ -32,6 +32,15 @@ def format_path(path: Path_) -> str:
     return out
 
 
+def in_file_order(problems: list[Problem]) -> list[Problem]:
+    """Problems sorted by their `file:line:col` (unlocated ones first), as the user reads the file."""
+    def position(problem: Problem) -> tuple[int, int]:
+        parts = (problem.where or "").rsplit(":", 2)
+        return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() \
+            else (0, 0)
+    return sorted(problems, key=position)
+
+
 class RecipekitError(Exception):
     """Base of the errors caused by user input; `problems` holds each complaint."""
 

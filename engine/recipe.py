@@ -14,7 +14,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from recipekit.ops.registry import OPS, Step
 
-from .errors import Path_, Problem, RecipeError
+from .errors import Path_, Problem, RecipeError, in_file_order
 from .schema import NAME_PATTERN, Name, Ref, StepBase, Strict
 from .sizes import parse_size
 from .yamlsource import Locator
@@ -71,7 +71,7 @@ def parse_recipe(data: Any, locator: Locator) -> Recipe:
         output = data.get("output") if isinstance(data.get("output"), dict) else {}
         tokenizer = output.get("tokenizer") if isinstance(output.get("tokenizer"), str) else None
         problems += check_references(list(models), [_valid_step(s) for s in steps], tokenizer, locator)
-        raise RecipeError(sorted(problems, key=lambda p: _position(p.where))) from None
+        raise RecipeError(in_file_order(problems)) from None
     problems = check_references(list(recipe.models), recipe.steps, recipe.output.tokenizer, locator)
     if problems:
         raise RecipeError(problems)
@@ -97,12 +97,6 @@ def _valid_step(data: Any) -> StepBase | _InvalidStep:
     except ValidationError:
         step_id = data.get("id") if isinstance(data, dict) else None
         return _InvalidStep(step_id if isinstance(step_id, str) else None)
-
-
-def _position(where: str | None) -> tuple[int, int]:
-    """`file:12:5` -> (12, 5), for listing problems in file order."""
-    parts = (where or "").rsplit(":", 2)
-    return (int(parts[1]), int(parts[2])) if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else (0, 0)
 
 
 def check_references(models: list[str], steps: list[StepBase | _InvalidStep], tokenizer: str | None,

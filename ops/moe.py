@@ -229,11 +229,12 @@ class InitGates(StepBase):
 
     op: Literal["init_gates"] = Field(description="Initialise the router (gate) weights of a stacked MoE.")
     model: Ref = Field(description="The stack_experts step whose routers are set.")
-    mode: Literal["random", "uniform", "cheap_embed", "hidden"] = Field(description=(
-        "random: seeded normal values; uniform: all zero (equal routing probabilities; top-k ties go to the "
+    mode: Literal["random", "uniform_random", "uniform", "cheap_embed", "hidden"] = Field(description=(
+        "random: seeded normal values (std); uniform_random: seeded uniform values in +-1/sqrt(hidden size), as "
+        "torch.nn.Linear initialises; uniform: all zero (equal routing probabilities; top-k ties go to the "
         "lowest-numbered experts); cheap_embed: from the token embeddings of each expert's prompts, the same in "
         "every layer; hidden: from the base model's hidden states over each expert's prompts, per layer."))
-    seed: int = Field(0, ge=0, description="Seed of random gates.")
+    seed: int = Field(0, ge=0, description="Seed of random and uniform_random gates.")
     std: float = Field(1.0, gt=0, description="Standard deviation of random gates.")
     hidden_state: Literal["router_input", "residual"] = Field("router_input", description=(
         "hidden: router_input is what the router sees (the post-attention normed state of the layer); residual "
@@ -271,10 +272,11 @@ def init_gates(step: InitGates, models: Mapping[str, LazyModel], probe: Probe) -
     else:
         for name in info.routers + info.shared_gates:
             node = tensors[name]
-            if step.mode == "random":
-                params = (("seed", step.seed), ("name", name), ("std", step.std), ("dtype", node.dtype),
-                          ("shape", node.shape))
-                tensors[name] = Apply("randn", (), params, node.dtype, node.shape)
+            if step.mode in ("random", "uniform_random"):
+                spread = ("std", step.std) if step.mode == "random" else ("bound", node.shape[1] ** -0.5)
+                params = (("seed", step.seed), ("name", name), spread, ("dtype", node.dtype), ("shape", node.shape))
+                tensors[name] = Apply("randn" if step.mode == "random" else "uniform", (), params, node.dtype,
+                                      node.shape)
             else:
                 tensors[name] = Apply("zeros", (), (("dtype", node.dtype), ("shape", node.shape)),
                                       node.dtype, node.shape)
@@ -282,7 +284,8 @@ def init_gates(step: InitGates, models: Mapping[str, LazyModel], probe: Probe) -
             messages.append(f"init_gates: uniform: every router weight is zero, so each of the {len(info.experts)} "
                             "experts gets probability 1/n and top-k ties go to the lowest-numbered experts "
                             "(meant for training afterwards)")
-        how = f"random (seed {step.seed}, std {step.std:g})" if step.mode == "random" else "uniform (all zero)"
+        how = {"random": f"random (seed {step.seed}, std {step.std:g})",
+               "uniform_random": f"uniform_random (seed {step.seed})", "uniform": "uniform (all zero)"}[step.mode]
     return model.evolve(
         tensors=tensors,
         notes=model.notes + (f"init_gates: routers of {len(info.routers)} layers set by {how}",),

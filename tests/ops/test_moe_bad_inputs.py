@@ -133,9 +133,9 @@ CASES = {
             op: stack_experts
             base: a
             experts: [{model: a}, {model: b}]
-          - {op: init_gates, model: moe, mode: uniform_random}
+          - {op: init_gates, model: moe, mode: kaiming}
         """,
-        [line("mode: ^uniform_random", "steps[1].mode", "random", "cheap_embed")]),
+        [line("mode: ^kaiming", "steps[1].mode", "random", "cheap_embed")]),
 }
 
 
