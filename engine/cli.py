@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -106,8 +107,25 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--module", action="append", metavar="NAME",
                          help="a module such as self_attn.v_proj (repeatable; default: all projections)")
     analyze.add_argument("--json", action="store_true", help="machine-readable output")
+    analyze.add_argument("--plot", type=Path, metavar="FILE.png",
+                         help="also draw the table: a layer x module heatmap (snr) or a curve over layers "
+                              "(needs matplotlib: pip install 'recipekit[plot]')")
     analyze.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     analyze.set_defaults(handler=_analyze)
+
+    routing = sub.add_parser("analyze-routing",
+                             help="share of tokens each expert of a Mixture of Experts receives, per layer")
+    routing.add_argument("model", type=Path, metavar="MODEL", help="an MoE model directory or a recipe file")
+    routing.add_argument("--text", type=Path, required=True, metavar="FILE",
+                         help="texts to route: the file's blank-line separated paragraphs")
+    routing.add_argument("--seq-len", type=_positive, default=256, help="tokens per text at most (default 256)")
+    routing.add_argument("--max-texts", type=_positive, default=64, help="texts used at most (default 64)")
+    routing.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    routing.add_argument("--json", action="store_true", help="machine-readable output")
+    routing.add_argument("--plot", type=Path, metavar="FILE.png",
+                         help="also draw a layer x expert heatmap (needs matplotlib: pip install 'recipekit[plot]')")
+    routing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    routing.set_defaults(handler=_analyze_routing)
 
     convert = sub.add_parser("convert", help="print the recipe equivalent to a mergekit-moe config")
     convert.add_argument("config", type=Path, metavar="CONFIG", help="a mergekit-moe YAML config")
@@ -248,15 +266,23 @@ def _analyze(args: argparse.Namespace) -> int:
 
     rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()),
                      progress=not args.quiet and sys.stderr.isatty())
-    if args.json:
-        print(json.dumps({"model": str(args.model), "metric": "snr", "rows": [r.to_dict() for r in rows]}, indent=2))
-        return 0
     modules = list(dict.fromkeys(r.module for r in rows))
-    print("SNR (random-matrix signal/noise; inf = no singular value at or below the noise edge)")
-    print("layer  " + "  ".join(f"{m:>16}" for m in modules))
     by_layer: dict[int, dict[str, float]] = {}
     for r in rows:
         by_layer.setdefault(r.layer, {})[r.module] = r.snr
+    if args.plot:
+        from .plot import heatmap
+
+        # infinite SNR is drawn at the largest finite value, so the colour scale stays readable
+        finite = [v for values in by_layer.values() for v in values.values() if math.isfinite(v)] or [0.0]
+        grid = [[min(values[m], max(finite)) for m in modules] for values in by_layer.values()]
+        heatmap(args.plot, grid, rows=[str(layer) for layer in by_layer], columns=modules,
+                title=f"SNR of {args.model}", xlabel="module", ylabel="layer", colorbar="SNR (inf drawn at max)")
+    if args.json:
+        print(json.dumps({"model": str(args.model), "metric": "snr", "rows": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    print("SNR (random-matrix signal/noise; inf = no singular value at or below the noise edge)")
+    print("layer  " + "  ".join(f"{m:>16}" for m in modules))
     for layer, values in by_layer.items():
         print(f"{layer:>5}  " + "  ".join(f"{values[m]:>16.4g}" for m in modules))
     return 0
@@ -281,6 +307,13 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
     else:
         rows = [{"layer": i, "bi": v} for i, v in enumerate(result.bi)]
         header = f"block influence 1 - cos(layer input, layer output) over {result.tokens} tokens of {result.texts} texts"
+    if args.plot:
+        from .plot import curve
+
+        xs = [row.get("start", row.get("layer")) for row in rows]
+        ys = [row.get("distance", row.get("bi")) for row in rows]
+        curve(args.plot, xs, ys, title=f"{args.metric} of {args.model}", ylabel=args.metric,
+              xlabel="first layer of the block" if args.metric == "angular" else "layer")
     if args.json:
         print(json.dumps({"model": str(args.model), "metric": args.metric, "texts": result.texts,
                           "tokens": result.tokens, "rows": rows}, indent=2))
@@ -289,6 +322,35 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
     for row in rows:
         label = f"{row['start']:>3}-{row['end'] - 1:<3}" if "start" in row else f"{row['layer']:>7}"
         print(f"{label}  {row.get('distance', row.get('bi')):.4f}")
+    return 0
+
+
+def _analyze_routing(args: argparse.Namespace) -> int:
+    from .analyze import paragraphs
+    from .perplexity import read_text
+    from .routing import routing
+
+    check_device(args.device)
+    model = model_or_recipe(args.model)
+    result = routing(model, str(args.model), paragraphs(read_text(args.text)), seq_len=args.seq_len,
+                     max_texts=args.max_texts, device=args.device, progress=not args.quiet and sys.stderr.isatty())
+    shares = result.shares()
+    if args.plot:
+        from .plot import heatmap
+
+        heatmap(args.plot, shares, rows=[str(layer) for layer in result.layers],
+                columns=[str(e) for e in range(result.experts)], title=f"routing of {args.model}",
+                xlabel="expert", ylabel="layer", colorbar="share of routing slots")
+    if args.json:
+        print(json.dumps({"model": str(args.model), **result.to_dict()}, indent=2))
+        return 0
+    print(f"share of routing slots per expert (top-{result.experts_per_token} of {result.experts}, "
+          f"{result.tokens} tokens of {result.texts} texts; a fair share is {100 / result.experts:.1f}%)")
+    print("layer  " + " ".join(f"{e:>6}" for e in range(result.experts)))
+    for layer, row in zip(result.layers, shares):
+        print(f"{layer:>5}  " + " ".join(f"{100 * v:>5.1f}%" for v in row))
+    for warning in result.warnings():
+        print(f"recipe: warning: {warning}", file=sys.stderr)
     return 0
 
 

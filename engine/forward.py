@@ -20,11 +20,11 @@ from .inputs import InputFiles
 from .layers import decoder_of
 from .lazy import LazyModel, Node
 from .progress import progress_bar
-from .llama import LlamaSpec, attention_mask, decoder_layer, rms_norm, rope_tables
+from .llama import MOE_BLOCKS, LlamaSpec, attention_mask, decoder_layer, rms_norm, rope_tables
 
 LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
+DENSE_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 # attention scores of one micro-batch stay below this many floats (256 MB)
 SCORE_BUDGET = 2**26
 
@@ -33,7 +33,8 @@ SCORE_BUDGET = 2**26
 class Activation:
     """What an observer sees: `tensor` [b, T, C] for sequences `rows` of the pass; `valid` [b, T] marks real tokens.
 
-    `point` is `residual`, `attn_in`, `mlp_in`, `down_in`, `down_out` (of decoder layer `layer`; `residual`
+    `point` is `residual`, `attn_in`, `mlp_in`, `down_in`, `down_out`, `router` (MoE layers: router
+    logits; they have no `down_in`/`down_out`) (of decoder layer `layer`; `residual`
     of layer = number of layers is the stream after the last layer, before the final norm) or `final` (after
     the final norm, `layer` = number of layers).
     """
@@ -61,8 +62,10 @@ class StreamedForward:
         self.norm_name = f"{root}norm.weight"
         self.head_name = "lm_head.weight" if "lm_head.weight" in model.tensors else self.embed_name
         missing = [n for n in (self.embed_name, self.norm_name) if n not in model.tensors]
+        router = MOE_BLOCKS.get(self.spec.model_type, ("",))[0]
         for i, layer in enumerate(self.decoder.layers):
-            missing += [f"{self.decoder.prefix}.{i}.{rest}" for rest in LAYER_TENSORS if rest not in layer]
+            mlp = () if router in layer else DENSE_MLP  # an MoE layer, or a dense one
+            missing += [f"{self.decoder.prefix}.{i}.{rest}" for rest in LAYER_TENSORS + mlp if rest not in layer]
         if missing:
             raise PlanError(f"the model lacks tensors the forward needs: {', '.join(missing[:4])}"
                             + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))

@@ -1,4 +1,5 @@
-"""The Llama family's forward math (Llama, Mistral, Qwen2, Qwen3), as pure functions of tensors.
+"""The Llama family's forward math (Llama, Mistral, Qwen2, Qwen3 and their MoE forms Mixtral, Qwen2-MoE,
+Qwen3-MoE), as pure functions of tensors.
 
 `LlamaSpec` reads what the math needs from a config dict; `decoder_layer`
 runs one layer on a micro-batch given that layer's weights (by the name
@@ -16,7 +17,13 @@ import torch.nn.functional as F
 from .architectures import layer_config, materialise
 from .errors import PlanError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+# where a MoE layer keeps its router and experts, per family: (router, experts prefix, expert tensor names)
+MOE_BLOCKS = {
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts", ("w1", "w3", "w2")),
+    "qwen2_moe": ("mlp.gate.weight", "mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -32,6 +39,8 @@ class LlamaSpec:
     sliding: tuple[int | None, ...]  # per layer: the window, or None for full attention
     rope_theta: float
     rope: dict
+    experts_per_token: int = 0  # MoE: top-k
+    norm_topk: bool = False  # MoE: renormalise the top-k routing weights
 
     @classmethod
     def from_config(cls, config: dict) -> LlamaSpec:
@@ -51,9 +60,9 @@ class LlamaSpec:
             raise PlanError(f"RoPE type {rope_type!r} is not supported by the streamed forward "
                             f"(supported: {', '.join(ROPE_TYPES)})")
         window = c.get("sliding_window")
-        if model_type == "mistral":
+        if model_type == "mistral" or (model_type == "mixtral" and window):
             sliding = tuple(window for _ in range(layers))
-        elif model_type in ("qwen2", "qwen3") and isinstance(c.get("layer_types"), list):
+        elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and isinstance(c.get("layer_types"), list):
             sliding = tuple(window if t == "sliding_attention" else None for t in c["layer_types"])
         else:
             sliding = tuple(None for _ in range(layers))
@@ -66,6 +75,8 @@ class LlamaSpec:
             sliding=sliding,
             rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
             rope={**rope, "rope_type": rope_type},
+            experts_per_token=int(c.get("num_experts_per_tok") or 0) if model_type in MOE_BLOCKS else 0,
+            norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
         )
 
     def inv_freq(self) -> torch.Tensor:
@@ -152,8 +163,38 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
     hidden = hidden + _linear(attended, weights, "self_attn.o_proj")
     x = rms_norm(hidden, weights["post_attention_layernorm.weight"], spec.eps)
     observe("mlp_in", x)
+    if spec.model_type in MOE_BLOCKS and MOE_BLOCKS[spec.model_type][0] in weights:
+        return hidden + _moe_block(spec, weights, x, observe)
     gated = F.silu(_linear(x, weights, "mlp.gate_proj")) * _linear(x, weights, "mlp.up_proj")
     observe("down_in", gated)
     down = _linear(gated, weights, "mlp.down_proj")
     observe("down_out", down)
     return hidden + down
+
+
+def _moe_block(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor, observe: Observe) -> torch.Tensor:
+    """A sparse MoE MLP: softmax router, top-k experts (weights renormalised when `norm_topk`), plus Qwen2-MoE's
+    sigmoid-gated shared expert. Observers see `router` (the router logits, [b, T, experts])."""
+    router, prefix, (gate, up, down) = MOE_BLOCKS[spec.model_type]
+    logits = F.linear(x, weights[router])
+    observe("router", logits)
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, chosen = probs.topk(spec.experts_per_token, dim=-1)
+    if spec.norm_topk:
+        top = top / top.sum(dim=-1, keepdim=True)
+    flat, out = x.reshape(-1, x.shape[-1]), torch.zeros_like(x).reshape(-1, x.shape[-1])
+    chosen, top = chosen.reshape(flat.shape[0], -1), top.reshape(flat.shape[0], -1).to(x.dtype)
+    for e in range(logits.shape[-1]):
+        tokens, slot = torch.where(chosen == e)
+        if tokens.numel():
+            name = f"{prefix}.{e}"
+            part = flat[tokens]
+            y = _linear(F.silu(_linear(part, weights, f"{name}.{gate}")) * _linear(part, weights, f"{name}.{up}"),
+                        weights, f"{name}.{down}")
+            out.index_add_(0, tokens, y * top[tokens, slot, None])
+    out = out.reshape(x.shape)
+    if "mlp.shared_expert_gate.weight" in weights:
+        shared = _linear(F.silu(_linear(x, weights, "mlp.shared_expert.gate_proj"))
+                         * _linear(x, weights, "mlp.shared_expert.up_proj"), weights, "mlp.shared_expert.down_proj")
+        out = out + torch.sigmoid(_linear(x, weights, "mlp.shared_expert_gate")) * shared
+    return out

@@ -231,8 +231,8 @@ class InitGates(StepBase):
     model: Ref = Field(description="The stack_experts step whose routers are set.")
     mode: Literal["random", "uniform_random", "uniform", "cheap_embed", "hidden"] = Field(description=(
         "random: seeded normal values (std); uniform_random: seeded uniform values in +-1/sqrt(hidden size), as "
-        "torch.nn.Linear initialises; uniform: all zero (equal routing probabilities; top-k ties go to the "
-        "lowest-numbered experts); cheap_embed: from the token embeddings of each expert's prompts, the same in "
+        "torch.nn.Linear initialises; uniform: all zero (equal routing probabilities; which k experts win the "
+        "tie is up to the inference kernel, the same ones for every token); cheap_embed: from the token embeddings of each expert's prompts, the same in "
         "every layer; hidden: from the base model's hidden states over each expert's prompts, per layer."))
     seed: int = Field(0, ge=0, description="Seed of random and uniform_random gates.")
     std: float = Field(1.0, gt=0, description="Standard deviation of random gates.")
@@ -282,8 +282,8 @@ def init_gates(step: InitGates, models: Mapping[str, LazyModel], probe: Probe) -
                                       node.dtype, node.shape)
         if step.mode == "uniform":
             messages.append(f"init_gates: uniform: every router weight is zero, so each of the {len(info.experts)} "
-                            "experts gets probability 1/n and top-k ties go to the lowest-numbered experts "
-                            "(meant for training afterwards)")
+                            "experts gets probability 1/n and the same k experts win the tie for every token "
+                            "(which ones is up to the inference kernel): meant for training afterwards")
         how = {"random": f"random (seed {step.seed}, std {step.std:g})",
                "uniform_random": f"uniform_random (seed {step.seed})", "uniform": "uniform (all zero)"}[step.mode]
     return model.evolve(

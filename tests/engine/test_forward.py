@@ -24,6 +24,13 @@ FAMILIES = {
     "mistral-sliding": ("mistral", {"sliding_window": 3}),
     "qwen2-bias-sliding": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     "qwen3-qk-norm": ("qwen3", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2}),
+    "mixtral-top2": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2-moe-shared-expert": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                              "shared_expert_intermediate_size": 40, "norm_topk_prob": False}),
+    "qwen2-moe-dense-layers": ("qwen2_moe", {"num_experts": 3, "num_experts_per_tok": 1, "moe_intermediate_size": 48,
+                                             "decoder_sparse_step": 2, "mlp_only_layers": [2]}),
+    "qwen3-moe-normalised": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                                           "norm_topk_prob": True}),
 }
 
 
@@ -84,7 +91,7 @@ def test_weights_held_do_not_grow_with_depth(tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     path = make_model(tmp_path / "g", family="gemma2", layers=2)
-    with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3; this model is 'gemma2'"):
+    with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe; this model is 'gemma2'"):
         StreamedForward(lazy(path))
 
 

@@ -108,7 +108,7 @@ def test_eval_bad_inputs(with_tokenizer, tmp_path, capsys):
     assert _eval_error(capsys, with_tokenizer, "--text", tmp_path / "nope.txt") == f"{tmp_path / 'nope.txt'}: text file not found"
     assert _eval_error(capsys, no_tokenizer, "--text", text, "--seq-len", "32") == (
         f"{no_tokenizer}: model '{no_tokenizer}' has no tokenizer.json (needed to turn text into tokens)")
-    assert "supports model types llama, mistral, qwen2, qwen3; this model is 'gemma2'" in _eval_error(
+    assert "supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe; this model is 'gemma2'" in _eval_error(
         capsys, gemma, "--text", text, "--seq-len", "32")
     assert "longer than --seq-len" in _eval_error(capsys, with_tokenizer, "--text", text, "--seq-len", "32",
                                                   "--stride", "64")
