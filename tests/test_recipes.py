@@ -9,7 +9,7 @@ import torch
 
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
-from tests.tiny import assert_layers_from, load_causal_lm, read_config
+from tests.tiny import assert_layers_from, load_causal_lm, read_config, tensors_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "models" not in p.relative_to(ROOT).parts)
@@ -30,6 +30,16 @@ EXPECTED = {
         layers=[("a", i) for i in range(4)] + [("b", i) for i in range(3, 8)] + [("b", 7)],
         base="a", dtype=torch.float16),
 }
+# Mixture-of-Experts recipes: expert k is the MLPs of `experts[k]` (close to them for `noisy` ones), everything
+# else is `base`'s; with `dense`, the logits equal that dense model's.
+EXPECTED_MOE = {
+    "recipes/demo/story-upcycle.yaml": dict(base="story", experts=["story"] * 4, dtype=None, noisy=(),
+                                            dense="story"),
+    "recipes/demo/moe-from-prompts.yaml": dict(base="a", experts=["a", "b"], dtype=torch.bfloat16, noisy=(),
+                                               dense=None),
+    "recipes/demo/mergekit-moe-config.yaml": dict(base="base", experts=["base", "llama-b", "llama-b"],
+                                                  dtype=torch.bfloat16, noisy=(2,), dense=None),
+}
 
 
 def test_recipes_are_found():
@@ -39,14 +49,17 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     key = str(path.relative_to(ROOT))
-    assert key in EXPECTED, f"add what {key} must produce to EXPECTED"
-    want = EXPECTED[key]
+    assert key in EXPECTED or key in EXPECTED_MOE, f"add what {key} must produce to EXPECTED or EXPECTED_MOE"
     assert main(["validate", str(path)]) == 0
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out), "-q"]) == 0
     assert f"to {out}" in capsys.readouterr().out
-
     models = {name: (path.parent / ref).resolve() for name, ref in load_recipe(path).recipe.models.items()}
+    assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
+    if key in EXPECTED_MOE:
+        assert_moe(out, models, EXPECTED_MOE[key])
+        return
+    want = EXPECTED[key]
     assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"])
     model = load_causal_lm(out)
     assert model.config.num_hidden_layers == len(want["layers"]) == read_config(out)["num_hidden_layers"]
@@ -54,4 +67,34 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
     assert (out / "recipe.yaml").read_text() == path.read_text()
-    assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
+
+
+def assert_moe(out: Path, models: dict[str, Path], want: dict) -> None:
+    got = tensors_of(out)
+    config = read_config(out)
+    count = len(want["experts"])
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == count
+    cast = (lambda t: t.to(want["dtype"])) if want["dtype"] is not None else (lambda t: t)
+    expected = {name: cast(t) for name, t in tensors_of(models[want["base"]]).items() if ".mlp." not in name}
+    for k, expert in enumerate(want["experts"]):
+        for name, tensor in tensors_of(models[expert]).items():
+            if ".mlp." in name:
+                prefix, proj = name.split(".mlp.")
+                w = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}[proj.split(".")[0]]
+                expected[f"{prefix}.block_sparse_moe.experts.{k}.{w}.weight"] = cast(tensor)
+    routers = sorted(n for n in got if n.endswith("block_sparse_moe.gate.weight"))
+    assert len(routers) == config["num_hidden_layers"]
+    assert sorted(set(got) - set(routers)) == sorted(expected)
+    for name, tensor in expected.items():
+        if any(f"experts.{k}." in name for k in want["noisy"]):
+            assert (got[name].float() - tensor.float()).abs().max() < 0.02, name
+        else:
+            assert torch.equal(got[name], tensor), name
+    assert all(got[n].shape == (count, config["hidden_size"]) and got[n].abs().sum() > 0 for n in routers)
+    ids = torch.tensor([[1, 2, 3, 4, 50, 60]])
+    with torch.no_grad():
+        logits = load_causal_lm(out)(ids).logits
+        assert torch.isfinite(logits).all()
+        if want["dense"] is not None:
+            dense = load_causal_lm(models[want["dense"]])(ids).logits
+            assert torch.allclose(logits, dense, atol=1e-5, rtol=0)
