@@ -91,6 +91,16 @@ def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
     return tensor
 
 
+def read_rows(info: TensorInfo, fd: int, rows: list[int]) -> torch.Tensor:
+    """Rows of a 2-D input tensor (e.g. the embeddings of some tokens), reading only their bytes."""
+    width = info.shape[1]
+    out = torch.empty((len(rows), width), dtype=TORCH_DTYPES[info.dtype])
+    view, row_bytes = _bytes_of(out), width * out.element_size()
+    for k, row in enumerate(rows):
+        _read_into(view[k * row_bytes:(k + 1) * row_bytes], fd, info.offset + row * row_bytes, info)
+    return out
+
+
 def write_tensor(tensor: torch.Tensor, fd: int, offset: int) -> None:
     """Write a tensor's raw little-endian bytes at `offset`, without a copy on the CPU."""
     _write_from(_bytes_of(tensor.detach().contiguous().cpu()), fd, offset)

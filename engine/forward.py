@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .compute import Evaluator
+from .compute import Evaluator, cast, read_rows
 from .errors import PlanError
 from .inputs import InputFiles
 from .layers import decoder_of
-from .lazy import LazyModel, Node
+from .lazy import LazyModel, Load, Node, cast_source
 from .progress import progress_bar
 from .llama import MOE_BLOCKS, LlamaSpec, attention_mask, decoder_layer, rms_norm, rope_tables
 
@@ -92,14 +92,7 @@ class StreamedForward:
         count = len(self.decoder.layers)
 
         with InputFiles() as files, ThreadPoolExecutor(max_workers=1) as reader:
-            embed = self._read({"embed": self.model.tensors[self.embed_name]}, files)
-            vocab = embed["embed"].shape[0]
-            if int(ids.max()) >= vocab:
-                raise PlanError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}: "
-                                "is the tokenizer the model's own?")
-            hidden = embed["embed"][ids]
-            self._release(embed)
-            del embed
+            hidden = self.embed(ids, files)
             pending = reader.submit(self._read_layer, 0, files)
             bar = progress_bar(count, progress, unit="layer", desc="forward")
             for i in range(count):
@@ -128,6 +121,26 @@ class StreamedForward:
             self._release(norm)
         observe(Activation("final", count, final, valid, range(len(sequences))))
         return final, valid
+
+    def embed(self, ids: torch.Tensor, files: InputFiles) -> torch.Tensor:
+        """Token embeddings of `ids` (any shape) in float32 on the device; reads only the rows used when the
+        embedding is an input tensor (a 150k-token vocabulary costs nothing for a few prompts)."""
+        node = self.model.tensors[self.embed_name]
+        vocab = node.shape[0]
+        if int(ids.max()) >= vocab:
+            raise PlanError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}: "
+                            "is the tokenizer the model's own?")
+        source = node if isinstance(node, Load) else cast_source(node)
+        if source is None:  # computed embeddings: evaluate them whole
+            table = self._read({"embed": node}, files)
+            rows = table["embed"][ids]
+            self._release(table)
+            return rows
+        used, where = torch.unique(ids.cpu(), return_inverse=True)
+        rows = read_rows(source.tensor, files.fd(source.tensor), used.tolist())
+        if node is not source:  # a dtype cast: round the rows as the whole tensor would be
+            rows = cast(rows, dtype=node.dtype)
+        return rows.to(device=self.device, dtype=torch.float32)[where.to(self.device)]
 
     def lm_head(self) -> torch.Tensor:
         """The output projection [vocab, C] in float32 (the embedding when tied)."""

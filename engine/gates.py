@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import LastToken, MeanToken
-from .compute import Evaluator, tensor_bytes
+from .compute import tensor_bytes
 from .errors import PlanError, Problem, RecipekitError
 from .forward import StreamedForward
 from .inputs import InputFiles
@@ -90,19 +90,12 @@ def _hidden_vectors(info: MoeInfo, sequences: list[list[int]], point: str, token
 
 def _embedding_vectors(info: MoeInfo, sequences: list[list[int]], token: str, skip_bos: bool) -> torch.Tensor:
     """[prompts, hidden]: the token embeddings of each prompt, at its last token or averaged."""
-    forward = StreamedForward(info.base, name=info.base_name)  # finds the embedding; runs nothing
-    node = info.base.tensors[forward.embed_name]
-    with InputFiles() as files:
-        embed = Evaluator([node], files.fd).value(node).float()
-    vocab = embed.shape[0]
-    bad = [t for s in sequences for t in s if t >= vocab]
-    if bad:
-        raise PlanError(Problem(f"token id {bad[0]} is outside the base's vocabulary of {vocab}: is the tokenizer "
-                                "the base's own?", path=("mode",)))
+    forward = StreamedForward(info.base, name=info.base_name)  # reads the embedding rows used; runs no layer
     rows = []
-    for seq in sequences:
-        ids = seq[-1:] if token == "last" else (seq[1:] if skip_bos and len(seq) > 1 else seq)
-        rows.append(embed[ids].mean(dim=0))
+    with InputFiles() as files:
+        for seq in sequences:
+            ids = seq[-1:] if token == "last" else (seq[1:] if skip_bos and len(seq) > 1 else seq)
+            rows.append(forward.embed(torch.tensor(ids), files).mean(dim=0))
     return torch.stack(rows)
 
 

@@ -111,6 +111,13 @@ def unset_routers(model: LazyModel) -> list[str]:
     return [name for name, node in model.tensors.items() if isinstance(node, Apply) and node.kernel == UNSET_ROUTER]
 
 
+def cast_source(node: Node) -> Load | None:
+    """The input tensor of a plain dtype cast (which can be streamed or read in parts); else None."""
+    if isinstance(node, Apply) and node.kernel == "cast" and isinstance(node.inputs[0], Load):
+        return node.inputs[0]
+    return None
+
+
 def loads_of(node: Node) -> list[Load]:
     """Every input tensor a node reads."""
     if isinstance(node, Load):

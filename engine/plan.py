@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .lazy import Apply, LazyModel, Load, Node, loads_of
+from .lazy import Apply, LazyModel, Load, Node, cast_source, loads_of
 from .recipe import OUTPUT_DTYPES, Output
 from .safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 
@@ -135,12 +135,6 @@ def _shard(filename: str, names: list[str], nodes: dict[str, Node]) -> ShardPlan
 
 def _nbytes(node: Node) -> int:
     return math.prod(node.shape) * DTYPE_SIZES[node.dtype]
-
-
-def cast_source(node: Node) -> Load | None:
-    if isinstance(node, Apply) and node.kernel == "cast" and isinstance(node.inputs[0], Load):
-        return node.inputs[0]
-    return None
 
 
 def _peak_memory(nodes: dict[str, Node]) -> int:
