@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from passthrough import (ModelSpec, _bf16_block, _numel, _safetensors_header, _shards, choose_spec,  # noqa: E402
-                         clear, human, parse_size, timed, warm_cache)
+from passthrough import (ModelSpec, cached, choose_spec, clear, generate, human, parse_size, timed,  # noqa: E402
+                         warm_cache)
 
 MODES = ("random", "hidden")
 PROMPTS = [
@@ -61,37 +59,10 @@ def ensure_mergekit(venv: Path, version: str, torch_spec: str | None, log) -> Pa
 
 
 def generate_expert(spec: ModelSpec, root: Path, seed: int, log) -> None:
-    """A synthetic Llama whose weights differ per seed (cached by spec and seed)."""
-    key = json.dumps({**spec.key(), "seed": seed}, sort_keys=True)
-    if (root / "bench-moe.json").is_file() and (root / "bench-moe.json").read_text() == key:
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-partial-", dir=root.parent))
-    rng = random.Random(seed)
-    weights = memoryview(_bf16_block(rng, (1 << 21) + 4099 + seed, 0.0, 0.02) * 2)
-    norms = memoryview(_bf16_block(rng, 1 << 14, 1.0, 0.05) * 2)
-    shards = _shards(spec)
-    weight_map, k = {}, 0
-    for s, entries in enumerate(shards, 1):
-        name = f"model-{s:05d}-of-{len(shards):05d}.safetensors"
-        with open(tmp / name, "wb", buffering=0) as f:
-            f.write(_safetensors_header(entries))
-            for tensor, shape in entries:
-                weight_map[tensor] = name
-                src = norms if len(shape) == 1 else weights
-                period, left = len(src) // 2, 2 * _numel(shape)
-                pos, k = (k * 2 * 7919) % period, k + 1
-                while left:
-                    n = min(left, period)
-                    f.write(src[pos:pos + n])
-                    left -= n
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": spec.nbytes}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(spec.config(), indent=2, sort_keys=True))
-    write_tokenizer(tmp)
-    (tmp / "bench-moe.json").write_text(key)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    log(f"  generated {root.name}: {human(spec.nbytes)}")
+    """A synthetic Llama whose weights differ per seed, with a tokenizer (cached by spec and seed)."""
+    if not cached(spec, root, seed):
+        generate(spec, root, log, seed=seed)
+    write_tokenizer(root)
 
 
 def write_tokenizer(folder: Path) -> None:

@@ -216,13 +216,14 @@ def _shards(spec: ModelSpec) -> list[list[tuple[str, tuple[int, ...]]]]:
     return shards
 
 
-def generate(spec: ModelSpec, root: Path, log) -> None:
-    """Write the model into `root` (atomically, via a sibling temp dir), streaming the data."""
+def generate(spec: ModelSpec, root: Path, log, seed: int = 1234) -> None:
+    """Write the model into `root` (atomically, via a sibling temp dir), streaming the data; other seeds give
+    other weights."""
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-partial-", dir=root.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cached model is meant to be shared
-        rng = random.Random(1234)
+        rng = random.Random(seed)
         weights = _bf16_block(rng, BLOCK_ELEMS, 0.0, 0.02)
         norms = _bf16_block(rng, 1 << 14, 1.0, 0.05)
         weights2, norms2 = memoryview(weights * 2), memoryview(norms * 2)  # doubled: any window wraps freely
@@ -251,7 +252,7 @@ def generate(spec: ModelSpec, root: Path, log) -> None:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(spec.config(), indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
-        (tmp / "bench-model.json").write_text(json.dumps(spec.key(), sort_keys=True) + "\n")
+        (tmp / "bench-model.json").write_text(json.dumps(_key(spec, seed), sort_keys=True) + "\n")
         if root.exists():
             shutil.rmtree(root)
         os.rename(tmp, root)
@@ -261,9 +262,14 @@ def generate(spec: ModelSpec, root: Path, log) -> None:
         raise
 
 
-def cached(spec: ModelSpec, root: Path) -> bool:
+def _key(spec: ModelSpec, seed: int) -> dict:
+    return spec.key() if seed == 1234 else {**spec.key(), "seed": seed}
+
+
+def cached(spec: ModelSpec, root: Path, seed: int = 1234) -> bool:
     try:
-        if json.loads((root / "bench-model.json").read_text()) != json.loads(json.dumps(spec.key(), sort_keys=True)):
+        if json.loads((root / "bench-model.json").read_text()) != json.loads(json.dumps(_key(spec, seed),
+                                                                                     sort_keys=True)):
             return False
         index = json.loads((root / "model.safetensors.index.json").read_text())
     except (OSError, ValueError):
