@@ -37,6 +37,10 @@ class Layout:
                norm_topk_prob: bool, layer_types: list[str] | None, attention_bias: bool) -> dict:
         """The output config: the base's, retyped, with this layout's MoE keys."""
         config = {k: v for k, v in base.items() if k not in _DENSE_ONLY_KEYS}
+        rope = config.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+            # transformers 4 reads `rope_theta`, and the MoE families default it differently (Mixtral: 1e6)
+            config["rope_theta"] = rope["rope_theta"]
         config["model_type"] = self.name
         config["architectures"] = [self.architecture]
         config["num_experts_per_tok"] = per_token

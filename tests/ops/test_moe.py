@@ -76,6 +76,8 @@ def test_identical_experts_compute_the_dense_model(tmp_path: Path, models: Path,
     out = build(recipe, tmp_path / "out")
     config = read_config(out)
     assert config["model_type"] == layout and config["num_experts_per_tok"] == 2
+    # transformers 4 reads rope_theta (Mixtral's default is 1e6): it must be written out
+    assert config["rope_theta"] == read_config(models / base)["rope_parameters"]["rope_theta"]
     dense = logits(models / base, IDS).logits
     moe = logits(out, IDS).logits
     assert torch.allclose(moe, dense, atol=1e-5, rtol=0), (moe - dense).abs().max()
