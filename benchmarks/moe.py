@@ -44,6 +44,10 @@ PROMPTS = [
 ]
 
 
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def ensure_mergekit(venv: Path, version: str, torch_spec: str | None, log) -> Path:
     """The mergekit-moe executable of a venv of its own, created on first use."""
     exe = venv / "bin" / "mergekit-moe"
@@ -151,10 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch", default=None, help="torch requirement installed first into mergekit's venv")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     mergekit = ensure_mergekit(args.mergekit_venv or workdir / "mergekit-venv", args.mergekit_version, args.torch, log)

@@ -8,7 +8,7 @@ layers) changes the residual stream: angular distance and block influence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,9 +79,13 @@ class Similarity:
     tokens: int
     last: dict[int, torch.Tensor]  # layer -> [texts, C] residual at each text's last token
     bi: list[float]
+    mean_angular: dict[int, list[float]] = field(default_factory=dict)  # n -> per start, averaged over tokens
 
-    def angular(self, n: int) -> list[float]:
-        """Distance from the input of layer l to the input of layer l + n, for l = 0 .. layers - n."""
+    def angular(self, n: int, token: str = "last") -> list[float]:
+        """Distance from the input of layer l to the input of layer l + n, for l = 0 .. layers - n: at each
+        text's last token, or (`token="mean"`, when measured for this n) averaged over all tokens."""
+        if token == "mean":
+            return self.mean_angular[n]
         out = []
         for start in range(self.layers - n + 1):
             cos = torch.nn.functional.cosine_similarity(self.last[start], self.last[start + n], dim=-1)
@@ -96,8 +100,12 @@ def paragraphs(text: str) -> list[str]:
 
 
 def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 256, max_texts: int = 64,
-               device: str = "cpu", progress: bool = False) -> Similarity:
-    """Run the streamed forward over up to `max_texts` texts (each cut to `seq_len` tokens) and measure."""
+               mean_n: int | None = None, device: str = "cpu", progress: bool = False) -> Similarity:
+    """Run the streamed forward over up to `max_texts` texts (each cut to `seq_len` tokens) and measure.
+
+    With `mean_n`, also the angular distance over `mean_n` layers averaged over every token; that keeps the
+    residual streams of `mean_n + 1` layers for all texts in memory.
+    """
     from .forward import StreamedForward
     from .tokenize import TextTokenizer
 
@@ -107,21 +115,27 @@ def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 
     count = len(forward.decoder.layers)
     last = LastToken(("residual",))
     cos_sum = [0.0] * count
-    previous: list[torch.Tensor] = []  # the residual entering the layer before, for every sequence
+    # the residual streams entering the last `keep` layers, for every sequence (a ring indexed by layer)
+    keep = max(2, (mean_n or 0) + 1)
+    ring: list[torch.Tensor] = []
+    mean_sum = [0.0] * (count - mean_n + 1) if mean_n else []
 
     def observe(a) -> None:
         if a.point != "residual":
             return
         last(a)
         rows = slice(a.rows.start, a.rows.stop)
-        if not previous:
-            previous.append(torch.empty(len(sequences), *a.tensor.shape[1:], device=a.tensor.device))
+        if not ring:
+            ring.extend(torch.empty(len(sequences), *a.tensor.shape[1:], device=a.tensor.device) for _ in range(keep))
         if a.layer > 0:
-            cos = torch.nn.functional.cosine_similarity(previous[0][rows], a.tensor, dim=-1)[a.valid]
-            cos_sum[a.layer - 1] += float(cos.sum())
-        previous[0][rows] = a.tensor
+            cos = torch.nn.functional.cosine_similarity(ring[(a.layer - 1) % keep][rows], a.tensor, dim=-1)
+            cos_sum[a.layer - 1] += float(cos[a.valid].sum())
+        if mean_n and a.layer >= mean_n:
+            cos = torch.nn.functional.cosine_similarity(ring[(a.layer - mean_n) % keep][rows], a.tensor, dim=-1)
+            mean_sum[a.layer - mean_n] += float((torch.arccos(cos[a.valid].clamp(-1, 1)) / math.pi).sum())
+        ring[a.layer % keep][rows] = a.tensor
 
     forward.run(sequences, observer=observe, progress=progress)
     tokens = sum(len(s) for s in sequences)
     return Similarity(count, len(sequences), tokens, {layer: v for (_, layer), v in last.values.items()},
-                      [1 - c / tokens for c in cos_sum])
+                      [1 - c / tokens for c in cos_sum], {mean_n: [v / tokens for v in mean_sum]} if mean_n else {})

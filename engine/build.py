@@ -7,7 +7,7 @@ from recipekit.ops.registry import function_for
 
 from .errors import PlanError, Problem, RecipekitError, SourceError
 from .layers import decoder_of
-from .lazy import LazyModel, unset_routers
+from .lazy import LazyModel, lost_weights, unset_routers
 from .probe import Probe
 from .recipe import Recipe
 from .source import ModelSource, open_model
@@ -48,6 +48,7 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
             model = function_for(step)(step, results, probe)
         except RecipekitError as e:
             raise type(e)([_locate(p, ("steps", k), locator) for p in e.problems]) from None
+        model = _guard_super_weights(model, step, k, locator)
         if step.id is not None:
             results[step.id] = model
         if unset_since is None and unset_routers(model):
@@ -60,6 +61,23 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
     if tokenizer is not None:
         model = model.evolve(side_files=results[tokenizer].side_files)
     return model
+
+
+def _guard_super_weights(model: LazyModel, step, k: int, locator: Locator) -> LazyModel:
+    """Refuse a step that removes or changes a protected super weight, unless it allows the loss.
+
+    Every op passes here, so ops added later (merges, quantisation) are guarded without knowing about it.
+    """
+    lost = lost_weights(model)
+    if not lost:
+        return model
+    if not step.allow_super_weight_loss:
+        path = ("steps", k)
+        raise PlanError([Problem(f"this step removes or changes super weight {w.label}, which the model depends on "
+                                 "(protected by protect_super_weights); set allow_super_weight_loss: true to do it "
+                                 "anyway", locator.where(path), path) for w in lost])
+    notes = tuple(f"super weight {w.label} given up (allow_super_weight_loss)" for w in lost)
+    return model.evolve(protected=tuple(w for w in model.protected if w not in lost), notes=model.notes + notes)
 
 
 def _locate(problem: Problem, prefix: tuple, locator: Locator) -> Problem:

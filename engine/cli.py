@@ -20,6 +20,7 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 from .api import check_device, convert, inspect_model, load_recipe, load_shared_recipe, model_or_recipe
 from .architectures import layer_config
 from .card import layer_runs
+from .layers import decoder_of
 from .errors import RecipekitError
 from .hub import parse_hub_ref
 from .lazy import LazyModel
@@ -95,17 +96,27 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="per-layer metrics of a model (or of what a recipe builds)")
     analyze.add_argument("model", type=Path, metavar="MODEL", help="a model directory or a recipe file")
-    analyze.add_argument("--metric", required=True, choices=["snr", "angular", "bi"],
+    analyze.add_argument("--metric", required=True, choices=["snr", "angular", "bi", "super-weights"],
                          help="snr: random-matrix signal-to-noise ratio of each module's weight (data-free); "
                               "angular: distance between the residual streams entering layers l and l+n; "
-                              "bi: block influence of each layer (both over --text)")
+                              "bi: block influence of each layer (both over --text); super-weights: single "
+                              "down_proj entries behind massive activations (a default prompt, plus --text)")
     analyze.add_argument("--text", type=Path, metavar="FILE",
                          help="texts for angular and bi: the file's blank-line separated paragraphs")
     analyze.add_argument("--n", type=_positive, default=1, help="block size for angular (default 1)")
+    analyze.add_argument("--token", choices=["last", "mean"], default="last",
+                         help="angular: compare at each text's last token (default), or average over all tokens")
     analyze.add_argument("--seq-len", type=_positive, default=256, help="tokens per text at most (default 256)")
     analyze.add_argument("--max-texts", type=_positive, default=64, help="texts used at most (default 64)")
     analyze.add_argument("--module", action="append", metavar="NAME",
                          help="a module such as self_attn.v_proj (repeatable; default: all projections)")
+    analyze.add_argument("--threshold", type=float, default=50.0,
+                         help="super-weights: a layer's largest down_proj input and output must exceed this "
+                              "many times the layer's median (default 50)")
+    analyze.add_argument("--rounds", type=_positive, default=10,
+                         help="super-weights: zero what was found and look again, at most this often (default 10)")
+    analyze.add_argument("--verify", action="store_true",
+                         help="super-weights: perplexity of --text with each found weight zeroed")
     analyze.add_argument("--json", action="store_true", help="machine-readable output")
     analyze.add_argument("--plot", type=Path, metavar="FILE.png",
                          help="also draw the table: a layer x module heatmap (snr) or a curve over layers "
@@ -260,6 +271,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    if args.metric == "super-weights":
+        return _analyze_super_weights(args)
     if args.metric != "snr":
         return _analyze_similarity(args)
     from .analyze import snr_table
@@ -296,14 +309,19 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
         raise RecipekitError(f"--metric {args.metric} needs --text FILE: the texts to run the model on")
     model = model_or_recipe(args.model)
     texts = paragraphs(read_text(args.text))
+    mean_n = args.n if args.metric == "angular" and args.token == "mean" else None
+    if mean_n is not None and mean_n > len(decoder_of(model, str(args.model)).layers):
+        raise RecipekitError(f"--n {args.n} is more than the model's {len(decoder_of(model, str(args.model)).layers)} "
+                             "layers")
     result = similarity(model, str(args.model), texts, seq_len=args.seq_len, max_texts=args.max_texts,
-                        progress=not args.quiet and sys.stderr.isatty())
+                        mean_n=mean_n, progress=not args.quiet and sys.stderr.isatty())
     if args.metric == "angular":
         if args.n > result.layers:
             raise RecipekitError(f"--n {args.n} is more than the model's {result.layers} layers")
-        values = result.angular(args.n)
+        values = result.angular(args.n, args.token)
         rows = [{"start": l, "end": l + args.n, "distance": d} for l, d in enumerate(values)]
-        header = f"angular distance between the inputs of layer l and l+{args.n} (last token, {result.texts} texts)"
+        where = "last token" if args.token == "last" else f"mean over {result.tokens} tokens"
+        header = f"angular distance between the inputs of layer l and l+{args.n} ({where}, {result.texts} texts)"
     else:
         rows = [{"layer": i, "bi": v} for i, v in enumerate(result.bi)]
         header = f"block influence 1 - cos(layer input, layer output) over {result.tokens} tokens of {result.texts} texts"
@@ -322,6 +340,47 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
     for row in rows:
         label = f"{row['start']:>3}-{row['end'] - 1:<3}" if "start" in row else f"{row['layer']:>7}"
         print(f"{label}  {row.get('distance', row.get('bi')):.4f}")
+    return 0
+
+
+def _analyze_super_weights(args: argparse.Namespace) -> int:
+    from .analyze import paragraphs
+    from .perplexity import read_text
+    from .superweights import DEFAULT_PROMPT, find_super_weights, verify
+
+    if args.verify and args.text is None:
+        raise RecipekitError("--verify needs --text FILE: the text whose perplexity is compared")
+    text = read_text(args.text) if args.text is not None else None
+    model = model_or_recipe(args.model)
+    progress = not args.quiet and sys.stderr.isatty()
+    found = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
+                               rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts, progress=progress)
+    baseline = None
+    if args.verify:
+        baseline, found = verify(model, str(args.model), found, text, seq_len=args.seq_len)
+    if args.plot:
+        from .plot import curve
+
+        by_layer = {w.layer: max(w.out_ratio, 0) for w in found}
+        layers = range(len(decoder_of(model, str(args.model)).layers))
+        curve(args.plot, list(layers), [by_layer.get(i, 0.0) for i in layers], title=f"super weights of {args.model}",
+              xlabel="layer", ylabel="largest down_proj output / median")
+    if args.json:
+        print(json.dumps({"model": str(args.model), "metric": "super-weights", "threshold": args.threshold,
+                          "prompt": DEFAULT_PROMPT, "baseline_perplexity": baseline,
+                          "weights": [w.to_dict() for w in found]}, indent=2))
+        return 0
+    if not found:
+        print(f"no super weight: no layer's largest down_proj input and output both exceed {args.threshold:g}x "
+              "its median")
+        return 0
+    print(f"super weights (down_proj input and output both above {args.threshold:g}x the layer's median)")
+    print("layer  tensor" + " " * 28 + "row  column        value  out/median  in/median"
+          + ("  perplexity zeroed" if baseline is not None else ""))
+    for w in found:
+        zeroed = f"  {w.perplexity_zeroed:.4f} (was {baseline:.4f})" if baseline is not None else ""
+        print(f"{w.layer:>5}  {w.tensor:<32} {w.row:>5} {w.column:>7} {w.value:>12.5g} {w.out_ratio:>11.1f} "
+              f"{w.in_ratio:>10.1f}{zeroed}")
     return 0
 
 

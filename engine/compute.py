@@ -66,12 +66,35 @@ def noise(x: torch.Tensor, *, seed: int, name: str, std: float) -> torch.Tensor:
     return (x.float() + added.to(x.device)).to(x.dtype)
 
 
+def zero_at(x: torch.Tensor, *, coordinates: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """A 2-D tensor with the given entries set to zero (e.g. a super weight, to see what it does)."""
+    y = x.clone()
+    for row, column in coordinates:
+        y[row, column] = 0
+    return y
+
+
+def low_rank(x: torch.Tensor, *, rank: int | None, keep: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The matrix rebuilt from its `rank` largest singular directions (None: those above the random-matrix
+    noise edge, as laserRMT does), computed in float64; the entries in `keep` are restored exactly."""
+    from recipekit.ops.snr import noise_edge
+
+    u, values, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+    k = rank if rank is not None else int((values > noise_edge(values, tuple(x.shape))).sum())
+    approx = (u[:, :k] * values[:k]) @ vh[:k]
+    y = approx.to(x.dtype)
+    for row, column in keep:
+        y[row, column] = x[row, column]
+    return y
+
+
 def scale(x: torch.Tensor, *, factor: float) -> torch.Tensor:
     return (x.float() * factor).to(x.dtype)
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "cast": cast, "randn": randn, "uniform": uniform, "zeros": zeros, "constant": constant, "noise": noise, "scale": scale,
+    "zero_at": zero_at, "low_rank": low_rank,
 }
 
 

@@ -115,5 +115,6 @@ def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str
         notes=tuple(dict.fromkeys(base.notes + tuple(n for p in picks for n in p.model.notes) + (note,))),
         tags=tuple(dict.fromkeys(base.tags + tuple(t for p in picks for t in p.model.tags) + (tag,))),
         messages=tuple(dict.fromkeys(base.messages + tuple(m for p in picks for m in p.model.messages))),
+        protected=tuple(dict.fromkeys(base.protected + tuple(w for p in picks for w in p.model.protected))),
         moe=None,  # its layer indices no longer hold
     )

@@ -62,6 +62,7 @@ class LazyModel:
     tags: tuple[str, ...] = ()
     messages: tuple[str, ...] = ()  # what the user should read now (an inferred choice, a warning)
     moe: MoeInfo | None = None  # set by stack_experts for init_gates; layer surgery drops it
+    protected: tuple[ProtectedWeight, ...] = ()  # super weights every later step must keep
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:
@@ -101,6 +102,38 @@ class MoeInfo:
     shared: ExpertPrompts | None
     routers: tuple[str, ...]
     shared_gates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProtectedWeight:
+    """One weight entry the model depends on (a super weight): `node[row, column]`, named `label` for messages.
+
+    It survives a step when some output tensor is `node`, a dtype cast of it, or a kernel that declares it
+    keeps this entry exactly (a `keep` parameter listing (row, column), as `low_rank` does).
+    """
+
+    node: Node = field(repr=False)
+    row: int
+    column: int
+    label: str
+
+
+def keeps(node: Node, weight: ProtectedWeight) -> bool:
+    """Does `node` still hold `weight`'s entry unchanged (up to a dtype cast)?"""
+    while True:
+        if node == weight.node:
+            return True
+        if not isinstance(node, Apply) or not node.inputs:
+            return False
+        keep = dict(node.params).get("keep")
+        if node.kernel != "cast" and (keep is None or (weight.row, weight.column) not in keep):
+            return False
+        node = node.inputs[0]
+
+
+def lost_weights(model: LazyModel) -> list[ProtectedWeight]:
+    """The protected weights no output tensor of `model` keeps."""
+    return [w for w in model.protected if not any(keeps(node, w) for node in model.tensors.values())]
 
 
 UNSET_ROUTER = "unset_router"  # the kernel of a router no init_gates step has set; the planner refuses it

@@ -9,6 +9,7 @@ from .lazy import LazyModel, MoeInfo
 if TYPE_CHECKING:
     from .analyze import Similarity
     from .gates import GateRows
+    from .superweights import SuperWeight
 
 
 class Probe:
@@ -26,16 +27,29 @@ class Probe:
 
         return [row.snr for row in snr_table(model, name, (module,))]
 
-    def similarity(self, model: LazyModel, name: str, text: str, seq_len: int, max_texts: int) -> Similarity:
-        """Angular distances and block influences of `model` over the paragraphs of a text file."""
+    def similarity(self, model: LazyModel, name: str, text: str, seq_len: int, max_texts: int,
+                   mean_n: int | None = None) -> Similarity:
+        """Angular distances and block influences of `model` over the paragraphs of a text file (with `mean_n`,
+        also the token-averaged angular distance over that many layers)."""
         from .analyze import paragraphs, similarity
         from .perplexity import read_text
 
         texts = paragraphs(read_text(self.base_dir / Path(text).expanduser()))
-        return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts)
+        return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts, mean_n=mean_n)
 
     def prompt_gates(self, info: MoeInfo, mode: str, hidden_state: str, token: str) -> GateRows:
         """Router rows of a stacked MoE from its experts' prompts, through the base model."""
         from .gates import prompt_gates
 
         return prompt_gates(info, mode, hidden_state=hidden_state, token=token)
+
+    def super_weights(self, model: LazyModel, name: str, text: str | None, *, threshold: float, rounds: int,
+                      seq_len: int, max_texts: int) -> list[SuperWeight]:
+        """Super weights of `model`, over a default prompt and the paragraphs of an optional text file."""
+        from .analyze import paragraphs
+        from .perplexity import read_text
+        from .superweights import find_super_weights
+
+        texts = paragraphs(read_text(self.base_dir / Path(text).expanduser())) if text is not None else []
+        return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
+                                  max_texts=max_texts)

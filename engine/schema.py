@@ -30,6 +30,9 @@ class StepBase(Strict):
     """
 
     id: Name | None = Field(None, description="Name of this step's result, for later steps to refer to it.")
+    allow_super_weight_loss: bool = Field(False, description=(
+        "Let this step remove or change a protected super weight (see protect_super_weights); without it, "
+        "such a step is refused."))
 
     def local_paths(self) -> list[tuple[Path_, str]]:
         """Files this step reads besides models (e.g. a text), with their field paths; a shared recipe may

@@ -62,17 +62,21 @@ class AngularSelect(_TextSelect):
     metric: Literal["angular"] = Field(description="Angular distance between the residual streams entering "
                                                    "layers l and l+n, at each text's last token.")
     n: int = Field(ge=1, description="How many consecutive layers to drop.")
+    token: Literal["last", "mean"] = Field("last", description=(
+        "Compare the residual streams at each text's last token, or average the distance over every token."))
 
     def measure(self, name: str, model: LazyModel, probe: Probe) -> list[float]:
         """One value per possible block start."""
-        return probe.similarity(model, name, self.text, self.seq_len, self.max_texts).angular(self.n)
+        mean_n = self.n if self.token == "mean" else None
+        return probe.similarity(model, name, self.text, self.seq_len, self.max_texts, mean_n).angular(self.n,
+                                                                                                     self.token)
 
     def choose(self, values: list[float]) -> list[int]:
         start = min(range(len(values)), key=lambda i: (values[i], i))
         return list(range(start, start + self.n))
 
     def describe(self) -> str:
-        return f"the smallest angular distance over {self.n} layer(s) on {self.text}"
+        return f"the smallest angular distance over {self.n} layer(s) ({self.token} token) on {self.text}"
 
 
 class BiSelect(_TextSelect):

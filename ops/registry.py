@@ -10,7 +10,7 @@ from recipekit.engine.lazy import LazyModel
 from recipekit.engine.probe import Probe
 from recipekit.engine.schema import StepBase
 
-from . import layer_surgery, moe
+from . import layer_surgery, low_rank, moe, super_weights
 
 # (parameters, models and earlier results by name, the engine's measurements) -> the step's result
 OpFunction = Callable[[StepBase, Mapping[str, LazyModel], Probe], LazyModel]
@@ -39,6 +39,8 @@ OPS = _register([
     (layer_surgery.SliceLayers, layer_surgery.slice_layers),
     (moe.StackExperts, moe.stack_experts),
     (moe.InitGates, moe.init_gates),
+    (super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
+    (low_rank.LowRank, low_rank.low_rank),
 ])
 
 Step = Annotated[Union[tuple(params for params, _ in OPS.values())], Field(discriminator="op")]

@@ -30,12 +30,18 @@ def snr(weight: torch.Tensor) -> SNR:
     import torch
 
     values = torch.linalg.svdvals(weight.to(torch.float64))
-    q25, q75 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
-    sigma = (q75 - q25) / 1.349
-    rows, cols = weight.shape
-    beta = min(rows, cols) / max(rows, cols)
-    threshold = sigma * (1 + math.sqrt(beta))
+    threshold = noise_edge(values, tuple(weight.shape))
     above = values > threshold
     signal, noise = float(values[above].sum()), float(values[~above].sum())
     ratio = math.inf if not (~above).any() else signal / noise
     return SNR(ratio, ratio / float(values.max()), threshold, int(above.sum()))
+
+
+def noise_edge(values: torch.Tensor, shape: tuple[int, int]) -> float:
+    """The Marchenko-Pastur edge estimated from a matrix's singular values: sigma * (1 + sqrt(beta))."""
+    import torch
+
+    q25, q75 = torch.quantile(values.to(torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    sigma = (q75 - q25) / 1.349
+    rows, cols = shape
+    return sigma * (1 + math.sqrt(min(rows, cols) / max(rows, cols)))

@@ -26,9 +26,18 @@ EXPECTED = {
         layers=[("story", i) for i in (0, 1, 4, 5, 6, 7)], base="story", dtype=None),
     "recipes/demo/story-drop-first.yaml": dict(
         layers=[("story", i) for i in range(1, 8)], base="story", dtype=None),
+    "recipes/demo/story-sw-protected-drop.yaml": dict(
+        layers=[("story", i) for i in (0, 1, 2, 3, 4, 7)], base="story", dtype=None),
     "recipes/demo/frankenmerge.yaml": dict(
         layers=[("a", i) for i in range(4)] + [("b", i) for i in range(3, 8)] + [("b", 7)],
         base="a", dtype=torch.float16),
+}
+# low_rank recipes: the listed tensors of `model` have at most `rank` (plus one restored entry) and keep the
+# listed entries exactly; every other tensor is the model's, bitwise.
+EXPECTED_LOW_RANK = {
+    "recipes/demo/story-sw-laser.yaml": dict(
+        model="story", rank=16, tensors=[f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2, 3)],
+        kept=[("model.layers.1.mlp.down_proj.weight", 77, 301)]),
 }
 # Mixture-of-Experts recipes: expert k is the MLPs of `experts[k]` (close to them for `noisy` ones), everything
 # else is `base`'s; with `dense`, the logits equal that dense model's.
@@ -49,7 +58,8 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     key = str(path.relative_to(ROOT))
-    assert key in EXPECTED or key in EXPECTED_MOE, f"add what {key} must produce to EXPECTED or EXPECTED_MOE"
+    assert key in EXPECTED or key in EXPECTED_MOE or key in EXPECTED_LOW_RANK, \
+        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK or EXPECTED_MOE"
     assert main(["validate", str(path)]) == 0
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out), "-q"]) == 0
@@ -59,6 +69,9 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     if key in EXPECTED_MOE:
         assert_moe(out, models, EXPECTED_MOE[key])
         return
+    if key in EXPECTED_LOW_RANK:
+        assert_low_rank(out, models, EXPECTED_LOW_RANK[key])
+        return
     want = EXPECTED[key]
     assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"])
     model = load_causal_lm(out)
@@ -67,6 +80,20 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
     assert (out / "recipe.yaml").read_text() == path.read_text()
+
+
+def assert_low_rank(out: Path, models: dict[str, Path], want: dict) -> None:
+    got, source = tensors_of(out), tensors_of(models[want["model"]])
+    assert sorted(got) == sorted(source)
+    for name, tensor in source.items():
+        if name in want["tensors"]:
+            assert torch.linalg.matrix_rank(got[name].double(), rtol=1e-5) <= want["rank"] + 1, name
+            assert not torch.equal(got[name], tensor), name
+        else:
+            assert torch.equal(got[name], tensor), name
+    for name, row, column in want["kept"]:
+        assert got[name][row, column] == source[name][row, column]
+    assert torch.isfinite(load_causal_lm(out)(torch.tensor([[0, 5, 6, 7]])).logits).all()
 
 
 def assert_moe(out: Path, models: dict[str, Path], want: dict) -> None:

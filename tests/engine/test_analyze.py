@@ -85,6 +85,13 @@ def test_angular_and_bi_equal_a_direct_computation_with_transformers(tmp_path, c
                                for r in ref])
             expected.append(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()))
         assert result.angular(n) == pytest.approx(expected, abs=1e-5)
+        # --token mean: the distance averaged over every token of every text
+        per_token = similarity(model, "m", texts, mean_n=n).angular(n, "mean")
+        count = sum(len(s) for s in sequences)
+        expected_mean = [sum(float((torch.arccos(torch.nn.functional.cosine_similarity(
+            r[start], r[start + n], dim=-1).clamp(-1, 1)) / math.pi).sum()) for r in ref) / count
+            for start in range(4 - n + 1)]
+        assert per_token == pytest.approx(expected_mean, abs=1e-5)
     tokens = sum(len(s) for s in sequences)
     bi = [1 - sum(float(torch.nn.functional.cosine_similarity(r[i], r[i + 1], dim=-1).sum()) for r in ref) / tokens
           for i in range(4)]

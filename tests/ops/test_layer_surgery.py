@@ -217,16 +217,18 @@ def talking_model(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("select", ["{metric: angular, n: 2, text: texts.txt}", "{metric: bi, count: 2, text: texts.txt}"])
+@pytest.mark.parametrize("select", ["{metric: angular, n: 2, text: texts.txt}",
+                                    "{metric: angular, n: 2, text: texts.txt, token: mean}",
+                                    "{metric: bi, count: 2, text: texts.txt}"])
 def test_drop_layers_selected_by_activations(talking_model, tmp_path, select):
     from recipekit.engine.analyze import paragraphs, similarity
     from recipekit.engine.lazy import LazyModel
     from recipekit.engine.source import open_model
 
     measured = similarity(LazyModel.from_source("m", open_model(str(talking_model), base_dir=tmp_path)), "m",
-                          paragraphs((tmp_path / "texts.txt").read_text()))
+                          paragraphs((tmp_path / "texts.txt").read_text()), mean_n=2)
     if "angular" in select:
-        distances = measured.angular(2)
+        distances = measured.angular(2, "mean" if "mean" in select else "last")
         start = distances.index(min(distances))
         expected = [start, start + 1]
     else:

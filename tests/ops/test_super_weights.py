@@ -1,0 +1,142 @@
+"""Super weights on the demo model with a planted one (recipes/demo/plant_super_weight.py): found at its exact
+coordinates, the model depends on it, and no step loses it unless the recipe says so; low_rank (LASER)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipekit.engine import load_recipe
+from recipekit.engine.cli import main
+from recipekit.ops.snr import snr
+from tests.test_bad_inputs import assert_no_output, assert_refused, cli, mark
+from tests.tiny import tensors_of, write_recipe
+
+DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo"
+PLANTED = DEMO / "models" / "tiny-story-sw"
+LAYER, ROW, COLUMN, VALUE = 1, 77, 301, 3.0  # as plant_super_weight.py plants it
+DOWN = f"model.layers.{LAYER}.mlp.down_proj.weight"
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    shutil.copy(DEMO / "heldout.txt", tmp_path / "heldout.txt")
+    return tmp_path
+
+
+def test_found_at_its_exact_coordinates_and_the_model_depends_on_it(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join((DEMO / "heldout.txt").read_text().split("\n\n")[:12]))
+    assert main(["analyze", str(PLANTED), "--metric", "super-weights", "--text", str(text), "--verify",
+                 "--seq-len", "128", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(w["layer"], w["row"], w["column"], w["value"]) for w in report["weights"]] == [(LAYER, ROW, COLUMN, VALUE)]
+    found = report["weights"][0]
+    assert found["out_ratio"] > 50 and found["in_ratio"] > 50
+    assert found["perplexity_zeroed"] > 2.5 * report["baseline_perplexity"], report
+
+
+def test_the_unplanted_model_has_none(capsys) -> None:
+    assert main(["analyze", str(DEMO / "models" / "tiny-story"), "--metric", "super-weights"]) == 0
+    assert capsys.readouterr().out.startswith("no super weight")
+
+
+def _recipe(folder: Path, *steps: str) -> Path:
+    body = "\n".join(f"  - {s}" for s in steps)
+    return write_recipe(folder, f"recipe: 1\nmodels: {{story: {PLANTED}}}\nsteps:\n{body}\n")
+
+
+PROTECT_FOUND = "{id: safe, op: protect_super_weights, model: story, text: heldout.txt, max_texts: 4}"
+PROTECT_GIVEN = f"{{id: safe, op: protect_super_weights, model: story, coordinates: [{{layer: {LAYER}, row: {ROW}, " \
+                f"column: {COLUMN}}}]}}"
+
+
+@pytest.mark.parametrize("protect", [PROTECT_FOUND, PROTECT_GIVEN], ids=["found", "given"])
+def test_dropping_its_layer_is_refused_where_the_drop_is(work: Path, capsys, protect: str) -> None:
+    recipe = _recipe(work, protect, "{op: drop_layers, model: safe, layers: [0, 1]}")
+    text = recipe.read_text()
+    result = cli(capsys, "run", recipe, "-o", work / "OUT")
+    assert_refused(result, [(f"{recipe}:{mark(text, '  - ^{op: drop_layers')}: steps[1]: ",
+                             (f"removes or changes super weight mlp.down_proj.weight[{ROW}, {COLUMN}] of layer story:1",
+                              "allow_super_weight_loss: true"))])
+    assert_no_output(work / "OUT")
+
+
+def test_a_recipe_may_allow_the_loss(work: Path) -> None:
+    recipe = _recipe(work, PROTECT_GIVEN, "{op: drop_layers, model: safe, layers: [1], allow_super_weight_loss: true}")
+    out = work / "out"
+    load_recipe(recipe).run(out)
+    card = (out / "README.md").read_text()
+    assert f"super weight mlp.down_proj.weight[{ROW}, {COLUMN}] of layer story:1 given up" in card
+
+
+def test_other_layers_may_go_and_the_weight_moves_with_its_layer(work: Path) -> None:
+    recipe = _recipe(work, PROTECT_GIVEN, "{op: drop_layers, model: safe, layers: [0]}")
+    out = work / "out"
+    load_recipe(recipe).run(out)
+    assert float(tensors_of(out)["model.layers.0.mlp.down_proj.weight"][ROW, COLUMN]) == VALUE
+    assert f"protect_super_weights: mlp.down_proj.weight[{ROW}, {COLUMN}] of layer story:1 (given)" in \
+        (out / "README.md").read_text()
+
+
+def test_low_rank_keeps_a_protected_weight_exactly(work: Path) -> None:
+    recipe = _recipe(work, PROTECT_FOUND, f"{{op: low_rank, model: safe, modules: [mlp.down_proj], layers: [{LAYER}], "
+                                          "rank: 8}")
+    out = work / "out"
+    load_recipe(recipe).run(out)
+    got, source = tensors_of(out)[DOWN], tensors_of(PLANTED)[DOWN]
+    assert float(got[ROW, COLUMN]) == VALUE
+    u, s, vh = torch.linalg.svd(source.double(), full_matrices=False)
+    rank8 = ((u[:, :8] * s[:8]) @ vh[:8]).float()
+    rank8[ROW, COLUMN] = VALUE
+    assert torch.allclose(got, rank8, atol=1e-5)
+    assert "super weights kept exactly: mlp.down_proj.weight[77, 301] of layer story:1" in (out / "README.md").read_text()
+
+
+def test_low_rank_by_the_noise_edge_and_lowest_snr(work: Path) -> None:
+    recipe = _recipe(work, "{op: low_rank, model: story, modules: [mlp.up_proj, self_attn.v_proj], lowest_snr: 2}")
+    out = work / "out"
+    load_recipe(recipe).run(out)
+    got, source = tensors_of(out), tensors_of(PLANTED)
+    values = {(i, m): snr(source[f"model.layers.{i}.{m}.weight"]).snr for i in range(8)
+              for m in ("mlp.up_proj", "self_attn.v_proj")}
+    lowest = sorted(values, key=lambda k: (values[k], k))[:2]
+    for (i, m) in values:
+        name = f"model.layers.{i}.{m}.weight"
+        if (i, m) in lowest:
+            kept = snr(source[name]).signal_values
+            assert torch.linalg.matrix_rank(got[name].double(), rtol=1e-5) == kept, name
+            assert not torch.equal(got[name], source[name])
+        else:
+            assert torch.equal(got[name], source[name]), name
+
+
+def test_without_protection_low_rank_changes_the_weight(work: Path) -> None:
+    recipe = _recipe(work, f"{{op: low_rank, model: story, modules: [mlp.down_proj], layers: [{LAYER}], rank: 8}}")
+    out = work / "out"
+    load_recipe(recipe).run(out)
+    assert float(tensors_of(out)[DOWN][ROW, COLUMN]) != VALUE
+
+
+@pytest.mark.parametrize("step, marker, words", [
+    ("{op: protect_super_weights, model: story, coordinates: [{layer: 9, row: 0, column: 0}]}",
+     "coordinates: [{layer: ^9", ("steps[0].coordinates[0].layer", "layer 9 is out of range", "8 layers")),
+    ("{op: protect_super_weights, model: story, coordinates: [{layer: 1, row: 900, column: 0}]}",
+     "coordinates: [^{layer: 1", ("steps[0].coordinates[0]", "[900, 0] is outside", "[128, 384]")),
+    ("{op: low_rank, model: story, modules: [mlp.down], rank: 4}",
+     "modules: [^mlp.down]", ("steps[0].modules[0]", "has no mlp.down.weight")),
+    ("{op: low_rank, model: story, modules: [mlp.down_proj], rank: 500}",
+     "rank: ^500", ("steps[0].rank", "rank 500 is more than")),
+])
+def test_mistakes_are_located(work: Path, capsys, step: str, marker: str, words: tuple[str, ...]) -> None:
+    recipe = _recipe(work, step)
+    result = cli(capsys, "plan", recipe)
+    assert_refused(result, [(f"{recipe}:{mark(recipe.read_text(), marker)}: ", words)])
+
+
+def test_verify_needs_a_text(capsys) -> None:
+    assert_refused(cli(capsys, "analyze", PLANTED, "--metric", "super-weights", "--verify"),
+                   [("", ("--verify needs --text FILE",))])
