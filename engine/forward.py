@@ -133,7 +133,7 @@ class StreamedForward:
         source = node if isinstance(node, Load) else cast_source(node)
         if source is None:  # computed embeddings: evaluate them whole
             table = self._read({"embed": node}, files)
-            rows = table["embed"][ids]
+            rows = table["embed"][ids].float()
             self._release(table)
             return rows
         used, where = torch.unique(ids.cpu(), return_inverse=True)
@@ -147,7 +147,7 @@ class StreamedForward:
         with InputFiles() as files:
             weights = self._read({"head": self.model.tensors[self.head_name]}, files)
         self._release(weights)
-        return weights["head"]
+        return weights["head"].float()
 
     def _read_layer(self, i: int, files: InputFiles) -> dict[str, torch.Tensor]:
         layer = self.decoder.layers[i]
@@ -155,7 +155,8 @@ class StreamedForward:
 
     def _read(self, nodes: dict[str, Node], files: InputFiles) -> dict[str, torch.Tensor]:
         evaluator = Evaluator(list(nodes.values()), files.fd)
-        out = {key: evaluator.value(node).to(device=self.device, dtype=torch.float32) for key, node in nodes.items()}
+        # kept in their stored dtype (half the memory for bf16 models); the math upcasts one weight at a time
+        out = {key: evaluator.value(node).to(device=self.device) for key, node in nodes.items()}
         with self._held_lock:
             self.weight_bytes_held += sum(t.numel() * t.element_size() for t in out.values())
             self.peak_weight_bytes = max(self.peak_weight_bytes, self.weight_bytes_held)

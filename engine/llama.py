@@ -3,7 +3,9 @@ Qwen3-MoE), as pure functions of tensors.
 
 `LlamaSpec` reads what the math needs from a config dict; `decoder_layer`
 runs one layer on a micro-batch given that layer's weights (by the name
-after `layers.<i>.`). Matches transformers' implementation in float32.
+after `layers.<i>.`), in the hidden states' dtype (float32): weights may be
+held in a narrower dtype and are upcast one at a time. Matches transformers'
+implementation in float32.
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def rope_tables(spec: LlamaSpec, length: int, device: torch.device) -> tuple[tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """[..., C] -> [..., C]."""
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,9 @@ def attention_mask(valid: torch.Tensor, window: int | None) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, weights[f"{name}.weight"], weights.get(f"{name}.bias"))
+    """x @ W.T + b in x's dtype; weights are held in their stored dtype and upcast here, one at a time."""
+    bias = weights.get(f"{name}.bias")
+    return F.linear(x, weights[f"{name}.weight"].to(x.dtype), bias.to(x.dtype) if bias is not None else None)
 
 
 Observe = Callable[[str, torch.Tensor], None]
@@ -176,7 +180,7 @@ def _moe_block(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tenso
     """A sparse MoE MLP: softmax router, top-k experts (weights renormalised when `norm_topk`), plus Qwen2-MoE's
     sigmoid-gated shared expert. Observers see `router` (the router logits, [b, T, experts])."""
     router, prefix, (gate, up, down) = MOE_BLOCKS[spec.model_type]
-    logits = F.linear(x, weights[router])
+    logits = F.linear(x, weights[router].to(x.dtype))
     observe("router", logits)
     probs = torch.softmax(logits.float(), dim=-1)
     top, chosen = probs.topk(spec.experts_per_token, dim=-1)
