@@ -619,7 +619,11 @@ RECIPE_CASES: dict[str, tuple[str, list[Line]]] = {
 @pytest.mark.parametrize("case", list(RECIPE_CASES))
 def test_recipe_mistake(work: Path, capsys, case: str, command: str) -> None:
     template, lines = RECIPE_CASES[case]
-    text = yaml_text(template)
+    assert_recipe_refused(work, capsys, command, yaml_text(template), lines)
+
+
+def assert_recipe_refused(work: Path, capsys, command: str, text: str, lines: list[Line]) -> None:
+    """Write `text` as work/recipe.yaml, run `command` on it: refused with `lines`, and nothing written."""
     recipe = work / "recipe.yaml"
     recipe.write_text(text, encoding="utf-8")
     out = work / "OUT"
