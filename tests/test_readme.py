@@ -27,3 +27,17 @@ def test_readme_perplexities_are_reproduced(capsys, monkeypatch):
     middle = measured["recipes/demo/story-drop-middle.yaml"]
     first = measured["recipes/demo/story-drop-first.yaml"]
     assert full < middle < first  # the first layer matters more than two middle ones
+
+
+def test_the_upcycled_moe_scores_the_dense_perplexity(capsys, monkeypatch):
+    """The README says the sparse-upcycling demo computes the dense model until trained."""
+    claim = re.search(r"same held-out perplexity,\s+(?P<ppl>[\d.]+)\.", (ROOT / "README.md").read_text())
+    assert claim is not None
+    monkeypatch.chdir(ROOT)
+    scores = []
+    for target in ("recipes/demo/story-upcycle.yaml", "recipes/demo/models/tiny-story"):
+        capsys.readouterr()
+        assert main(["eval", target, "--text", "recipes/demo/heldout.txt", "--seq-len", "256", "--json"]) == 0
+        scores.append(json.loads(capsys.readouterr().out)["perplexity"])
+    assert math.isclose(scores[0], scores[1], rel_tol=1e-5)
+    assert f"{scores[0]:.4f}" == claim["ppl"]
