@@ -27,8 +27,6 @@ class SNR:
 
 def snr(weight: torch.Tensor) -> SNR:
     """[out, in] matrix -> its random-matrix SNR (computed in float64)."""
-    import torch
-
     values = singular_values(weight)
     threshold = noise_edge(values, tuple(weight.shape))
     above = values > threshold
