@@ -41,18 +41,19 @@ class LoadedRecipe:
     locator: Locator = field(repr=False)
     hub_only: bool = False  # a recipe fetched from the Hub resolves Hub ids only, never local paths
 
-    def build(self) -> LazyModel:
-        """The output as a lazy graph (reads configs and safetensors headers only)."""
+    def build(self, *, device: str = "cpu") -> LazyModel:
+        """The output as a lazy graph (reads configs and safetensors headers only, unless a step measures
+        the model: metric selectors, prompt gates, super weights run on `device`)."""
         try:
-            return build(self.recipe, self.locator, self.base_dir, self.hub_only)
+            return build(self.recipe, self.locator, self.base_dir, self.hub_only, device=device)
         except RecipekitError as e:
             if isinstance(self.locator, MappedLocator):  # a foreign config: name its fields, not the recipe's
                 raise self.locator.problems(e) from None
             raise
 
-    def plan(self) -> Plan:
+    def plan(self, *, device: str = "cpu") -> Plan:
         """Every output tensor, shard and offset, and the memory estimate; raises `PlanError`."""
-        return make_plan(self.build(), self.recipe.output)
+        return make_plan(self.build(device=device), self.recipe.output)
 
     def run(self, out: str | Path, *, overwrite: bool = False, progress: bool = False,
             device: str = "cpu", lock: Path | None = None) -> RunResult:
@@ -60,7 +61,9 @@ class LoadedRecipe:
 
         With `lock` (a `recipe.lock`), refuse to run unless every input still matches it.
         """
-        plan = self.plan()
+        if device != "cpu":
+            check_device(device)  # before any step measures the model there
+        plan = self.plan(device=device)
         out = Path(out)
         check_output(out, [s.root for _, s in plan.model.sources], overwrite=overwrite,
                      needed=plan.output_bytes + len(self.text.encode()) * 2)

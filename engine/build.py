@@ -37,10 +37,11 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
     return models
 
 
-def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False) -> LazyModel:
+def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False, *,
+          device: str = "cpu") -> LazyModel:
     """Run every step's model-level function; the last step's result is the output."""
     results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
-    probe = Probe(base_dir)
+    probe = Probe(base_dir, device)
     model = None
     unset_since = None  # the step that left routers unset
     for k, step in enumerate(recipe.steps):

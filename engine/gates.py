@@ -34,7 +34,8 @@ class GateRows:
     prompts: int
 
 
-def prompt_gates(info: MoeInfo, mode: str, *, hidden_state: str = "router_input", token: str = "last") -> GateRows:
+def prompt_gates(info: MoeInfo, mode: str, *, hidden_state: str = "router_input", token: str = "last",
+                 device: str = "cpu") -> GateRows:
     """Router rows for every layer of a stacked model from its experts' prompts (`mode`: cheap_embed or hidden)."""
     experts = list(info.experts) + ([info.shared] if info.shared else [])
     prompts = list(dict.fromkeys(p for e in experts for p in (*e.positive, *e.negative)))
@@ -50,10 +51,10 @@ def prompt_gates(info: MoeInfo, mode: str, *, hidden_state: str = "router_input"
     skip_bos = tokenizer.bos_id is not None
     layers = len(info.routers)
     if mode == "cheap_embed":
-        vectors = _embedding_vectors(info, sequences, token, skip_bos)
+        vectors = _embedding_vectors(info, sequences, token, skip_bos, device)
         per_layer = [vectors] * layers
     else:
-        per_layer = _hidden_vectors(info, sequences, POINTS[hidden_state], token, skip_bos)
+        per_layer = _hidden_vectors(info, sequences, POINTS[hidden_state], token, skip_bos, device)
     index = {p: i for i, p in enumerate(prompts)}
 
     routers, shared, findings = [], [], []
@@ -79,23 +80,25 @@ def _row(vectors: torch.Tensor, expert: ExpertPrompts, index: dict[str, int]) ->
     return row / norm if norm > 0 else row
 
 
-def _hidden_vectors(info: MoeInfo, sequences: list[list[int]], point: str, token: str,
-                    skip_bos: bool) -> list[torch.Tensor]:
-    """[prompts, hidden] per layer: the base's activation at `point` at the last token, or averaged."""
-    forward = StreamedForward(info.base, name=info.base_name)
+def _hidden_vectors(info: MoeInfo, sequences: list[list[int]], point: str, token: str, skip_bos: bool,
+                    device: str) -> list[torch.Tensor]:
+    """[prompts, hidden] per layer (on the CPU): the base's activation at `point` at the last token, or averaged."""
+    forward = StreamedForward(info.base, name=info.base_name, device=device)
     capture = LastToken((point,)) if token == "last" else MeanToken((point,), skip_first=skip_bos)
     forward.run(sequences, observer=capture)
-    return [capture.values[(point, i)] for i in range(len(info.routers))]
+    return [capture.values[(point, i)].cpu() for i in range(len(info.routers))]
 
 
-def _embedding_vectors(info: MoeInfo, sequences: list[list[int]], token: str, skip_bos: bool) -> torch.Tensor:
-    """[prompts, hidden]: the token embeddings of each prompt, at its last token or averaged."""
-    forward = StreamedForward(info.base, name=info.base_name)  # reads the embedding rows used; runs no layer
+def _embedding_vectors(info: MoeInfo, sequences: list[list[int]], token: str, skip_bos: bool,
+                       device: str) -> torch.Tensor:
+    """[prompts, hidden] (on the CPU): the token embeddings of each prompt, at its last token or averaged."""
+    # reads only the embedding rows used; runs no layer
+    forward = StreamedForward(info.base, name=info.base_name, device=device)
     rows = []
     with InputFiles() as files:
         for seq in sequences:
             ids = seq[-1:] if token == "last" else (seq[1:] if skip_bos and len(seq) > 1 else seq)
-            rows.append(forward.embed(torch.tensor(ids), files).mean(dim=0))
+            rows.append(forward.embed(torch.tensor(ids, device=forward.device), files).mean(dim=0).cpu())
     return torch.stack(rows)
 
 

@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 class Probe:
     """What the engine measures for data-driven ops. A recipe that selects nothing by a metric never calls it.
 
-    Text files named by a recipe are relative to `base_dir`, the recipe's folder.
+    Text files named by a recipe are relative to `base_dir`, the recipe's folder; forwards run on `device`.
     """
 
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, device: str = "cpu"):
         self.base_dir = base_dir
+        self.device = device
 
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
         """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
@@ -35,13 +36,14 @@ class Probe:
         from .perplexity import read_text
 
         texts = paragraphs(read_text(self.base_dir / Path(text).expanduser()))
-        return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts, mean_n=mean_n)
+        return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts, mean_n=mean_n,
+                          device=self.device)
 
     def prompt_gates(self, info: MoeInfo, mode: str, hidden_state: str, token: str) -> GateRows:
         """Router rows of a stacked MoE from its experts' prompts, through the base model."""
         from .gates import prompt_gates
 
-        return prompt_gates(info, mode, hidden_state=hidden_state, token=token)
+        return prompt_gates(info, mode, hidden_state=hidden_state, token=token, device=self.device)
 
     def super_weights(self, model: LazyModel, name: str, text: str | None, *, threshold: float, rounds: int,
                       seq_len: int, max_texts: int) -> list[SuperWeight]:
@@ -52,4 +54,4 @@ class Probe:
 
         texts = paragraphs(read_text(self.base_dir / Path(text).expanduser())) if text is not None else []
         return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
-                                  max_texts=max_texts)
+                                  max_texts=max_texts, device=self.device)

@@ -372,3 +372,25 @@ def _generated_model(folder: Path, layers: int) -> int:
         "num_key_value_heads": 8, "vocab_size": vocab, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}))
     add_char_tokenizer(folder)
     return sum(4 * (s[0] * (s[1] if len(s) > 1 else 1)) for s in shapes.values())
+
+
+def test_prompt_gates_follow_the_device_and_a_missing_gpu_is_refused_first(tmp_path: Path, models: Path,
+                                                                          capsys) -> None:
+    """Steps that measure the model run on --device; without CUDA, --device cuda stops before any forward."""
+    from recipekit.engine.cli import main
+
+    recipe = stack(tmp_path, models, """
+          - id: moe
+            op: stack_experts
+            base: base
+            experts: [{model: e0, positive: ['the cat']}, {model: e1, positive: ['0123']}]
+          - {op: init_gates, model: moe, mode: hidden}
+        """)
+    rc = main(["run", str(recipe), "-o", str(tmp_path / "gpu"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    if torch.cuda.is_available():
+        assert rc == 0, err
+    else:
+        assert rc == 2 and "--device cuda: no CUDA device is available here" in err
+        assert "stack_experts: layout" not in err  # refused before the recipe was built
+        assert not (tmp_path / "gpu").exists()
