@@ -55,3 +55,9 @@ class Probe:
         texts = paragraphs(read_text(self.base_dir / Path(text).expanduser())) if text is not None else []
         return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
                                   max_texts=max_texts, device=self.device)
+
+    def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
+        """How alike two models' norm weights are (Pearson); None when they cannot be compared."""
+        from .lineage import norm_correlation
+
+        return norm_correlation(a, a_name, b, b_name)

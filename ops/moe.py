@@ -15,6 +15,7 @@ from pydantic import Field
 from recipekit.engine.architectures import layer_config, materialise
 from recipekit.engine.errors import Path_, PlanError, Problem
 from recipekit.engine.layers import decoder_of
+from recipekit.engine.lineage import RELATED
 from recipekit.engine.lazy import UNSET_ROUTER, Apply, ExpertPrompts, LazyModel, MoeInfo, Node, merge_sources
 from recipekit.engine.probe import Probe
 from recipekit.engine.schema import Ref, StepBase, Strict
@@ -86,6 +87,7 @@ def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Pr
     expert_mlps = [_expert_mlp(spec.model, model, ("experts", k, "model"), base_mlp)
                    for k, (spec, model) in enumerate(experts)]
     messages += _same_weights(step, expert_mlps)
+    messages += _other_bases(step, base, models, probe)
 
     mlp_names = {layer[t] for layer in layers for t in MLP_TENSORS}
     tensors: dict[str, Node] = {n: node for n, node in base.tensors.items() if n not in mlp_names}
@@ -208,6 +210,19 @@ def _same_weights(step: StackExperts, mlps: list[list[dict[str, Node]]]) -> list
             messages.append(f"warning: experts {', '.join(map(str, experts))} are the same weights ({names}): until "
                             "trained (or given noise_scale), they compute the same function, so routing between "
                             "them changes nothing")
+    return messages
+
+
+def _other_bases(step: StackExperts, base: LazyModel, models: Mapping[str, LazyModel], probe: Probe) -> list[str]:
+    """Warnings for experts that do not look like fine-tunes of the base (their MLPs expect other hidden states)."""
+    specs = [s for s in step.experts + ([step.shared_expert] if step.shared_expert else []) if s.model != step.base]
+    messages = []
+    for name in dict.fromkeys(s.model for s in specs):
+        r = probe.norm_correlation(base, step.base, models[name], name)
+        if r is not None and r < RELATED:
+            messages.append(f"warning: expert model {name!r} does not look like a fine-tune of the base {step.base!r} "
+                            f"(correlation of their norm weights {r:.2f}; relatives score above {RELATED}): its MLPs "
+                            "were trained on other hidden states, and the MoE may well produce gibberish")
     return messages
 
 

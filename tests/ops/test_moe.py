@@ -394,3 +394,33 @@ def test_prompt_gates_follow_the_device_and_a_missing_gpu_is_refused_first(tmp_p
         assert rc == 2 and "--device cuda: no CUDA device is available here" in err
         assert "stack_experts: layout" not in err  # refused before the recipe was built
         assert not (tmp_path / "gpu").exists()
+
+
+def test_experts_from_another_base_are_warned_about_and_fine_tunes_are_not(tmp_path: Path, models: Path,
+                                                                          capsys) -> None:
+    """Norm weights tell relatives apart: e0 is an unrelated model, `tuned` the base with every weight nudged."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from recipekit.engine.cli import main
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(models / "base", tuned)
+    generator = torch.Generator().manual_seed(0)
+    save_file({name: t + 0.01 * t.std() * torch.randn(t.shape, generator=generator)
+               for name, t in tensors_of(models / "base").items()}, str(tuned / "model.safetensors"))
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {models}/base, e0: {models}/e0, tuned: {tuned}}}
+        steps:
+          - id: moe
+            op: stack_experts
+            base: base
+            experts: [{{model: tuned}}, {{model: e0}}]
+          - {{op: init_gates, model: moe, mode: random}}
+        """)
+    assert main(["plan", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: expert model 'e0' does not look like a fine-tune of the base 'base'" in err
+    assert "'tuned' does not look like" not in err
