@@ -56,14 +56,15 @@ class Translation:
 
 def detect(data: Any) -> str | None:
     """The foreign format `data` is written in, or None for a recipekit recipe (or something else)."""
-    if isinstance(data, dict) and "recipe" not in data and "base_model" in data and "experts" in data:
-        return "mergekit-moe"
-    return None
+    if not isinstance(data, dict) or "recipe" in data:
+        return None
+    return next((name for name, (keys, _) in FORMATS.items() if all(k in data for k in keys)), None)
 
 
 def translate(data: dict, locator: Locator) -> Translation:
     """Translate a detected foreign config; `RecipeError` naming every unsupported field with its location."""
-    return _MergekitMoe(data, locator).translate()
+    _, translator = FORMATS[detect(data)]
+    return translator(data, locator).translate()
 
 
 _MOE_KEYS = ("base_model", "gate_mode", "experts", "shared_experts", "experts_per_token", "dtype", "architecture")
@@ -194,3 +195,9 @@ class _MergekitMoe:
 
     def _refuse(self, path: Path_, message: str, key: bool = False) -> None:
         self.problems.append(Problem(message, self.locator.where(path, key=key), path))
+
+
+# format -> (keys that identify it, translator); a new foreign format is one more entry
+FORMATS = {
+    "mergekit-moe": (("base_model", "experts"), _MergekitMoe),
+}
