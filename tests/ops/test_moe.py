@@ -424,3 +424,16 @@ def test_experts_from_another_base_are_warned_about_and_fine_tunes_are_not(tmp_p
     err = capsys.readouterr().err
     assert "warning: expert model 'e0' does not look like a fine-tune of the base 'base'" in err
     assert "'tuned' does not look like" not in err
+
+
+def test_prompt_gates_are_byte_identical_across_runs(tmp_path: Path, models: Path) -> None:
+    recipe = stack(tmp_path, models, """
+          - id: moe
+            op: stack_experts
+            base: base
+            experts: [{model: e0, positive: ['the cat', 'a dog']}, {model: e1, positive: ['0123'], negative: ['x']}]
+          - {op: init_gates, model: moe, mode: hidden, token: mean}
+        """)
+    first, second = build(recipe, tmp_path / "a"), build(recipe, tmp_path / "b")
+    for name in ("model-00001-of-00001.safetensors", "config.json", "README.md"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
