@@ -27,6 +27,12 @@ class MaxAbs:
         self.values[key] = peak if key not in self.values else torch.maximum(self.values[key], peak)
 
 
+def _append(values: dict[tuple[str, int], torch.Tensor], a: Activation, rows: torch.Tensor) -> None:
+    """Add one micro-batch's per-sequence rows [b, C] under (point, layer), in sequence order."""
+    key = (a.point, a.layer)
+    values[key] = rows if key not in values else torch.cat([values[key], rows])
+
+
 @dataclass
 class LastToken:
     """The activation at each sequence's last real token: `values[(point, layer)]` is [B, C]."""
@@ -35,14 +41,9 @@ class LastToken:
     values: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, a: Activation) -> None:
-        if a.point not in self.points:
-            return
-        last = a.valid.sum(dim=1) - 1
-        picked = a.tensor[torch.arange(a.tensor.shape[0], device=a.tensor.device), last]
-        key = (a.point, a.layer)
-        if key not in self.values:
-            self.values[key] = picked.new_zeros(0, picked.shape[-1])
-        self.values[key] = torch.cat([self.values[key], picked])
+        if a.point in self.points:
+            last = a.valid.sum(dim=1) - 1
+            _append(self.values, a, a.tensor[torch.arange(a.tensor.shape[0], device=a.tensor.device), last])
 
 
 @dataclass
@@ -57,14 +58,9 @@ class MeanToken:
     values: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, a: Activation) -> None:
-        if a.point not in self.points:
-            return
-        used = a.valid.clone()
-        if self.skip_first:
-            used[:, 0] &= a.valid.sum(dim=1) == 1
-        weights = used.to(a.tensor.dtype)[..., None]
-        mean = (a.tensor * weights).sum(dim=1) / weights.sum(dim=1)
-        key = (a.point, a.layer)
-        if key not in self.values:
-            self.values[key] = mean.new_zeros(0, mean.shape[-1])
-        self.values[key] = torch.cat([self.values[key], mean])
+        if a.point in self.points:
+            used = a.valid.clone()
+            if self.skip_first:
+                used[:, 0] &= a.valid.sum(dim=1) == 1
+            weights = used.to(a.tensor.dtype)[..., None]
+            _append(self.values, a, (a.tensor * weights).sum(dim=1) / weights.sum(dim=1))
