@@ -359,6 +359,17 @@ def warm_cache(files: list[Path]) -> None:
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
 
 
+# Commands run as an installed package runs for its users: with Python's bytecode cache (pip compiles it at
+# install time). A development shell that sets PYTHONDONTWRITEBYTECODE would otherwise make every run
+# recompile recipekit from source, about a third of a run's fixed cost on the 2-core VM.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+# The part of a run's fixed cost that is not recipekit's: the interpreter with the imports any pydantic +
+# PyYAML command line tool has, and one validated pydantic model.
+FLOOR_CODE = ("import argparse, json, yaml\nfrom pydantic import BaseModel\n"
+              "class Floor(BaseModel):\n    x: int\nFloor(x=1)\n")
+
+
 def timed(argv: list[str], workdir: Path) -> tuple[float, float, int, str]:
     """(wall seconds, max RSS in MB (10^6 bytes), exit status, stderr tail) of one command."""
     gnu_time = Path("/usr/bin/time")
@@ -366,7 +377,7 @@ def timed(argv: list[str], workdir: Path) -> tuple[float, float, int, str]:
         stats = workdir / "time-v.txt"
         start = time.perf_counter()
         proc = subprocess.run([str(gnu_time), "-v", "-o", str(stats), *argv], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
         wall = time.perf_counter() - start
         text = stats.read_text() if stats.exists() else ""
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
@@ -375,7 +386,7 @@ def timed(argv: list[str], workdir: Path) -> tuple[float, float, int, str]:
         return wall, rss_kb * 1024 / 1e6, proc.returncode, proc.stderr[-2000:]
     # no GNU time: the same numbers from wait4's rusage of the child
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -511,12 +522,41 @@ def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict
                  f"(cp: input bytes); vs cp = throughput / cp's, target >= {RATIO_TARGET}; "
                  f"RSS and MB = 10^6 bytes; medians, {settle:g}s settle before each run")
     if startup:
+        v, f = startup["validate"], startup["floor"]
         lines.append(f"fixed cost: `recipe validate` (import, parse, headers; no data) median "
-                     f"{startup['median_wall_s']:.2f}s, RSS {startup['peak_rss_mb']:.0f} MB")
+                     f"{v['median_wall_s']:.2f}s, RSS {v['peak_rss_mb']:.0f} MB; of it, python + pyyaml + "
+                     f"pydantic with one model {f['median_wall_s']:.2f}s")
     return "\n".join(lines), data
 
 
 # --------------------------------------------------------------------------- main
+
+
+def fixed_cost(recipe_bin: str, recipe: Path, inputs: list[Path], workdir: Path, rounds: int = 7) -> dict:
+    """A run's fixed cost, `recipe validate` (interpreter, imports, recipe, input headers; no data), beside the
+    floor any pydantic command line tool pays (`FLOOR_CODE` in the Python that runs `recipe`), alternating."""
+    python = _script_python(recipe_bin)
+    commands = {"validate": [recipe_bin, "validate", str(recipe)], "floor": [python, "-c", FLOOR_CODE]}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    for k in range(rounds + 1):  # the first round writes the bytecode cache and is not counted
+        for name, argv in (commands.items() if k % 2 else reversed(commands.items())):
+            warm_cache(inputs)
+            wall, rss, rc, err = timed(argv, workdir)
+            if rc != 0:
+                sys.exit(f"`{' '.join(argv[:2])} ...` failed: {err.strip()}")
+            if k:
+                samples[name].append((wall, rss))
+    return {name: {"median_wall_s": statistics.median(w for w, _ in rows), "peak_rss_mb": max(r for _, r in rows)}
+            for name, rows in samples.items()}
+
+
+def _script_python(script: str) -> str:
+    """The interpreter a console script runs under (its #! line), else this one."""
+    try:
+        first = Path(script).read_bytes()[:200].split(b"\n", 1)[0]
+    except OSError:
+        return sys.executable
+    return first[2:].decode().strip() if first.startswith(b"#!") and b" " not in first.strip() else sys.executable
 
 
 def find_recipe(explicit: str | None) -> str:
@@ -592,15 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     if not mergekit and not args.no_mergekit:
         log("mergekit-yaml is not on PATH: no mergekit rows")
 
-    # the fixed cost of a run: interpreter start, imports, recipe parse, input headers
-    vrows = []
-    for _ in range(3):
-        warm_cache(inputs)
-        wall, rss, rc, err = timed([recipe_bin, "validate", str(recipes[variants[0]])], workdir)
-        if rc != 0:
-            sys.exit(f"`recipe validate {recipes[variants[0]]}` failed: {err.strip()}")
-        vrows.append((wall, rss))
-    startup = {"median_wall_s": statistics.median(w for w, _ in vrows), "peak_rss_mb": max(r for _, r in vrows)}
+    startup = fixed_cost(recipe_bin, recipes[variants[0]], inputs, workdir)
 
     rows_by_variant: dict[str, list[Row]] = {}
     for variant in variants:
@@ -628,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
             "settle_s": args.settle,
             "targets": {"ratio_vs_cp": RATIO_TARGET, "copy_rss_mb": COPY_RSS_TARGET_MB,
                         "convert_rss_mb": CONVERT_RSS_BASE_MB + 2 * spec.largest_tensor / 1e6},
-            "recipe_validate": startup,
+            "fixed_cost": startup,
             "variants": data,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
