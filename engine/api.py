@@ -21,7 +21,8 @@ from .execute import RunResult, check_output, write_model
 from .errors import PlanError, Problem, RecipeError, RecipekitError
 from .layers import decoder_of
 from . import hub
-from .foreign import MappedLocator, Translation, detect, translate
+from .foreign import detect, translate
+from .translation import MappedLocator, Translation
 from .lazy import LazyModel, loads_of
 from .lock import lock_bytes, lock_problems, make_lock, read_lock
 from .plan import Plan, make_plan
@@ -105,12 +106,12 @@ def load_recipe(source: str | Path | dict[str, Any], *, base_dir: str | Path | N
 
 
 def convert(path: str | Path) -> str:
-    """The recipe equivalent to a foreign config file (a mergekit-moe config), as YAML text."""
+    """The recipe equivalent to a foreign config file (mergekit-moe, mergekit-yaml passthrough), as YAML text."""
     path = Path(path)
     data, locator, _ = read_recipe_text(path)
     if detect(data) is None:
         what = "already a recipekit recipe" if isinstance(data, dict) and "recipe" in data else \
-            "not a config recipekit can convert (it reads mergekit-moe configs)"
+            "not a config recipekit can convert (it reads mergekit-moe and mergekit-yaml passthrough configs)"
         raise RecipeError(Problem(what, str(path)))
     loaded = load_recipe(path)  # validates the translation, located in the config
     return loaded.text

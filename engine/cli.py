@@ -138,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     routing.set_defaults(handler=_analyze_routing)
 
-    convert = sub.add_parser("convert", help="print the recipe equivalent to a mergekit-moe config")
-    convert.add_argument("config", type=Path, metavar="CONFIG", help="a mergekit-moe YAML config")
+    convert = sub.add_parser("convert", help="print the recipe equivalent to a mergekit-moe config or a "
+                                             "mergekit-yaml passthrough config")
+    convert.add_argument("config", type=Path, metavar="CONFIG", help="a mergekit-moe or mergekit-yaml config")
     convert.set_defaults(handler=_convert)
 
     show = sub.add_parser("show", help="print the recipe shared in a Hub model repo, with its locked inputs")

@@ -72,6 +72,14 @@ def decoder_of(model: LazyModel, model_name: str) -> Decoder:
     return Decoder(prefix, tuple(dict(layers[i]) for i in range(count)))
 
 
+def head_tensors(model: LazyModel, decoder: Decoder) -> list[str]:
+    """The tensors after the decoder stack: its final norm (`<parent>.norm.*`, beside `<parent>.layers`) and
+    `lm_head.*` (absent when the embeddings are tied)."""
+    parent = decoder.prefix[: -len("layers")]
+    return sorted(name for name in model.tensors
+                  if name.startswith(f"{parent}norm.") or name.startswith("lm_head.") or ".lm_head." in name)
+
+
 def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str, tag: str) -> LazyModel:
     """A model whose layer j is `picks[j]`; all other tensors and the config from `base`.
 

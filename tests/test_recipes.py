@@ -6,15 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from recipekit.engine import load_recipe
+from recipekit.engine.foreign import detect
 from recipekit.engine.cli import main
 from tests.tiny import assert_layers_from, load_causal_lm, read_config, tensors_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "models" not in p.relative_to(ROOT).parts)
 
-# What each recipe must produce: output layer j comes from (model name, layer); other tensors from `base`.
+# What each recipe must produce: output layer j comes from (model name, layer); other tensors from `base`
+# (the final norm and lm_head from `head` when given).
 EXPECTED = {
     "recipes/demo/drop-layers.yaml": dict(
         layers=[("base", i) for i in (0, 1, 2, 4, 7)], base="base", dtype=None),
@@ -31,6 +34,9 @@ EXPECTED = {
     "recipes/demo/frankenmerge.yaml": dict(
         layers=[("a", i) for i in range(4)] + [("b", i) for i in range(3, 8)] + [("b", 7)],
         base="a", dtype=torch.float16),
+    "recipes/demo/mergekit-passthrough.yaml": dict(  # final norm and lm_head from the last slice's model
+        layers=[("llama-a", i) for i in range(5)] + [("llama-b", i) for i in (3, 4, 5, 6, 7, 6, 7)],
+        base="llama-a", head="llama-b", dtype=torch.bfloat16),
 }
 # low_rank recipes: the listed tensors of `model` have at most `rank` (plus one restored entry) and keep the
 # listed entries exactly; every other tensor is the model's, bitwise.
@@ -73,13 +79,18 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
         assert_low_rank(out, models, EXPECTED_LOW_RANK[key])
         return
     want = EXPECTED[key]
-    assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"])
+    assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"],
+                       head=models[want["head"]] if "head" in want else None)
     model = load_causal_lm(out)
     assert model.config.num_hidden_layers == len(want["layers"]) == read_config(out)["num_hidden_layers"]
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
-    assert (out / "recipe.yaml").read_text() == path.read_text()
+    written = (out / "recipe.yaml").read_text()
+    if detect(yaml.safe_load(path.read_text())) is None:
+        assert written == path.read_text()
+    else:  # a foreign config: the recipe it translates to
+        assert written == load_recipe(path).text and written.startswith("# recipekit recipe translated from")
 
 
 def assert_low_rank(out: Path, models: dict[str, Path], want: dict) -> None:

@@ -78,9 +78,11 @@ def source_tensors(model_dir: Path) -> dict:
     return tensors_of(model_dir)
 
 
-def assert_layers_from(out: Path, origins: list[tuple[Path, int]], base: Path, dtype=None) -> None:
+def assert_layers_from(out: Path, origins: list[tuple[Path, int]], base: Path, dtype=None,
+                       head: Path | None = None) -> None:
     """Output layer j must equal layer `origins[j][1]` of the model in `origins[j][0]`, bit for bit
-    (after casting to `dtype` when given); every other tensor must equal `base`'s."""
+    (after casting to `dtype` when given); every other tensor must equal `base`'s, except the final norm and
+    lm_head, which come from `head` when given (its embeddings when it ties them)."""
     import re
 
     import torch
@@ -97,6 +99,11 @@ def assert_layers_from(out: Path, origins: list[tuple[Path, int]], base: Path, d
     for name, tensor in source(base).items():
         if not re.match(r".*layers\.\d+\.", name):
             expected[name] = tensor
+    if head is not None:  # a head with tied embeddings gives them as lm_head
+        donor = source(head)
+        expected["model.norm.weight"] = donor["model.norm.weight"]
+        if "lm_head.weight" in expected:
+            expected["lm_head.weight"] = donor.get("lm_head.weight", donor["model.embed_tokens.weight"])
     for j, (path, i) in enumerate(origins):
         for name, tensor in source(path).items():
             match = re.match(r"(.*layers)\.(\d+)\.(.*)", name)

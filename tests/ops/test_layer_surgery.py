@@ -83,18 +83,49 @@ def test_frankenmerge_is_bitwise_and_loads(llama, llama_sharded, tmp_path):
     assert logits_of(out).shape == (1, TOKENS.shape[1], 96)
 
 
+def slice_recipe(folder, a, b, slices: str, **fields: str):
+    """A recipe with models `a` and `b` and one slice_layers step: `slices` (YAML) and other fields."""
+    lines = "".join(f"\n    {key}: {value}" for key, value in fields.items())
+    return write_recipe(folder, f"recipe: 1\nmodels: {{a: {a}, b: {b}}}\nsteps:\n  - op: slice_layers\n"
+                                f"    slices: {slices}{lines}\n")
+
+
 def test_slice_base_gives_non_layer_tensors(llama, llama_sharded, tmp_path):
-    recipe = write_recipe(tmp_path, f"""
-        recipe: 1
-        models: {{a: {llama}, b: {llama_sharded}}}
-        steps:
-          - op: slice_layers
-            slices: [{{model: a, range: [0, 2]}}]
-            base: b
-        """)
+    recipe = slice_recipe(tmp_path, llama, llama_sharded, "[{model: a, range: [0, 2]}]", base="b")
     out = load_recipe(recipe).run(tmp_path / "out").out
     assert_layers_from(out, [(llama, 0), (llama, 1)], llama_sharded)
     assert read_config(out)["tie_word_embeddings"] is True
+
+
+def test_slice_head_gives_final_norm_and_lm_head(llama, tmp_path):
+    other = make_model(tmp_path / "other", layers=6, seed=7)
+    recipe = slice_recipe(tmp_path, llama, other, "[{model: a, range: [0, 3]}, {model: b, range: [3, 6]}]",
+                          head="b")
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    assert_layers_from(out, [(llama, 0), (llama, 1), (llama, 2), (other, 3), (other, 4), (other, 5)], llama,
+                       head=other)
+    reference = load_causal_lm(llama)
+    donor = load_causal_lm(other)
+    reference.model.layers = torch.nn.ModuleList([*reference.model.layers[:3], *donor.model.layers[3:]])
+    reference.model.norm, reference.lm_head = donor.model.norm, donor.lm_head
+    with torch.no_grad():
+        assert torch.allclose(logits_of(out), reference(TOKENS).logits, atol=1e-6)
+
+
+def test_a_head_with_tied_embeddings_gives_them_as_lm_head(llama, llama_sharded, tmp_path):
+    recipe = slice_recipe(tmp_path, llama, llama_sharded, "[{model: a, range: [0, 2]}]", head="b")
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    assert_layers_from(out, [(llama, 0), (llama, 1)], llama, head=llama_sharded)
+    donor = load_causal_lm(llama_sharded)
+    assert torch.equal(load_causal_lm(out).lm_head.weight, donor.model.embed_tokens.weight)
+
+
+def test_a_base_with_tied_embeddings_cannot_take_another_lm_head(llama, llama_sharded, tmp_path):
+    recipe = slice_recipe(tmp_path, llama, llama_sharded, "[{model: b, range: [0, 2]}]", head="a")
+    with pytest.raises(PlanError, match="ties lm_head to its embeddings") as e:
+        load_recipe(recipe).run(tmp_path / "out")
+    assert e.value.problems[0].path == ("steps", 0, "head")
+    assert not (tmp_path / "out").exists()
 
 
 def test_slices_of_a_different_shape_are_refused_before_writing(llama, tmp_path):
