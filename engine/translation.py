@@ -54,7 +54,8 @@ class Translation:
 
 
 class ConfigTranslator:
-    """Shared state and checks of a translator; a subclass's `translate` returns a `Translation`."""
+    """Shared state and checks of a translator; each subclass defines `translate() -> Translation`, which
+    ends with `finish`."""
 
     format = ""
 
@@ -64,9 +65,6 @@ class ConfigTranslator:
         self.problems: list[Problem] = []
         self.paths: dict[Path_, Path_] = {(): ()}  # recipe path prefix -> config path
         self.models: dict[str, str] = {}  # recipe model name -> reference
-
-    def translate(self) -> Translation:
-        raise NotImplementedError
 
     def finish(self, recipe: dict) -> Translation:
         """The translation of `recipe`, or one `RecipeError` with every problem found."""
