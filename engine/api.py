@@ -66,7 +66,7 @@ class LoadedRecipe:
             check_device(device)  # before any step measures the model there
         plan = self.plan(device=device)
         out = Path(out)
-        check_output(out, [s.root for _, s in plan.model.sources], overwrite=overwrite,
+        check_output(out, [s.root for _, s in plan.model.sources], recipe_dir=self.base_dir, overwrite=overwrite,
                      needed=plan.output_bytes + len(self.text.encode()) * 2)
         if plan.needs_torch:
             check_device(device)

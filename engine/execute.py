@@ -45,10 +45,14 @@ class RunResult:
         return len(self.plan.shards)
 
 
-def check_output(out: Path, input_roots: list[Path], *, overwrite: bool, needed: int) -> None:
-    """Refuse an output location before anything is written."""
+def check_output(out: Path, input_roots: list[Path], *, overwrite: bool, needed: int,
+                 recipe_dir: Path | None = None) -> None:
+    """Refuse an output location before anything is written. OUT may lie inside the recipe's folder but may not
+    be it or hold it, so that --overwrite never deletes the recipe or the files it names."""
     out = out.resolve()
     problems = []
+    if recipe_dir is not None and (out == recipe_dir.resolve() or out in recipe_dir.resolve().parents):
+        problems.append(Problem(f"the output {out} would replace {recipe_dir.resolve()}, the recipe's folder"))
     if out.exists() and not overwrite:
         problems.append(Problem(f"{out} already exists; pass --overwrite to replace it"))
     elif out.exists() and not out.is_dir():

@@ -13,8 +13,8 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 
 def parse_size(text: str | int) -> int:
     """`"2GB"` -> 2_000_000_000 (decimal units as transformers uses; `GiB` is binary)."""
-    if isinstance(text, bool):
-        raise ValueError("expected a size such as 2GB or 500MiB")
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"expected a size such as 2GB or 500MiB, got {text!r}")
     if isinstance(text, int):
         if text <= 0:
             raise ValueError("a size must be positive")

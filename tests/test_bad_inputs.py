@@ -1052,6 +1052,32 @@ def test_out_already_exists(tmp_path: Path, llama: Path, capsys, kind: str) -> N
     assert not list(tmp_path.glob(".OUT.recipekit-*"))
 
 
+@pytest.mark.parametrize("where", [".", ".."])
+def test_overwrite_never_replaces_the_recipes_folder(tmp_path: Path, llama: Path, capsys, where: str) -> None:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    _, recipe = _model_copy(folder, llama)
+    (folder / "notes.txt").write_text("my notes")
+    out = folder / where
+    before = snapshot(tmp_path)
+
+    result = cli(capsys, "run", recipe, "-o", out, "--overwrite")
+
+    assert_refused(result, [
+        ("", (f"the output {out.resolve()} would replace {folder}, the recipe's folder",)),
+        ("", (f"the input model directory {folder / 'models' / 'llama'} is inside the output",)),
+    ])
+    assert snapshot(tmp_path) == before
+
+
+def test_a_shard_size_that_is_neither_text_nor_a_number_is_located(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("recipe: 1\nmodels: {a: ./a}\nsteps: [{op: drop_layers, model: a, layers: [1]}]\n"
+                      "output: {shard_size: 1.5}\n")
+    result = cli(capsys, "validate", "--schema-only", recipe)
+    assert_refused(result, [(f"{recipe}:4:22: output.shard_size: ", ("expected a size such as 2GB", "1.5"))])
+
+
 def test_overwrite_refuses_a_file(tmp_path: Path, llama: Path, capsys) -> None:
     _, recipe = _model_copy(tmp_path, llama)
     out = tmp_path / "OUT"
