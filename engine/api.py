@@ -65,7 +65,6 @@ class LoadedRecipe:
         if device != "cpu":
             check_device(device)  # before any step measures the model there
         plan = self.plan(device=device)
-        out = Path(out)
         check_output(out, [s.root for _, s in plan.model.sources], recipe_dir=self.base_dir, overwrite=overwrite,
                      needed=plan.output_bytes + len(self.text.encode()) * 2)
         if plan.needs_torch:
@@ -77,7 +76,7 @@ class LoadedRecipe:
             _check_lock(lock, current)
         files = {"README.md": render_card(plan, self.text, self.recipe.description).encode(),
                  "recipe.yaml": self.text.encode(), "recipe.lock": lock_bytes(current)}
-        result = write_model(plan, out, files, overwrite=overwrite, progress=progress, device=device)
+        result = write_model(plan, Path(out), files, overwrite=overwrite, progress=progress, device=device)
         return replace(result, downloaded=downloaded, skipped=skipped)
 
 

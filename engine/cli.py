@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="build the model a recipe describes")
     run.add_argument("recipe", type=Path, metavar="RECIPE",
                      help="a recipe file, or a Hub model id (org/name[@rev]) whose shared recipe.yaml is rebuilt")
-    run.add_argument("-o", "--out", type=Path, required=True, metavar="OUT", help="output model directory")
+    run.add_argument("-o", "--out", required=True, metavar="OUT", help="output model directory")
     run.add_argument("--allow-local-paths", action="store_true",
                      help="let a recipe fetched from the Hub read local model paths")
     run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -174,6 +174,8 @@ def _run(args: argparse.Namespace) -> int:
     result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock)
     plan = result.plan
     _print_messages(plan.model)
+    for warning in result.warnings:
+        print(f"recipe: warning: {warning}", file=sys.stderr)
     if result.downloaded or result.skipped:
         print(f"recipe: downloaded {human(result.downloaded)} of Hub shards, skipped {human(result.skipped)} "
               f"that the output does not use", file=sys.stderr)

@@ -39,21 +39,33 @@ class RunResult:
     plan: Plan = field(repr=False)
     downloaded: int = 0  # bytes of Hub shards fetched for this run
     skipped: int = 0  # bytes of Hub shards not fetched because the output uses none of their tensors
+    warnings: tuple[str, ...] = ()  # what the user must know although the run succeeded
 
     @property
     def shards(self) -> int:
         return len(self.plan.shards)
 
 
-def check_output(out: Path, input_roots: list[Path], *, overwrite: bool, needed: int,
+def check_output(out: str | Path, input_roots: list[Path], *, overwrite: bool, needed: int,
                  recipe_dir: Path | None = None) -> None:
-    """Refuse an output location before anything is written. OUT may lie inside the recipe's folder but may not
-    be it or hold it, so that --overwrite never deletes the recipe or the files it names."""
-    out = out.resolve()
+    """Refuse an output location before anything is written.
+
+    OUT may lie inside the recipe's folder, the current directory or home, but may not be any of them or hold
+    them, with or without --overwrite: an unset `$OUT` (an empty path, which resolves to the current directory)
+    or a stray `..` must never replace a directory of the user's work.
+    """
+    if not str(out).strip():
+        raise WriteError("the output path is empty (is the variable you passed to -o set?); name a new directory")
+    out = Path(out).resolve()
     problems = []
-    if recipe_dir is not None and (out == recipe_dir.resolve() or out in recipe_dir.resolve().parents):
-        problems.append(Problem(f"the output {out} would replace {recipe_dir.resolve()}, the recipe's folder"))
-    if out.exists() and not overwrite:
+    guarded = [(folder, what) for folder, what in _guarded_folders(recipe_dir)
+               if out == folder or out in folder.parents]
+    if out == out.parent:
+        problems.append(Problem(f"the output {out} is the filesystem root; name a new directory"))
+    elif guarded:  # the first is enough: the recipe's folder inside the current directory is one mistake
+        folder, what = guarded[0]
+        problems.append(Problem(f"the output {out} would replace {folder}, {what}; name a new directory"))
+    elif out.exists() and not overwrite:
         problems.append(Problem(f"{out} already exists; pass --overwrite to replace it"))
     elif out.exists() and not out.is_dir():
         problems.append(Problem(f"{out} exists and is not a directory; refusing to replace it"))
@@ -75,6 +87,17 @@ def check_output(out: Path, input_roots: list[Path], *, overwrite: bool, needed:
                          f"{human(free)} is free")
 
 
+def _guarded_folders(recipe_dir: Path | None) -> list[tuple[Path, str]]:
+    """Folders an output may lie inside but never be or hold."""
+    folders = [] if recipe_dir is None else [(recipe_dir.resolve(), "the recipe's folder")]
+    for where, what in ((Path.cwd, "the current directory"), (Path.home, "your home directory")):
+        try:
+            folders.append((where().resolve(), what))
+        except (OSError, RuntimeError, KeyError):  # a deleted cwd, an unset HOME: nothing there to protect
+            pass
+    return folders
+
+
 def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bool = False,
                 progress: bool = True, device: str = "cpu") -> RunResult:
     """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically."""
@@ -94,7 +117,7 @@ def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bo
                 shutil.copyfile(source, tmp / name)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        _replace(tmp, out)
+        leftover = _replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -103,21 +126,33 @@ def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return RunResult(out, plan.output_bytes, time.perf_counter() - start, plan)
+    return RunResult(out, plan.output_bytes, time.perf_counter() - start, plan, warnings=() if leftover is None
+                     else (leftover,))
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def _replace(tmp: Path, out: Path) -> str | None:
+    """Rename the finished `tmp` to `out`. An old `out` is moved aside first and deleted only once the new one
+    is in place; returns a warning naming what is left where that deletion fails."""
     if not out.exists():
         os.rename(tmp, out)
-        return
+        return None
     old = out.parent / f".{out.name}.recipekit-old-{os.getpid()}"
     os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)  # put the old output back
+        raise
+    try:
+        shutil.rmtree(old)
+    except OSError as e:
+        return (f"the new {out} is in place, but the old one, moved aside to {old}, could not be fully removed "
+                f"({e.strerror or e}: {e.filename}); remove it yourself")
+    return None
 
 
 def _remove_stale_partials(out: Path) -> None:

@@ -10,7 +10,9 @@ sibling, no other change under tmp_path.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import struct
 import textwrap
@@ -1068,6 +1070,110 @@ def test_overwrite_never_replaces_the_recipes_folder(tmp_path: Path, llama: Path
         ("", (f"the input model directory {folder / 'models' / 'llama'} is inside the output",)),
     ])
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("where", ["", " ", "."])
+def test_an_empty_or_dot_out_never_replaces_the_current_directory(tmp_path: Path, llama: Path, capsys,
+                                                                  monkeypatch, where: str, overwrite: bool) -> None:
+    """`recipe run R -o "$OUT" --overwrite` with `$OUT` unset: the current directory is never replaced."""
+    _, recipe = _model_copy(tmp_path / "recipe", llama)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("two years of work")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+
+    result = cli(capsys, "run", recipe, "-o", where, *(["--overwrite"] if overwrite else []))
+
+    expected = ("the output path is empty",) if not where.strip() else (f"would replace {work}", "current directory")
+    assert_refused(result, [("", expected)])
+    assert snapshot(tmp_path) == before
+    assert not list(tmp_path.glob(".*recipekit-*"))
+
+
+@pytest.mark.parametrize("where", ["..", "/"])
+def test_out_never_holds_the_current_directory(tmp_path: Path, llama: Path, capsys, monkeypatch,
+                                               where: str) -> None:
+    _, recipe = _model_copy(tmp_path / "recipe", llama)
+    work = tmp_path / "projects" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+
+    result = cli(capsys, "run", recipe, "-o", where, "--overwrite")
+
+    if where == "/":
+        assert_refused(result, [("", ("filesystem root",)), ("", ("the input model directory", "inside the output /"))])
+    else:
+        assert_refused(result, [("", (f"would replace {work}", "current directory"))])
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["home", "parent of home"])
+def test_out_never_replaces_home(tmp_path: Path, llama: Path, capsys, monkeypatch, where: str) -> None:
+    _, recipe = _model_copy(tmp_path / "recipe", llama)
+    home = tmp_path / "users" / "me"
+    home.mkdir(parents=True)
+    (home / ".bashrc").write_text("alias ll='ls -l'")
+    monkeypatch.setenv("HOME", str(home))
+    out = home if where == "home" else home.parent
+    before = snapshot(tmp_path)
+
+    result = cli(capsys, "run", recipe, "-o", out, "--overwrite")
+
+    assert_refused(result, [("", (f"would replace {home}", "home directory"))])
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_names_an_old_output_it_could_not_remove(tmp_path: Path, llama: Path, capsys,
+                                                          monkeypatch) -> None:
+    """The old OUT is deleted only after the new one is in place; a failed deletion is said, not hidden."""
+    import recipekit.engine.execute as execute
+
+    _, recipe = _model_copy(tmp_path, llama)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous model")
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if ".recipekit-old-" in str(path):
+            raise PermissionError(13, "Permission denied", str(Path(path) / "old.txt"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(execute.shutil, "rmtree", rmtree)
+    result = cli(capsys, "run", recipe, "-o", out, "--overwrite", "-q")
+
+    assert result.rc == 0, result.err
+    (old,) = tmp_path.glob(".OUT.recipekit-old-*")
+    assert (old / "old.txt").read_text() == "the previous model"
+    assert (out / "config.json").exists() and not (out / "old.txt").exists()
+    warning = [ln for ln in result.err.splitlines() if ln.startswith("recipe: warning:")]
+    assert len(warning) == 1 and str(old) in warning[0] and "remove it yourself" in warning[0], result.err
+
+
+def test_overwrite_puts_the_old_output_back_when_the_new_one_cannot_take_its_place(
+        tmp_path: Path, llama: Path, capsys, monkeypatch) -> None:
+    import recipekit.engine.execute as execute
+
+    _, recipe = _model_copy(tmp_path, llama)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous model")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".recipekit-partial-" in str(src):
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(execute.os, "rename", rename)
+    result = cli(capsys, "run", recipe, "-o", out, "--overwrite", "-q")
+
+    assert result.rc == 1, result.err
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert not list(tmp_path.glob(".OUT.recipekit-*"))
 
 
 def test_a_shard_size_that_is_neither_text_nor_a_number_is_located(tmp_path: Path, capsys) -> None:
