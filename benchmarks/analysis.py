@@ -27,8 +27,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe import log, write_tokenizer  # noqa: E402
-from passthrough import (_bf16_block, _safetensors_header, cached, choose_spec, generate, human,  # noqa: E402
-                         parse_size, timed, warm_cache)
+from passthrough import (  # noqa: E402
+    _bf16_block,
+    _safetensors_header,
+    cached,
+    choose_spec,
+    generate,
+    human,
+    parse_size,
+    timed,
+    warm_cache,
+)
 
 V_LAYERS, V_SHAPE = 32, (1024, 4096)
 

@@ -36,9 +36,9 @@ print("RESULT", end - begin, end - start, float(logits[0, -1].float().abs().sum(
     "recipekit": """
 import sys, time, torch
 from pathlib import Path
-from recipekit.engine.forward import StreamedForward
-from recipekit.engine.lazy import LazyModel
-from recipekit.engine.source import open_model
+from recipekit.engine.forward.streamed import StreamedForward
+from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.io.source import open_model
 path, n = sys.argv[1], int(sys.argv[2])
 start = time.perf_counter()
 model = LazyModel.from_source("m", open_model(path, base_dir=Path.cwd()))

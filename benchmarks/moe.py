@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from passthrough import (ModelSpec, cached, choose_spec, clear, generate, human, parse_size, timed,  # noqa: E402
-                         warm_cache)
+from passthrough import ModelSpec, cached, choose_spec, clear, generate, human, parse_size, timed, warm_cache  # noqa: E402
 
 MODES = ("random", "hidden")
 PROMPTS = [

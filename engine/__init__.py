@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "LoadedRecipe": "api", "ModelInfo": "api", "inspect_model": "api", "load_recipe": "api",
     "PlanError": "errors", "Problem": "errors", "RecipeError": "errors", "RecipekitError": "errors",
-    "SourceError": "errors", "WriteError": "errors", "RunResult": "execute", "Plan": "plan",
+    "SourceError": "errors", "WriteError": "errors", "RunResult": "run.write", "Plan": "run.plan",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
+    from recipekit.engine.run.plan import Plan
+    from recipekit.engine.run.write import RunResult
+
     from .api import LoadedRecipe, ModelInfo, inspect_model, load_recipe
     from .errors import PlanError, Problem, RecipeError, RecipekitError, SourceError, WriteError
-    from .execute import RunResult
-    from .plan import Plan
 
 
 def __getattr__(name: str):

@@ -13,23 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from recipekit.engine.core.architectures import layer_config
+from recipekit.engine.core.graph import LazyModel, loads_of
+from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.foreign.formats import detect, translate
+from recipekit.engine.foreign.translation import MappedLocator, Translation
+from recipekit.engine.io import hub
+from recipekit.engine.io.source import open_model
+from recipekit.engine.recipe.document import Recipe, parse_recipe
+from recipekit.engine.recipe.shared import MAX_SHARED_RECIPE_BYTES, fetch_shared, untrusted_problems
+from recipekit.engine.recipe.yamlsource import Locator, load_yaml, read_recipe_text
+from recipekit.engine.run.build import build
+from recipekit.engine.run.card import render_card
+from recipekit.engine.run.lock import lock_bytes, lock_problems, make_lock, read_lock
+from recipekit.engine.run.plan import Plan, make_plan
+from recipekit.engine.run.write import RunResult, check_output, write_model
 
-from .architectures import layer_config
-from .build import build
-from .card import render_card
-from .execute import RunResult, check_output, write_model
 from .errors import PlanError, Problem, RecipeError, RecipekitError
-from .layers import decoder_of
-from . import hub
-from .foreign import detect, translate
-from .translation import MappedLocator, Translation
-from .lazy import LazyModel, loads_of
-from .lock import lock_bytes, lock_problems, make_lock, read_lock
-from .plan import Plan, make_plan
-from .recipe import Recipe, parse_recipe
-from .shared import MAX_SHARED_RECIPE_BYTES, fetch_shared, untrusted_problems
-from .source import open_model
-from .yamlsource import Locator, load_yaml, read_recipe_text
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def _check_lock(path: Path, current: dict) -> None:
 
 
 def check_device(device: str) -> None:
-    from .compute import device_problem
+    from recipekit.engine.run.evaluate import device_problem
 
     problem = device_problem(device)
     if problem:

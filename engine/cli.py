@@ -17,16 +17,17 @@ from pathlib import Path
 # This process uses no pydantic plugins; looking for them costs ~30 ms of every command.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
+from recipekit.engine.core.architectures import layer_config
+from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.core.sizes import human
+from recipekit.engine.io.hub import parse_hub_ref
+from recipekit.engine.recipe.document import recipe_json_schema
+from recipekit.engine.run.card import layer_runs
+from recipekit.engine.run.plan import Plan
+
 from .api import check_device, convert, inspect_model, load_recipe, load_shared_recipe, model_or_recipe
-from .architectures import layer_config
-from .card import layer_runs
-from .layers import decoder_of
 from .errors import RecipekitError
-from .hub import parse_hub_ref
-from .lazy import LazyModel
-from .plan import Plan
-from .recipe import recipe_json_schema
-from .sizes import human
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +193,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from . import hub
+    from recipekit.engine.io import hub
 
     loaded = load_recipe(args.recipe)
     # validate never reads anything remote: Hub inputs are checked only when the cache holds them
@@ -278,7 +279,7 @@ def _analyze(args: argparse.Namespace) -> int:
         return _analyze_super_weights(args)
     if args.metric != "snr":
         return _analyze_similarity(args)
-    from .analyze import snr_table
+    from recipekit.engine.measure.analyze import snr_table
 
     rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()),
                      progress=not args.quiet and sys.stderr.isatty())
@@ -287,7 +288,7 @@ def _analyze(args: argparse.Namespace) -> int:
     for r in rows:
         by_layer.setdefault(r.layer, {})[r.module] = r.snr
     if args.plot:
-        from .plot import heatmap
+        from recipekit.engine.measure.plot import heatmap
 
         # infinite SNR is drawn at the largest finite value, so the colour scale stays readable
         finite = [v for values in by_layer.values() for v in values.values() if math.isfinite(v)] or [0.0]
@@ -305,8 +306,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _analyze_similarity(args: argparse.Namespace) -> int:
-    from .analyze import paragraphs, similarity
-    from .perplexity import read_text
+    from recipekit.engine.measure.analyze import paragraphs, similarity
+    from recipekit.engine.measure.perplexity import read_text
 
     if args.text is None:
         raise RecipekitError(f"--metric {args.metric} needs --text FILE: the texts to run the model on")
@@ -329,7 +330,7 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
         rows = [{"layer": i, "bi": v} for i, v in enumerate(result.bi)]
         header = f"block influence 1 - cos(layer input, layer output) over {result.tokens} tokens of {result.texts} texts"
     if args.plot:
-        from .plot import curve
+        from recipekit.engine.measure.plot import curve
 
         xs = [row.get("start", row.get("layer")) for row in rows]
         ys = [row.get("distance", row.get("bi")) for row in rows]
@@ -347,9 +348,9 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
 
 
 def _analyze_super_weights(args: argparse.Namespace) -> int:
-    from .analyze import paragraphs
-    from .perplexity import read_text
-    from .superweights import DEFAULT_PROMPT, find_super_weights, verify
+    from recipekit.engine.measure.analyze import paragraphs
+    from recipekit.engine.measure.perplexity import read_text
+    from recipekit.engine.measure.superweights import DEFAULT_PROMPT, find_super_weights, verify
 
     if args.verify and args.text is None:
         raise RecipekitError("--verify needs --text FILE: the text whose perplexity is compared")
@@ -362,7 +363,7 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
     if args.verify:
         baseline, found = verify(model, str(args.model), found, text, seq_len=args.seq_len)
     if args.plot:
-        from .plot import curve
+        from recipekit.engine.measure.plot import curve
 
         by_layer = {w.layer: max(w.out_ratio, 0) for w in found}
         layers = range(len(decoder_of(model, str(args.model)).layers))
@@ -388,9 +389,9 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
 
 
 def _analyze_routing(args: argparse.Namespace) -> int:
-    from .analyze import paragraphs
-    from .perplexity import read_text
-    from .routing import routing
+    from recipekit.engine.measure.analyze import paragraphs
+    from recipekit.engine.measure.perplexity import read_text
+    from recipekit.engine.measure.routing import routing
 
     check_device(args.device)
     model = model_or_recipe(args.model)
@@ -398,7 +399,7 @@ def _analyze_routing(args: argparse.Namespace) -> int:
                      max_texts=args.max_texts, device=args.device, progress=not args.quiet and sys.stderr.isatty())
     shares = result.shares()
     if args.plot:
-        from .plot import heatmap
+        from recipekit.engine.measure.plot import heatmap
 
         heatmap(args.plot, shares, rows=[str(layer) for layer in result.layers],
                 columns=[str(e) for e in range(result.experts)], title=f"routing of {args.model}",
@@ -417,8 +418,8 @@ def _analyze_routing(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .lock import read_lock
-    from .shared import fetch_shared
+    from recipekit.engine.recipe.shared import fetch_shared
+    from recipekit.engine.run.lock import read_lock
 
     recipe_file, lock_file = fetch_shared(args.ref)
     print(recipe_file.read_text(encoding="utf-8").rstrip("\n"))
@@ -438,7 +439,7 @@ def _positive(text: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .perplexity import perplexity, read_text
+    from recipekit.engine.measure.perplexity import perplexity, read_text
 
     if args.stride is not None and args.stride > args.seq_len:
         raise RecipekitError(f"--stride {args.stride} is longer than --seq-len {args.seq_len}: tokens would be skipped")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 Path_ = tuple[str | int, ...]
 
 

@@ -1,19 +1,34 @@
-"""The one list of operations. A recipe's `op` picks its parameters class here."""
+"""The one list of operations: each op's parameters, its graph rewrite, and the kernels its nodes name.
+
+A recipe's `op` picks its parameters class here; the executor finds every kernel here. The engine reaches ops
+only through this module.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Union, get_args
 
 from pydantic import Field
+from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.core.kernels import SHARED_KERNELS
+from recipekit.engine.core.probe import Probe
+from recipekit.engine.core.schema import StepBase
 
-from recipekit.engine.lazy import LazyModel
-from recipekit.engine.probe import Probe
-from recipekit.engine.schema import StepBase
-
-from . import layer_surgery, low_rank, moe, super_weights
+from .layers import drop_layers, slice_layers
+from .moe import init_gates, stack_experts
+from .weights import low_rank, super_weights
 
 # (parameters, models and earlier results by name, the engine's measurements) -> the step's result
 OpFunction = Callable[[StepBase, Mapping[str, LazyModel], Probe], LazyModel]
+Kernel = Callable[..., object]  # torch tensors and keyword parameters -> a torch tensor
+
+
+@dataclass(frozen=True)
+class Op:
+    params: type[StepBase]
+    rewrite: OpFunction
+    kernels: Mapping[str, Kernel] = field(default_factory=dict)  # the kernels this op's nodes name
 
 
 def op_name(params: type[StepBase]) -> str:
@@ -22,29 +37,34 @@ def op_name(params: type[StepBase]) -> str:
     return name
 
 
-def _register(entries: list[tuple[type[StepBase], OpFunction]]) -> dict[str, tuple[type[StepBase], OpFunction]]:
-    table: dict[str, tuple[type[StepBase], OpFunction]] = {}
-    for params, function in entries:
-        name = op_name(params)
+def _register(ops: list[Op]) -> tuple[dict[str, Op], dict[str, Kernel]]:
+    table: dict[str, Op] = {}
+    kernels: dict[str, Kernel] = dict(SHARED_KERNELS)
+    for op in ops:
+        name = op_name(op.params)
         if name in table:
             raise TypeError(f"op {name!r} is registered twice")
-        if not callable(getattr(params, "references", None)):
-            raise TypeError(f"op {name!r}: {params.__name__} must define references()")
-        table[name] = (params, function)
-    return table
+        if not callable(getattr(op.params, "references", None)):
+            raise TypeError(f"op {name!r}: {op.params.__name__} must define references()")
+        for kernel, function in op.kernels.items():
+            if kernel in kernels:
+                raise TypeError(f"op {name!r}: kernel {kernel!r} is registered twice")
+            kernels[kernel] = function
+        table[name] = op
+    return table, kernels
 
 
-OPS = _register([
-    (layer_surgery.DropLayers, layer_surgery.drop_layers),
-    (layer_surgery.SliceLayers, layer_surgery.slice_layers),
-    (moe.StackExperts, moe.stack_experts),
-    (moe.InitGates, moe.init_gates),
-    (super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
-    (low_rank.LowRank, low_rank.low_rank),
+OPS, KERNELS = _register([
+    Op(drop_layers.DropLayers, drop_layers.drop_layers),
+    Op(slice_layers.SliceLayers, slice_layers.slice_layers),
+    Op(stack_experts.StackExperts, stack_experts.stack_experts, stack_experts.KERNELS),
+    Op(init_gates.InitGates, init_gates.init_gates),
+    Op(super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
+    Op(low_rank.LowRank, low_rank.low_rank, low_rank.KERNELS),
 ])
 
-Step = Annotated[Union[tuple(params for params, _ in OPS.values())], Field(discriminator="op")]
+Step = Annotated[Union[tuple(op.params for op in OPS.values())], Field(discriminator="op")]
 
 
 def function_for(step: StepBase) -> OpFunction:
-    return OPS[step.op][1]
+    return OPS[step.op].rewrite

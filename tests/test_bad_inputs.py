@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from recipekit.engine.cli import main
+
 from tests.tiny import make_model
 
 COMMANDS = ["run", "validate", "plan"]
@@ -1129,7 +1129,7 @@ def test_out_never_replaces_home(tmp_path: Path, llama: Path, capsys, monkeypatc
 def test_overwrite_names_an_old_output_it_could_not_remove(tmp_path: Path, llama: Path, capsys,
                                                           monkeypatch) -> None:
     """The old OUT is deleted only after the new one is in place; a failed deletion is said, not hidden."""
-    import recipekit.engine.execute as execute
+    import recipekit.engine.run.write as execute
 
     _, recipe = _model_copy(tmp_path, llama)
     out = tmp_path / "OUT"
@@ -1155,7 +1155,7 @@ def test_overwrite_names_an_old_output_it_could_not_remove(tmp_path: Path, llama
 
 def test_overwrite_puts_the_old_output_back_when_the_new_one_cannot_take_its_place(
         tmp_path: Path, llama: Path, capsys, monkeypatch) -> None:
-    import recipekit.engine.execute as execute
+    import recipekit.engine.run.write as execute
 
     _, recipe = _model_copy(tmp_path, llama)
     out = tmp_path / "OUT"

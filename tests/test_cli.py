@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 
@@ -71,7 +70,7 @@ def test_a_dtype_change_does_import_torch(tmp_path):
 
 
 def test_failure_mid_run_leaves_nothing(tmp_path, monkeypatch):
-    from recipekit.engine import compute
+    from recipekit.engine.run import evaluate
 
     calls = []
 
@@ -81,20 +80,20 @@ def test_failure_mid_run_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk on fire")
         return original(*args)
 
-    original = compute.cast_stream
-    monkeypatch.setattr(compute, "cast_stream", failing_cast)
+    original = evaluate.cast_stream
+    monkeypatch.setattr(evaluate, "cast_stream", failing_cast)
     rc = main(["run", str(DEMO / "frankenmerge.yaml"), "-o", str(tmp_path / "out"), "-q"])
     assert rc == 1
     assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_run_leaves_nothing_and_says_so(tmp_path, monkeypatch, capsys):
-    from recipekit.engine import compute
+    from recipekit.engine.run import evaluate
 
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compute, "cast_stream", interrupt)
+    monkeypatch.setattr(evaluate, "cast_stream", interrupt)
     assert main(["run", str(DEMO / "frankenmerge.yaml"), "-o", str(tmp_path / "out"), "-q"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from recipekit.engine.cli import main
+
 from tests.tiny import make_model, tensors_of, write_recipe
 
 COMMIT_1 = "1" * 40
@@ -179,7 +179,7 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_line(hub, tmp_path, caps
 
 
 def test_local_hashes_are_remembered_and_invalidated(tmp_path, monkeypatch):
-    from recipekit.engine import lock
+    from recipekit.engine.run import lock
 
     file = tmp_path / "w.safetensors"
     file.write_bytes(b"abc" * 1000)
@@ -297,8 +297,7 @@ class FakeHub:
 
 def test_online_plan_reads_headers_only_and_run_downloads_only_used_shards(tmp_path, monkeypatch, capsys):
     import huggingface_hub
-
-    from recipekit.engine import hub
+    from recipekit.engine.io import hub
 
     cache = tmp_path / "cache"
     fake = FakeHub(cache)

@@ -5,9 +5,9 @@ import json
 import math
 
 import pytest
-
 from recipekit.engine.cli import main
-from recipekit.ops.snr import snr
+from recipekit.engine.core.rmt import snr
+
 from tests.tiny import make_model, tensors_of
 
 
@@ -62,11 +62,10 @@ def test_angular_and_bi_equal_a_direct_computation_with_transformers(tmp_path, c
     from pathlib import Path
 
     import torch
-
-    from recipekit.engine.analyze import paragraphs, similarity
-    from recipekit.engine.lazy import LazyModel
-    from recipekit.engine.source import open_model
-    from recipekit.engine.tokenize import TextTokenizer
+    from recipekit.engine.core.graph import LazyModel
+    from recipekit.engine.forward.tokenize import TextTokenizer
+    from recipekit.engine.io.source import open_model
+    from recipekit.engine.measure.analyze import paragraphs, similarity
 
     demo = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "models" / "llama-a"
     path = make_model(tmp_path / "m", layers=4, vocab_size=258, seed=9)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import transformers
-
-from recipekit.engine.architectures import materialise, rewrite_layers
+from recipekit.engine.core.architectures import materialise, rewrite_layers
 
 CASES = [
     ("Qwen2Config", dict(use_sliding_window=True, sliding_window=64, max_window_layers=5)),

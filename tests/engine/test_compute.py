@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 
 import torch
+from recipekit.engine.core.graph import Apply, LazyModel, Load
+from recipekit.engine.io.source import open_model
+from recipekit.engine.recipe.document import Output
+from recipekit.engine.run import evaluate
+from recipekit.engine.run.plan import make_plan
+from recipekit.engine.run.write import write_model
 from safetensors.torch import load_file, save_file
-
-from recipekit.engine import compute
-from recipekit.engine.execute import write_model
-from recipekit.engine.lazy import Apply, LazyModel, Load
-from recipekit.engine.plan import make_plan
-from recipekit.engine.recipe import Output
-from recipekit.engine.source import open_model
 
 
 def _model(tmp_path, tensors: dict[str, torch.Tensor]):
@@ -23,8 +22,8 @@ def _model(tmp_path, tensors: dict[str, torch.Tensor]):
 
 
 def test_chunked_cast_equals_whole_tensor_cast(tmp_path, monkeypatch):
-    monkeypatch.setattr(compute, "CAST_CHUNK_BYTES", 1000)  # many chunks, a ragged last one
-    monkeypatch.setattr(compute, "_chunk_buffers", type(compute._chunk_buffers)())
+    monkeypatch.setattr(evaluate, "CAST_CHUNK_BYTES", 1000)  # many chunks, a ragged last one
+    monkeypatch.setattr(evaluate, "_chunk_buffers", type(evaluate._chunk_buffers)())
     x = torch.randn(37, 29, dtype=torch.float32) * 1000
     source = _model(tmp_path, {"x": x})
     info = source.tensors["x"]
@@ -33,7 +32,7 @@ def test_chunked_cast_equals_whole_tensor_cast(tmp_path, monkeypatch):
     src = os.open(info.file, os.O_RDONLY)
     try:
         for dtype, torch_dtype in (("BF16", torch.bfloat16), ("F16", torch.float16)):
-            compute.cast_stream(info, src, fd, 3, dtype)
+            evaluate.cast_stream(info, src, fd, 3, dtype)
             data = bytearray(os.pread(fd, x.numel() * 2, 3))
             assert torch.equal(torch.frombuffer(data, dtype=torch_dtype).reshape(x.shape), x.to(torch_dtype))
     finally:
@@ -49,7 +48,7 @@ def test_evaluator_shares_intermediates_and_frees_them(tmp_path):
     back = Apply("cast", (half,), (("dtype", "F32"),), "F32", load.shape)  # not a plain cast of a Load
     fd = os.open(source.tensors["x"].file, os.O_RDONLY)
     try:
-        evaluator = compute.Evaluator([back, half], lambda info: fd)
+        evaluator = evaluate.Evaluator([back, half], lambda info: fd)
         assert torch.equal(evaluator.value(back), x.to(torch.float16).to(torch.float32))
         assert half in evaluator.cache  # still needed by the second root
         assert torch.equal(evaluator.value(half), x.to(torch.float16))

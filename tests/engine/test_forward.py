@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.errors import PlanError
-from recipekit.engine.forward import StreamedForward
-from recipekit.engine.lazy import LazyModel
-from recipekit.engine.source import open_model
+from recipekit.engine.forward.streamed import StreamedForward
+from recipekit.engine.io.source import open_model
+
 from tests.tiny import load_causal_lm, make_model
 
 BATCH = [[5, 17, 42, 3, 88, 9, 61, 23, 7, 11], [1, 2, 3, 4, 5, 6], [90, 4]]
@@ -96,7 +96,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 
 def test_capture_maxabs_and_last_token_equal_direct_computation(tmp_path):
-    from recipekit.engine.capture import LastToken, MaxAbs
+    from recipekit.engine.forward.capture import LastToken, MaxAbs
 
     forward = StreamedForward(lazy(make_model(tmp_path / "m", layers=2)))
     kept = {}

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import pytest
-
 from recipekit.engine.errors import RecipeError
-from recipekit.engine.recipe import parse_recipe
-from recipekit.engine.yamlsource import load_yaml
+from recipekit.engine.recipe.document import parse_recipe
+from recipekit.engine.recipe.yamlsource import load_yaml
 
 
 def problems_of(text: str) -> list[str]:

@@ -6,10 +6,9 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from recipekit.engine.errors import SourceError
-from recipekit.engine.safetensors_header import read_header
+from recipekit.engine.io.safetensors_header import read_header
+from safetensors.torch import save_file
 
 
 def test_matches_the_safetensors_library(tmp_path):

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from recipekit.engine.sizes import human, parse_size
+from recipekit.engine.core.sizes import human, parse_size
 
 
 @pytest.mark.parametrize("text, expected", [

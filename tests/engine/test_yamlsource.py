@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pytest
-
 from recipekit.engine.errors import RecipeError
-from recipekit.engine.yamlsource import load_yaml
+from recipekit.engine.recipe.yamlsource import load_yaml
 
 
 def test_values_and_marks():

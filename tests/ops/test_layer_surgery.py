@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from recipekit.engine import PlanError, load_recipe
+
 from tests.tiny import assert_layers_from, load_causal_lm, make_model, read_config, write_recipe
 
 TOKENS = torch.tensor([[5, 17, 42, 3, 88, 9, 61, 23]])
@@ -197,7 +197,8 @@ def _with_infinite_snr_layers(tmp_path, infinite: set[int]):
 
 @pytest.mark.parametrize("rule", ["where: infinite", "lowest: 2", "below: 7"])
 def test_drop_layers_selected_by_snr(tmp_path, rule):
-    from recipekit.ops.snr import snr
+    from recipekit.engine.core.rmt import snr
+
     from tests.tiny import tensors_of
 
     path = _with_infinite_snr_layers(tmp_path, {1, 3})
@@ -252,9 +253,9 @@ def talking_model(tmp_path):
                                     "{metric: angular, n: 2, text: texts.txt, token: mean}",
                                     "{metric: bi, count: 2, text: texts.txt}"])
 def test_drop_layers_selected_by_activations(talking_model, tmp_path, select):
-    from recipekit.engine.analyze import paragraphs, similarity
-    from recipekit.engine.lazy import LazyModel
-    from recipekit.engine.source import open_model
+    from recipekit.engine.core.graph import LazyModel
+    from recipekit.engine.io.source import open_model
+    from recipekit.engine.measure.analyze import paragraphs, similarity
 
     measured = similarity(LazyModel.from_source("m", open_model(str(talking_model), base_dir=tmp_path)), "m",
                           paragraphs((tmp_path / "texts.txt").read_text()), mean_n=2)

@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from recipekit.ops.snr import snr
+from recipekit.engine.core.rmt import snr
 
 
 def numpy_snr(w: np.ndarray) -> float:

@@ -1,0 +1,80 @@
+"""Kernels every op may emit, and the two pieces of torch every kernel needs (dtypes, seeded generators).
+
+A kernel is a pure function of torch tensors and keyword parameters (the `params` of its `Apply` node). torch is
+imported inside each function, so that ops can name and register kernels without importing it: the executor
+calls a kernel only when a tensor has to be computed.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (`BF16` -> torch.bfloat16)."""
+    import torch
+
+    return {
+        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+        "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+        "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
+        "U32": torch.uint32, "U64": torch.uint64,
+    }[name]
+
+
+def generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by the recipe's seed and a tensor's name: the same bytes on every run."""
+    import torch
+
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def cast(x: torch.Tensor, *, dtype: str) -> torch.Tensor:
+    """Any shape; the same values in another dtype (round to nearest)."""
+    return x.to(torch_dtype(dtype))
+
+
+def zeros(*, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    return torch.zeros(shape, dtype=torch_dtype(dtype))
+
+
+def constant(*, data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float32 values computed when the recipe was built (e.g. gates from prompts), in `dtype`."""
+    import torch
+
+    values = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+    return values.to(torch_dtype(dtype))
+
+
+def randn(*, seed: int, name: str, std: float, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Normal values with standard deviation `std`, seeded by (`seed`, `name`)."""
+    import torch
+
+    values = torch.randn(shape, generator=generator(seed, name), dtype=torch.float32) * std
+    return values.to(torch_dtype(dtype))
+
+
+def uniform(*, seed: int, name: str, bound: float, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform values in [-bound, bound), seeded by (`seed`, `name`)."""
+    import torch
+
+    values = torch.rand(shape, generator=generator(seed, name), dtype=torch.float32) * (2 * bound) - bound
+    return values.to(torch_dtype(dtype))
+
+
+def zero_at(x: torch.Tensor, *, coordinates: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """A 2-D tensor with the given entries set to zero (e.g. a super weight, to see what it does)."""
+    y = x.clone()
+    for row, column in coordinates:
+        y[row, column] = 0
+    return y
+
+
+SHARED_KERNELS = {"cast": cast, "zeros": zeros, "constant": constant, "randn": randn, "uniform": uniform,
+                  "zero_at": zero_at}

@@ -1,0 +1,44 @@
+"""The measurements an op may ask for: a protocol, so ops stay pure functions and `core` never imports `measure`.
+
+The engine hands every op an implementation (`recipekit.engine.measure.probe.EngineProbe`) that reads weights
+through the node evaluator and runs the streamed forward. A recipe that selects nothing by a metric never calls
+it, so its plan reads headers only and imports no torch.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from recipekit.engine.core.graph import LazyModel, MoeInfo
+    from recipekit.engine.measure.analyze import Similarity
+    from recipekit.engine.measure.gates import GateRows
+    from recipekit.engine.measure.superweights import SuperWeight
+
+RELATED = 0.5  # norm_correlation: fine-tunes of one base score well above this (0.99 for usual ones); unrelated near 0
+
+
+class Probe(Protocol):
+    """What data-driven ops may measure. Text files are named as the recipe names them (relative to its folder)."""
+
+    def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
+        """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
+        ...
+
+    def similarity(self, model: LazyModel, name: str, text: str, seq_len: int, max_texts: int,
+                   mean_n: int | None = None) -> Similarity:
+        """Angular distances and block influences of `model` over the paragraphs of a text file (with `mean_n`,
+        also the token-averaged angular distance over that many layers)."""
+        ...
+
+    def prompt_gates(self, info: MoeInfo, mode: str, hidden_state: str, token: str) -> GateRows:
+        """Router rows of a stacked MoE from its experts' prompts, through the base model."""
+        ...
+
+    def super_weights(self, model: LazyModel, name: str, text: str | None, *, threshold: float, rounds: int,
+                      seq_len: int, max_texts: int) -> list[SuperWeight]:
+        """Super weights of `model`, over a default prompt and the paragraphs of an optional text file."""
+        ...
+
+    def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
+        """How alike two models' norm weights are (Pearson); None when they cannot be compared."""
+        ...

@@ -1,0 +1,1 @@
+"""Foreign configs (mergekit-moe, mergekit-yaml): detection and one translator per format."""

@@ -1,0 +1,167 @@
+"""Run a model one decoder layer at a time, straight from a LazyModel.
+
+Layer-major: every sequence of a pass goes through layer i before layer i+1
+is read, so each weight is read once and only activations stay in memory. A
+background thread reads the next layer while this one computes. Observers see
+named activations (see `llama.decoder_layer`) without the forward keeping them.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from recipekit.engine.core.graph import LazyModel, Load, Node, cast_source
+from recipekit.engine.core.kernels import cast
+from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.core.moe_layouts import LAYOUTS
+from recipekit.engine.core.names import ATTENTION_WEIGHTS, MLP_TENSORS, NORMS
+from recipekit.engine.errors import PlanError
+from recipekit.engine.forward.llama import LlamaSpec, attention_mask, decoder_layer, rms_norm, rope_tables
+from recipekit.engine.io.inputs import InputFiles
+from recipekit.engine.progress import progress_bar
+from recipekit.engine.run.evaluate import Evaluator, read_rows
+
+LAYER_TENSORS = NORMS + ATTENTION_WEIGHTS
+# attention scores of one micro-batch stay below this many floats (256 MB)
+SCORE_BUDGET = 2**26
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What an observer sees: `tensor` [b, T, C] for sequences `rows` of the pass; `valid` [b, T] marks real tokens.
+
+    `point` is `residual`, `attn_in`, `mlp_in`, `down_in`, `down_out`, `router` (MoE layers: router
+    logits; they have no `down_in`/`down_out`) (of decoder layer `layer`; `residual`
+    of layer = number of layers is the stream after the last layer, before the final norm) or `final` (after
+    the final norm, `layer` = number of layers).
+    """
+
+    point: str
+    layer: int
+    tensor: torch.Tensor
+    valid: torch.Tensor
+    rows: range
+
+
+Observer = Callable[[Activation], None]
+
+
+class StreamedForward:
+    """The forward pass of a Llama-family LazyModel with one layer's weights in memory (two while prefetching)."""
+
+    def __init__(self, model: LazyModel, *, device: str = "cpu", name: str = "model"):
+        self.model = model
+        self.spec = LlamaSpec.from_config(model.config)
+        self.decoder = decoder_of(model, name)
+        self.device = torch.device(device)
+        root = self.decoder.prefix.removesuffix("layers")
+        self.embed_name = f"{root}embed_tokens.weight"
+        self.norm_name = f"{root}norm.weight"
+        self.head_name = "lm_head.weight" if "lm_head.weight" in model.tensors else self.embed_name
+        missing = [n for n in (self.embed_name, self.norm_name) if n not in model.tensors]
+        router = LAYOUTS[self.spec.model_type].router if self.spec.model_type in LAYOUTS else ""
+        for i, layer in enumerate(self.decoder.layers):
+            mlp = () if router in layer else MLP_TENSORS  # an MoE layer, or a dense one
+            missing += [f"{self.decoder.prefix}.{i}.{rest}" for rest in LAYER_TENSORS + mlp if rest not in layer]
+        if missing:
+            raise PlanError(f"the model lacks tensors the forward needs: {', '.join(missing[:4])}"
+                            + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+        self.weight_bytes_held = 0
+        self.peak_weight_bytes = 0  # most weight bytes held at once during `run`, for memory checks
+        self._held_lock = threading.Lock()  # the reader thread and the main thread both count
+
+    def run(self, sequences: list[list[int]], *, observer: Observer | None = None,
+            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids per sequence -> (final normed hidden states [B, T, C], valid mask [B, T]), right-padded."""
+        if not sequences or not all(sequences):
+            raise ValueError("the forward needs at least one non-empty sequence")
+        observe = observer or (lambda activation: None)
+        length = max(len(s) for s in sequences)
+        ids = torch.zeros(len(sequences), length, dtype=torch.long)
+        valid = torch.zeros(len(sequences), length, dtype=torch.bool)
+        for b, seq in enumerate(sequences):
+            ids[b, :len(seq)] = torch.tensor(seq)
+            valid[b, :len(seq)] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        cos, sin = rope_tables(self.spec, length, self.device)
+        micro = max(1, SCORE_BUDGET // (self.spec.heads * length * length))
+        batches = [range(start, min(start + micro, len(sequences))) for start in range(0, len(sequences), micro)]
+        count = len(self.decoder.layers)
+
+        with InputFiles() as files, ThreadPoolExecutor(max_workers=1) as reader:
+            hidden = self.embed(ids, files)
+            pending = reader.submit(self._read_layer, 0, files)
+            bar = progress_bar(count, progress, unit="layer", desc="forward")
+            for i in range(count):
+                weights = pending.result()
+                if i + 1 < count:
+                    pending = reader.submit(self._read_layer, i + 1, files)
+                masks = {}
+                for rows in batches:
+                    window = self.spec.sliding[i]
+                    if window not in masks:
+                        masks[window] = attention_mask(valid, window)
+                    part = slice(rows.start, rows.stop)
+
+                    def point(name: str, tensor: torch.Tensor, i=i, rows=rows, part=part) -> None:
+                        observe(Activation(name, i, tensor, valid[part], rows))
+
+                    hidden[part] = decoder_layer(self.spec, i, weights, hidden[part], masks[window][part],
+                                                 cos, sin, point)
+                self._release(weights)
+                del weights
+                bar.update(1)
+            bar.close()
+            observe(Activation("residual", count, hidden, valid, range(len(sequences))))  # after the last layer
+            norm = self._read({"norm": self.model.tensors[self.norm_name]}, files)
+            final = rms_norm(hidden, norm["norm"], self.spec.eps)
+            self._release(norm)
+        observe(Activation("final", count, final, valid, range(len(sequences))))
+        return final, valid
+
+    def embed(self, ids: torch.Tensor, files: InputFiles) -> torch.Tensor:
+        """Token embeddings of `ids` (any shape) in float32 on the device; reads only the rows used when the
+        embedding is an input tensor (a 150k-token vocabulary costs nothing for a few prompts)."""
+        node = self.model.tensors[self.embed_name]
+        vocab = node.shape[0]
+        if int(ids.max()) >= vocab:
+            raise PlanError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}: "
+                            "is the tokenizer the model's own?")
+        source = node if isinstance(node, Load) else cast_source(node)
+        if source is None:  # computed embeddings: evaluate them whole
+            table = self._read({"embed": node}, files)
+            rows = table["embed"][ids].float()
+            self._release(table)
+            return rows
+        used, where = torch.unique(ids.cpu(), return_inverse=True)
+        rows = read_rows(source.tensor, files.fd(source.tensor), used.tolist())
+        if node is not source:  # a dtype cast: round the rows as the whole tensor would be
+            rows = cast(rows, dtype=node.dtype)
+        return rows.to(device=self.device, dtype=torch.float32)[where.to(self.device)]
+
+    def lm_head(self) -> torch.Tensor:
+        """The output projection [vocab, C] in float32 (the embedding when tied)."""
+        with InputFiles() as files:
+            weights = self._read({"head": self.model.tensors[self.head_name]}, files)
+        self._release(weights)
+        return weights["head"].float()
+
+    def _read_layer(self, i: int, files: InputFiles) -> dict[str, torch.Tensor]:
+        layer = self.decoder.layers[i]
+        return self._read({rest: self.model.tensors[name] for rest, name in layer.items()}, files)
+
+    def _read(self, nodes: dict[str, Node], files: InputFiles) -> dict[str, torch.Tensor]:
+        evaluator = Evaluator(list(nodes.values()), files.fd)
+        # kept in their stored dtype (half the memory for bf16 models); the math upcasts one weight at a time
+        out = {key: evaluator.value(node).to(device=self.device) for key, node in nodes.items()}
+        with self._held_lock:
+            self.weight_bytes_held += sum(t.numel() * t.element_size() for t in out.values())
+            self.peak_weight_bytes = max(self.peak_weight_bytes, self.weight_bytes_held)
+        return out
+
+    def _release(self, weights: dict[str, torch.Tensor]) -> None:
+        with self._held_lock:
+            self.weight_bytes_held -= sum(t.numel() * t.element_size() for t in weights.values())

@@ -1,0 +1,1 @@
+"""Reading inputs: safetensors headers, open input files, the Hub, model sources. Never torch."""

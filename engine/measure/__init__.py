@@ -1,0 +1,1 @@
+"""Measurements of models: SNR, similarity, perplexity, routing, prompt gates, super weights, lineage."""

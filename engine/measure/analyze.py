@@ -1,0 +1,139 @@
+"""Per-layer analyses of a model, one weight in memory at a time.
+
+`snr_table` is data-free: the random-matrix SNR (see `ops/snr.py`) of each
+chosen module's weight in every decoder layer. `similarity` runs the
+streamed forward over texts and measures how much each layer (or block of
+layers) changes the residual stream: angular distance and block influence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.core.names import PROJECTIONS
+from recipekit.engine.core.rmt import snr
+from recipekit.engine.errors import PlanError
+from recipekit.engine.forward.capture import LastToken
+from recipekit.engine.io.inputs import InputFiles
+from recipekit.engine.progress import progress_bar
+from recipekit.engine.run.evaluate import Evaluator
+
+MODULES = PROJECTIONS
+
+
+@dataclass(frozen=True)
+class SNRRow:
+    layer: int
+    module: str
+    snr: float
+    snr_over_max: float
+    signal_values: int
+
+    def to_dict(self) -> dict:
+        finite = math.isfinite(self.snr)
+        return {"layer": self.layer, "module": self.module, "snr": self.snr if finite else None,
+                "infinite": not finite, "snr_over_max": self.snr_over_max if finite else None,
+                "signal_values": self.signal_values}
+
+
+def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = None,
+              progress: bool = False) -> list[SNRRow]:
+    """SNR of `<module>.weight` in every decoder layer; modules default to those the model has."""
+    decoder = decoder_of(model, name)
+    present = [m for m in MODULES if f"{m}.weight" in decoder.layers[0]]
+    chosen = list(modules) if modules else present
+    missing = [m for m in chosen if any(f"{m}.weight" not in layer for layer in decoder.layers)]
+    if missing:
+        raise PlanError(f"model {name!r} has no {', '.join(missing)} in every layer; its modules: "
+                        f"{', '.join(present) or 'none of ' + ', '.join(MODULES)}")
+    rows = []
+    bar = progress_bar(len(decoder.layers) * len(chosen), progress, unit="matrix", desc="snr")
+    with InputFiles() as files:
+        for i, layer in enumerate(decoder.layers):
+            for module in chosen:
+                node = model.tensors[layer[f"{module}.weight"]]
+                result = snr(Evaluator([node], files.fd).value(node))
+                rows.append(SNRRow(i, module, result.snr, result.snr_over_max, result.signal_values))
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """Layer-to-layer similarity of the residual stream over some texts.
+
+    `angular(n)[l]` is arccos(cos(x_l, x_{l+n})) / pi at each text's last token, averaged over
+    texts, where x_l is the residual stream entering layer l (x_L: after the last layer, never a
+    post-final-norm state). `bi[i]` is the block influence of layer i: 1 - mean over all tokens of
+    cos(input of layer i, output of layer i).
+    """
+
+    layers: int
+    texts: int
+    tokens: int
+    last: dict[int, torch.Tensor]  # layer -> [texts, C] residual at each text's last token
+    bi: list[float]
+    mean_angular: dict[int, list[float]] = field(default_factory=dict)  # n -> per start, averaged over tokens
+
+    def angular(self, n: int, token: str = "last") -> list[float]:
+        """Distance from the input of layer l to the input of layer l + n, for l = 0 .. layers - n: at each
+        text's last token, or (`token="mean"`, when measured for this n) averaged over all tokens."""
+        if token == "mean":
+            return self.mean_angular[n]
+        out = []
+        for start in range(self.layers - n + 1):
+            cos = torch.nn.functional.cosine_similarity(self.last[start], self.last[start + n], dim=-1)
+            out.append(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()))
+        return out
+
+
+def paragraphs(text: str) -> list[str]:
+    """The texts of a file: its blank-line separated paragraphs (the whole text if it has none)."""
+    parts = [p.strip() for p in text.split("\n\n")]
+    return [p for p in parts if p] or [text.strip()]
+
+
+def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 256, max_texts: int = 64,
+               mean_n: int | None = None, device: str = "cpu", progress: bool = False) -> Similarity:
+    """Run the streamed forward over up to `max_texts` texts (each cut to `seq_len` tokens) and measure.
+
+    With `mean_n`, also the angular distance over `mean_n` layers averaged over every token; that keeps the
+    residual streams of `mean_n + 1` layers for all texts in memory.
+    """
+    from recipekit.engine.forward.streamed import StreamedForward
+    from recipekit.engine.forward.tokenize import TextTokenizer
+
+    tokenizer = TextTokenizer.of(model.side_files)
+    sequences = [tokenizer.encode(t)[:seq_len] for t in texts[:max_texts]]
+    forward = StreamedForward(model, device=device, name=name)
+    count = len(forward.decoder.layers)
+    last = LastToken(("residual",))
+    cos_sum = [0.0] * count
+    # the residual streams entering the last `keep` layers, for every sequence (a ring indexed by layer)
+    keep = max(2, (mean_n or 0) + 1)
+    ring: list[torch.Tensor] = []
+    mean_sum = [0.0] * (count - mean_n + 1) if mean_n else []
+
+    def observe(a) -> None:
+        if a.point != "residual":
+            return
+        last(a)
+        rows = slice(a.rows.start, a.rows.stop)
+        if not ring:
+            ring.extend(torch.empty(len(sequences), *a.tensor.shape[1:], device=a.tensor.device) for _ in range(keep))
+        if a.layer > 0:
+            cos = torch.nn.functional.cosine_similarity(ring[(a.layer - 1) % keep][rows], a.tensor, dim=-1)
+            cos_sum[a.layer - 1] += float(cos[a.valid].sum())
+        if mean_n and a.layer >= mean_n:
+            cos = torch.nn.functional.cosine_similarity(ring[(a.layer - mean_n) % keep][rows], a.tensor, dim=-1)
+            mean_sum[a.layer - mean_n] += float((torch.arccos(cos[a.valid].clamp(-1, 1)) / math.pi).sum())
+        ring[a.layer % keep][rows] = a.tensor
+
+    forward.run(sequences, observer=observe, progress=progress)
+    tokens = sum(len(s) for s in sequences)
+    return Similarity(count, len(sequences), tokens, {layer: v for (_, layer), v in last.values.items()},
+                      [1 - c / tokens for c in cos_sum], {mean_n: [v / tokens for v in mean_sum]} if mean_n else {})

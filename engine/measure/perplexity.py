@@ -1,0 +1,99 @@
+"""Perplexity of a text under a model, with the streamed forward.
+
+The text is tokenised once and cut into windows of `seq_len` tokens (each
+starting with BOS when the model uses one). Windows start every `stride`
+tokens (default: back to back, or overlapping by one token without BOS, so
+that each window's first token is predicted by the previous one); a window
+scores only the tokens no earlier window scored. The last window is aligned to the end
+of the text so every token is scored once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.errors import Problem, SourceError
+from recipekit.engine.forward.streamed import StreamedForward
+from recipekit.engine.forward.tokenize import TextTokenizer
+
+LOGIT_CHUNK = 256  # tokens per logits block: [256, vocab] floats at a time
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    mean_nll: float
+    tokens: int  # tokens scored
+    windows: int
+    seq_len: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "tokens": self.tokens,
+                "windows": self.windows, "seq_len": self.seq_len, "stride": self.stride}
+
+
+def read_text(path: Path) -> str:
+    """A text file for evaluation; `SourceError` located at the file when it is unusable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceError(Problem("text file not found", str(path))) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(Problem(f"cannot read as UTF-8 text: {e}", str(path))) from None
+    if not text.strip():
+        raise SourceError(Problem("the text file is empty", str(path)))
+    return text
+
+
+def windows(ids: list[int], bos: int | None, seq_len: int, stride: int) -> list[tuple[list[int], int]]:
+    """(window tokens, index in the window of the first scored prediction target) for each window."""
+    prefix = [bos] if bos is not None else []
+    body = seq_len - len(prefix)
+    starts = list(range(0, len(ids) - body + 1, stride))
+    if starts[-1] + body < len(ids):
+        starts.append(len(ids) - body)
+    out, scored_until = [], 0
+    for start in starts:
+        tokens = prefix + ids[start:start + body]
+        first = max(1, len(prefix) + scored_until - start)  # position of the first target not scored before
+        out.append((tokens, first))
+        scored_until = start + body
+    return out
+
+
+def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 512, stride: int | None = None,
+               max_tokens: int | None = None, device: str = "cpu", progress: bool = False) -> Perplexity:
+    """exp(mean negative log-likelihood) of the text's tokens under `model`."""
+    tokenizer = TextTokenizer.of(model.side_files)
+    ids = tokenizer.encode_plain(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    body = seq_len - (tokenizer.bos_id is not None)
+    # without BOS a window's first token has no context, so windows must overlap by one to score it
+    longest = body if tokenizer.bos_id is not None else body - 1
+    if stride is not None and stride > longest:
+        raise SourceError(Problem(f"--stride {stride} would leave tokens unscored: at most {longest} with "
+                                  f"--seq-len {seq_len} for this tokenizer"))
+    stride = stride or longest
+    if len(ids) < body or longest < 1:
+        raise SourceError(Problem(f"the text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}: "
+                                  f"use a longer text or a smaller --seq-len", text_name))
+    parts = windows(ids, tokenizer.bos_id, seq_len, stride)
+    forward = StreamedForward(model, device=device)
+    final, _ = forward.run([tokens for tokens, _ in parts], progress=progress)
+    head = forward.lm_head()
+    total, count = 0.0, 0
+    for row, (tokens, first) in enumerate(parts):
+        targets = torch.tensor(tokens[first:], device=final.device)
+        states = final[row, first - 1:len(tokens) - 1]
+        for at in range(0, len(targets), LOGIT_CHUNK):
+            logits = states[at:at + LOGIT_CHUNK] @ head.T
+            total += float(F.cross_entropy(logits, targets[at:at + LOGIT_CHUNK], reduction="sum"))
+        count += len(targets)
+    mean = total / count
+    return Perplexity(math.exp(mean), mean, count, len(parts), seq_len, stride)

@@ -1,0 +1,64 @@
+"""The engine's answers to what ops may measure (`core.probe.Probe`): ops never open files themselves."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recipekit.engine.core.graph import LazyModel, MoeInfo
+
+if TYPE_CHECKING:
+    from recipekit.engine.measure.analyze import Similarity
+    from recipekit.engine.measure.gates import GateRows
+    from recipekit.engine.measure.superweights import SuperWeight
+
+
+class EngineProbe:
+    """Measures LazyModels for data-driven ops (see `core.probe.Probe`).
+
+    Text files named by a recipe are relative to `base_dir`, the recipe's folder; forwards run on `device`.
+    """
+
+    def __init__(self, base_dir: Path, device: str = "cpu"):
+        self.base_dir = base_dir
+        self.device = device
+
+    def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
+        """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
+        # imports torch: only recipes that select by a metric pay for it
+        from recipekit.engine.measure.analyze import snr_table
+
+        return [row.snr for row in snr_table(model, name, (module,))]
+
+    def similarity(self, model: LazyModel, name: str, text: str, seq_len: int, max_texts: int,
+                   mean_n: int | None = None) -> Similarity:
+        """Angular distances and block influences of `model` over the paragraphs of a text file (with `mean_n`,
+        also the token-averaged angular distance over that many layers)."""
+        from recipekit.engine.measure.analyze import paragraphs, similarity
+        from recipekit.engine.measure.perplexity import read_text
+
+        texts = paragraphs(read_text(self.base_dir / Path(text).expanduser()))
+        return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts, mean_n=mean_n,
+                          device=self.device)
+
+    def prompt_gates(self, info: MoeInfo, mode: str, hidden_state: str, token: str) -> GateRows:
+        """Router rows of a stacked MoE from its experts' prompts, through the base model."""
+        from recipekit.engine.measure.gates import prompt_gates
+
+        return prompt_gates(info, mode, hidden_state=hidden_state, token=token, device=self.device)
+
+    def super_weights(self, model: LazyModel, name: str, text: str | None, *, threshold: float, rounds: int,
+                      seq_len: int, max_texts: int) -> list[SuperWeight]:
+        """Super weights of `model`, over a default prompt and the paragraphs of an optional text file."""
+        from recipekit.engine.measure.analyze import paragraphs
+        from recipekit.engine.measure.perplexity import read_text
+        from recipekit.engine.measure.superweights import find_super_weights
+
+        texts = paragraphs(read_text(self.base_dir / Path(text).expanduser())) if text is not None else []
+        return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
+                                  max_texts=max_texts, device=self.device)
+
+    def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
+        """How alike two models' norm weights are (Pearson); None when they cannot be compared."""
+        from recipekit.engine.measure.lineage import norm_correlation
+
+        return norm_correlation(a, a_name, b, b_name)

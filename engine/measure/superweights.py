@@ -1,0 +1,113 @@
+"""Super weights: single `mlp.down_proj` entries that create a massive activation the model depends on.
+
+One streamed forward records, per decoder layer, the largest |input| of each
+down_proj input channel and |output| of each output channel. A layer where
+both the largest input and the largest output exceed `threshold` times that
+layer's median holds a super weight at `down_proj.weight[output channel,
+input channel]`. The found weights are zeroed and the forward is run again
+(up to `rounds` times), because a large super weight can hide smaller ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from recipekit.engine.core.graph import Apply, LazyModel
+from recipekit.engine.core.names import DOWN
+from recipekit.engine.forward.capture import MaxAbs
+from recipekit.engine.forward.streamed import StreamedForward
+from recipekit.engine.forward.tokenize import TextTokenizer
+from recipekit.engine.io.inputs import InputFiles
+from recipekit.engine.run.evaluate import Evaluator
+
+DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
+
+
+@dataclass(frozen=True)
+class SuperWeight:
+    layer: int
+    row: int  # output channel: the residual stream channel that spikes
+    column: int  # input channel: the intermediate activation that spikes
+    value: float
+    tensor: str
+    round: int
+    out_ratio: float  # the layer's largest |output| over its median
+    in_ratio: float
+    perplexity_zeroed: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "row": self.row, "column": self.column, "value": self.value,
+                "tensor": self.tensor, "round": self.round, "out_ratio": self.out_ratio, "in_ratio": self.in_ratio,
+                "perplexity_zeroed": self.perplexity_zeroed}
+
+
+def find_super_weights(model: LazyModel, name: str, texts: list[str], *, threshold: float = 50.0, rounds: int = 10,
+                       seq_len: int = 256, max_texts: int = 64, device: str = "cpu",
+                       progress: bool = False) -> list[SuperWeight]:
+    """Every super weight the default prompt and `texts` reveal, in the order found."""
+    tokenizer = TextTokenizer.of(model.side_files)
+    sequences = [ids for ids in (tokenizer.encode(t)[:seq_len] for t in [DEFAULT_PROMPT, *texts[:max_texts]]) if ids]
+    decoder = StreamedForward(model, name=name).decoder
+    found: list[SuperWeight] = []
+    for round_ in range(1, rounds + 1):
+        forward = StreamedForward(zeroed(model, name, found), device=device, name=name)
+        peaks = MaxAbs(("down_in", "down_out"))
+        forward.run(sequences, observer=peaks, progress=progress)
+        new = []
+        for layer in range(len(decoder.layers)):
+            if ("down_out", layer) not in peaks.values:
+                continue  # a Mixture-of-Experts layer has no single down_proj
+            out, inp = peaks.values[("down_out", layer)].float(), peaks.values[("down_in", layer)].float()
+            out_ratio, in_ratio = _ratio(out), _ratio(inp)
+            if out_ratio > threshold and in_ratio > threshold:
+                row, column = int(out.argmax()), int(inp.argmax())
+                if not any((w.layer, w.row, w.column) == (layer, row, column) for w in found + new):
+                    tensor = f"{decoder.prefix}.{layer}.{DOWN}"
+                    new.append(SuperWeight(layer, row, column, 0.0, tensor, round_, out_ratio, in_ratio))
+        if not new:
+            break
+        found += _with_values(model, new)
+    return found
+
+
+def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *, seq_len: int = 256,
+           max_tokens: int = 4096, device: str = "cpu") -> tuple[float, list[SuperWeight]]:
+    """Perplexity of `text` as it is, and with each super weight zeroed on its own."""
+    from recipekit.engine.measure.perplexity import perplexity
+
+    def score(m: LazyModel) -> float:
+        return perplexity(m, text, text_name=name, seq_len=seq_len, max_tokens=max_tokens, device=device).perplexity
+
+    baseline = score(model)
+    return baseline, [replace(w, perplexity_zeroed=score(zeroed(model, name, [w]))) for w in weights]
+
+
+def zeroed(model: LazyModel, name: str, weights: list[SuperWeight]) -> LazyModel:
+    """The model with the given down_proj entries set to zero (a lazy rewrite: nothing is read)."""
+    if not weights:
+        return model
+    tensors = dict(model.tensors)
+    by_tensor: dict[str, list[tuple[int, int]]] = {}
+    for w in weights:
+        by_tensor.setdefault(w.tensor, []).append((w.row, w.column))
+    for tensor, coordinates in by_tensor.items():
+        node = tensors[tensor]
+        tensors[tensor] = Apply("zero_at", (node,), (("coordinates", tuple(sorted(coordinates))),),
+                                node.dtype, node.shape)
+    return model.evolve(tensors=tensors)
+
+
+def _ratio(peaks: torch.Tensor) -> float:
+    median = float(peaks.median())
+    return float(peaks.max()) / median if median > 0 else float("inf")
+
+
+def _with_values(model: LazyModel, weights: list[SuperWeight]) -> list[SuperWeight]:
+    """Read each weight's value (one down_proj at a time)."""
+    out = []
+    with InputFiles() as files:
+        for w in weights:
+            node = model.tensors[w.tensor]
+            value = float(Evaluator([node], files.fd).value(node)[w.row, w.column])
+            out.append(replace(w, value=value))
+    return out

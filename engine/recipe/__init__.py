@@ -1,0 +1,1 @@
+"""The recipe text: YAML with locations, the recipe document, rules for shared recipes."""

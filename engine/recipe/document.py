@@ -1,0 +1,230 @@
+"""The recipe format, version 1: parse, validate, and report every problem located.
+
+`parse_recipe` turns YAML (or a dict) into a typed `Recipe`. Pydantic's errors
+become `Problem`s pointing at the YAML node; references between steps are
+checked in a second pass so one report holds everything wrong with a recipe.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from recipekit.engine.core.schema import NAME_PATTERN, Name, Ref, StepBase, Strict
+from recipekit.engine.core.sizes import parse_size
+from recipekit.engine.errors import Path_, Problem, RecipeError, in_file_order
+from recipekit.engine.recipe.yamlsource import Locator
+from recipekit.ops.registry import OPS, Step
+
+RECIPE_VERSION = 1
+# output.dtype -> safetensors dtype
+OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+ShardSize = Annotated[
+    int,
+    BeforeValidator(parse_size, json_schema_input_type=int | str),
+    Field(description="Largest shard file, e.g. 2GB, 500MB, 1GiB (GB = 10^9 bytes), or a number of bytes."),
+]
+
+
+class Output(Strict):
+    """How the result is written."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="Cast every floating-point tensor to this dtype; default: keep each tensor's dtype.")
+    shard_size: ShardSize = "5GB"
+    tokenizer: Ref | None = Field(
+        None, description="Model whose tokenizer (and generation config) is copied; default: the model that "
+                          "gives the output its embeddings.")
+
+
+class Recipe(Strict):
+    """A recipekit recipe: input models, steps, and how to write the output (the last step's result)."""
+
+    recipe: Literal[1] = Field(description="Recipe format version; this is version 1.")
+    description: str | None = Field(None, description="What this recipe builds, for people and the model card.")
+    models: dict[Name, str] = Field(
+        min_length=1, description="Input models by name: a local model directory (relative to the recipe's folder).")
+    steps: list[Step] = Field(min_length=1, description="Operations in order; the last one's result is the output.")
+    output: Output = Field(default_factory=Output, description="How the output is written.")
+
+
+def parse_recipe(data: Any, locator: Locator) -> Recipe:
+    """Validate recipe data; raise `RecipeError` listing every problem with its location."""
+    if not isinstance(data, dict):
+        raise RecipeError(Problem(f"a recipe is a mapping with keys recipe, models, steps, output; "
+                                  f"got {type(data).__name__}", locator.where(())))
+    version = data.get("recipe")
+    if version is not None and version != RECIPE_VERSION:
+        raise RecipeError(Problem(f"unsupported recipe version {version!r}: this recipekit reads version "
+                                  f"{RECIPE_VERSION}", locator.where(("recipe",)), ("recipe",)))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = [_problem(err, data, locator) for err in e.errors(include_url=False)]
+        # report wrong references too, for the steps that are valid on their own
+        models = data.get("models") if isinstance(data.get("models"), dict) else {}
+        steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+        output = data.get("output") if isinstance(data.get("output"), dict) else {}
+        tokenizer = output.get("tokenizer") if isinstance(output.get("tokenizer"), str) else None
+        problems += check_references(list(models), [_valid_step(s) for s in steps], tokenizer, locator)
+        raise RecipeError(in_file_order(problems)) from None
+    problems = check_references(list(recipe.models), recipe.steps, recipe.output.tokenizer, locator)
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+_STEP = TypeAdapter(Step)
+
+
+@dataclass(frozen=True)
+class _InvalidStep:
+    """Stands for a step that failed validation: it reads nothing we can check, but its id still counts."""
+
+    id: str | None
+
+    def references(self) -> list[tuple[Path_, str]]:
+        return []
+
+
+def _valid_step(data: Any) -> StepBase | _InvalidStep:
+    try:
+        return _STEP.validate_python(data)
+    except ValidationError:
+        step_id = data.get("id") if isinstance(data, dict) else None
+        return _InvalidStep(step_id if isinstance(step_id, str) else None)
+
+
+def check_references(models: list[str], steps: list[StepBase | _InvalidStep], tokenizer: str | None,
+                     locator: Locator) -> list[Problem]:
+    """Every step reads only models and earlier steps; ids are unique."""
+    problems: list[Problem] = []
+    known = list(models)
+    for k, step in enumerate(steps):
+        for path, ref in step.references():
+            if ref not in known:
+                full = ("steps", k, *path)
+                problems.append(Problem(f"unknown model or step {ref!r}{_suggest(ref, known)}; known here: "
+                                        f"{', '.join(known)}", locator.where(full), full))
+        if step.id is not None:
+            if step.id in known:
+                full = ("steps", k, "id")
+                problems.append(Problem(f"id {step.id!r} is already the name of a model or an earlier step",
+                                        locator.where(full), full))
+            else:
+                known.append(step.id)
+    if tokenizer is not None and tokenizer not in models:
+        path = ("output", "tokenizer")
+        problems.append(Problem(f"unknown model {tokenizer!r}{_suggest(tokenizer, models)}; "
+                                f"the tokenizer comes from one of: {', '.join(models)}",
+                                locator.where(path), path))
+    return problems
+
+
+def recipe_json_schema() -> dict:
+    """The JSON Schema of the recipe format, for editors."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "recipekit recipe"
+    return schema
+
+
+def _problem(err: dict, data: Any, locator: Locator) -> Problem:
+    loc = tuple(err["loc"])
+    path = _data_path(loc, data)
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        allowed = _keys_at(loc[:-1])
+        key = str(path[-1])
+        return Problem(f"unknown key {key!r}{_suggest(key, allowed)}"
+                       + (f"; allowed: {', '.join(allowed)}" if allowed else ""),
+                       locator.where(path, key=True), path)
+    if kind == "union_tag_invalid":
+        tag, valid = ctx.get("tag"), list(OPS)
+        full = path + ("op",)
+        return Problem(f"unknown op {tag!r}{_suggest(str(tag), valid)}; valid ops: {', '.join(valid)}",
+                       locator.where(full), full)
+    if kind == "union_tag_not_found":
+        return Problem(f"every step needs an 'op': one of {', '.join(OPS)}", locator.where(path), path)
+    if kind == "missing":
+        return Problem(f"missing required key {str(path[-1])!r}", locator.where(path[:-1]), path)
+    at_key = loc[-1:] == ("[key]",)  # pydantic's marker for a dict key that failed validation
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+        name = path[-1] if at_key else _value_at(data, path)
+        return Problem(f"{name!r} is not a valid name: use letters, digits, '_', '-' and '.', "
+                       f"starting with a letter or '_'", locator.where(path, key=at_key), path)
+    message = err["msg"].removeprefix("Value error, ")
+    if kind in ("int_type", "int_parsing", "string_type", "list_type", "dict_type", "model_type", "tuple_type",
+                "bool_type", "float_type", "literal_error", "enum"):
+        value = _value_at(data, path)
+        message = f"{message[0].lower()}{message[1:]}, got {value!r}"
+        if kind == "literal_error" and path and isinstance(value, str):
+            message += _suggest(value, [v.strip("'") for v in ctx.get("expected", "").replace(" or ", ", ").split(", ")])
+    return Problem(message, locator.where(path, key=at_key), path)
+
+
+_DISCRIMINATORS = ("op", "metric")  # the fields tagged unions are selected by
+
+
+def _data_path(loc: Path_, data: Any) -> Path_:
+    """Pydantic's location minus the union tags it inserts, i.e. a path into the data."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict):
+            if part not in node and any(node.get(key) == part for key in _DISCRIMINATORS):
+                continue  # the union tag pydantic inserts
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part] if part < len(node) else None
+        elif isinstance(part, str):
+            continue  # a union member's name or "[key]", not a data key
+        else:
+            node = None
+        path.append(part)
+    return tuple(path)
+
+
+def _value_at(data: Any, path: Path_) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _keys_at(loc: Path_) -> list[str]:
+    """Keys the schema allows at a pydantic location, for suggestions."""
+    schema = recipe_json_schema()
+    defs = schema.get("$defs", {})
+
+    def deref(node: dict) -> dict:
+        while "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    node = deref(schema)
+    for part in loc:
+        if "discriminator" in node and isinstance(part, str):
+            node = deref({"$ref": node["discriminator"]["mapping"][part]})
+            continue
+        if "anyOf" in node:
+            branches = [deref(b) for b in node["anyOf"]]
+            node = next((b for b in branches if ("items" in b) == isinstance(part, int)), branches[0])
+        if isinstance(part, int):
+            node = deref(node.get("items", {}))
+        elif part in node.get("properties", {}):
+            node = deref(node["properties"][part])
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = deref(node["additionalProperties"])
+    if "anyOf" in node:
+        node = next((deref(b) for b in node["anyOf"] if "properties" in deref(b)), node)
+    return list(node.get("properties", {}))
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,1 @@
+"""From a recipe to a model directory: build, plan, kernel evaluation, writer, card, lock."""

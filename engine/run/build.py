@@ -1,0 +1,99 @@
+"""Turn a validated recipe into the LazyModel it describes, reading only headers and configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from recipekit.engine.core.graph import UNSET_ROUTER, LazyModel, applies, lost_weights, unset_routers
+from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.errors import PlanError, Problem, RecipekitError, SourceError
+from recipekit.engine.io.source import ModelSource, open_model
+from recipekit.engine.measure.probe import EngineProbe
+from recipekit.engine.recipe.document import Recipe
+from recipekit.engine.recipe.yamlsource import Locator
+from recipekit.ops.registry import KERNELS, function_for
+
+
+def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False) -> dict[str, LazyModel]:
+    """Open every input model; report all that fail at once, located at their `models` entry."""
+    models: dict[str, LazyModel] = {}
+    opened: dict[str, ModelSource] = {}  # a model named twice is read once
+    problems: list[Problem] = []
+    for name, ref in recipe.models.items():
+        path = ("models", name)
+        where = locator.where(path)
+        try:
+            if ref not in opened:
+                opened[ref] = open_model(ref, base_dir=base_dir, where=where, hub_only=hub_only)
+            model = LazyModel.from_source(name, opened[ref])
+            count = len(decoder_of(model, name).layers)
+            models[name] = model.evolve(layer_origins=tuple(f"{name}:{i}" for i in range(count)))
+        except RecipekitError as e:
+            # a problem found in a model file names that file; the recipe location comes first
+            problems.extend(Problem(p.message if p.where in (None, where) else f"{p.where}: {p.message}", where, path)
+                            for p in e.problems)
+    if problems:
+        raise SourceError(problems)
+    return models
+
+
+def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False, *,
+          device: str = "cpu") -> LazyModel:
+    """Run every step's model-level function; the last step's result is the output."""
+    results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
+    probe = EngineProbe(base_dir, device)
+    model = None
+    unset_since = None  # the step that left routers unset
+    for k, step in enumerate(recipe.steps):
+        try:
+            model = function_for(step)(step, results, probe)
+        except RecipekitError as e:
+            raise type(e)([_locate(p, ("steps", k), locator) for p in e.problems]) from None
+        _check_kernels(model, k, locator)
+        model = _guard_super_weights(model, step, k, locator)
+        if step.id is not None:
+            results[step.id] = model
+        if unset_since is None and unset_routers(model):
+            unset_since = k
+    if unset_routers(model):
+        path = ("steps", unset_since)
+        raise PlanError(Problem("the routers of this Mixture of Experts are not set: add an init_gates step after it "
+                                "(mode: random, uniform, cheap_embed or hidden)", locator.where(path), path))
+    tokenizer = recipe.output.tokenizer
+    if tokenizer is not None:
+        model = model.evolve(side_files=results[tokenizer].side_files)
+    return model
+
+
+def _check_kernels(model: LazyModel, k: int, locator: Locator) -> None:
+    """Refuse a graph naming a kernel no op registered now, at the step that built it, not when it executes."""
+    unknown = sorted({node.kernel for node in applies(model.tensors.values())} - set(KERNELS) - {UNSET_ROUTER})
+    if unknown:
+        path = ("steps", k)
+        raise PlanError(Problem(f"this step computes tensors with kernel(s) {', '.join(map(repr, unknown))}, which no "
+                                "op registers (a bug in the op: list its kernels in ops/registry.py)",
+                                locator.where(path), path))
+
+
+def _guard_super_weights(model: LazyModel, step, k: int, locator: Locator) -> LazyModel:
+    """Refuse a step that removes or changes a protected super weight, unless it allows the loss.
+
+    Every op passes here, so ops added later (merges, quantisation) are guarded without knowing about it.
+    """
+    lost = lost_weights(model)
+    if not lost:
+        return model
+    if not step.allow_super_weight_loss:
+        path = ("steps", k)
+        raise PlanError([Problem(f"this step removes or changes super weight {w.label}, which the model depends on "
+                                 "(protected by protect_super_weights); set allow_super_weight_loss: true to do it "
+                                 "anyway", locator.where(path), path) for w in lost])
+    notes = tuple(f"super weight {w.label} given up (allow_super_weight_loss)" for w in lost)
+    return model.evolve(protected=tuple(w for w in model.protected if w not in lost), notes=model.notes + notes)
+
+
+def _locate(problem: Problem, prefix: tuple, locator: Locator) -> Problem:
+    """Give a problem raised deep inside an op the recipe location of the field it concerns."""
+    if problem.where is not None and problem.path:
+        return problem
+    path = prefix + problem.path
+    return Problem(problem.message, problem.where or locator.where(path), path)

@@ -1,0 +1,146 @@
+"""Tensor computation: reading input tensors, running kernels, writing results (imports torch).
+
+The executor imports it when the first tensor has to be computed, so runs
+that only move bytes never pay for torch. `Evaluator` computes output nodes
+one at a time and keeps a shared intermediate only until its last consumer
+has used it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from recipekit.engine.core.graph import Apply, Load, Node
+from recipekit.engine.core.kernels import torch_dtype
+from recipekit.engine.io.safetensors_header import TensorInfo
+from recipekit.ops.registry import KERNELS
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot be used here, or None."""
+    if device == "cpu":
+        return None
+    if device.startswith("cuda"):
+        return None if torch.cuda.is_available() else f"--device {device}: no CUDA device is available here"
+    return f"--device {device}: expected cpu or cuda"
+
+
+def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
+    """One input tensor, read from its file into fresh CPU memory."""
+    tensor = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    _read_into(_bytes_of(tensor), fd, info.offset, info)
+    return tensor
+
+
+def read_rows(info: TensorInfo, fd: int, rows: list[int]) -> torch.Tensor:
+    """Rows of a 2-D input tensor (e.g. the embeddings of some tokens), reading only their bytes."""
+    width = info.shape[1]
+    out = torch.empty((len(rows), width), dtype=torch_dtype(info.dtype))
+    view, row_bytes = _bytes_of(out), width * out.element_size()
+    for k, row in enumerate(rows):
+        _read_into(view[k * row_bytes:(k + 1) * row_bytes], fd, info.offset + row * row_bytes, info)
+    return out
+
+
+def write_tensor(tensor: torch.Tensor, fd: int, offset: int) -> None:
+    """Write a tensor's raw little-endian bytes at `offset`, without a copy on the CPU."""
+    _write_from(_bytes_of(tensor.detach().contiguous().cpu()), fd, offset)
+
+
+def _read_into(view: memoryview, fd: int, offset: int, info: TensorInfo) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"{info.file} ended before tensor {info.name!r} (was it truncated while running?)")
+        done += got
+
+
+def _write_from(view: memoryview, fd: int, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as writable bytes (no copy)."""
+    size = tensor.numel() * tensor.element_size()
+    if size == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A copy of a CPU tensor's raw bytes."""
+    return bytes(_bytes_of(tensor.contiguous()))
+
+
+CAST_CHUNK_BYTES = 8 * 2**20
+_chunk_buffers = threading.local()
+
+
+def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dtype: str) -> None:
+    """Cast one input tensor into `dtype` straight from file to file, a chunk at a time.
+
+    A cast is elementwise, so it never needs the whole tensor: each thread keeps
+    two reusable buffers of `CAST_CHUNK_BYTES`, whatever the tensor's size.
+    """
+    source, target = torch_dtype(info.dtype), torch_dtype(dtype)
+    in_size, out_size = source.itemsize, target.itemsize
+    step = CAST_CHUNK_BYTES // max(in_size, out_size)
+    key = (source, target)
+    buffers = getattr(_chunk_buffers, "by_dtypes", None)
+    if buffers is None:
+        buffers = _chunk_buffers.by_dtypes = {}
+    if key not in buffers:
+        buffers[key] = (torch.empty(step, dtype=source), torch.empty(step, dtype=target))
+    inp, out = buffers[key]
+    inp_bytes = _bytes_of(inp)
+    count, done = info.nbytes // in_size, 0
+    out_bytes = _bytes_of(out)
+    while done < count:
+        n = min(step, count - done)
+        _read_into(inp_bytes[: n * in_size], src_fd, info.offset + done * in_size, info)
+        out[:n].copy_(inp[:n])
+        _write_from(out_bytes[: n * out_size], dst_fd, dst_offset + done * out_size)
+        done += n
+
+
+class Evaluator:
+    """Computes output nodes; `roots` are all nodes that will be asked for, in order."""
+
+    def __init__(self, roots: list[Node], open_input: Callable[[TensorInfo], int], device: str = "cpu"):
+        self.open_input = open_input
+        self.device = torch.device(device)
+        self.uses: Counter[Node] = Counter()
+        self.cache: dict[Node, torch.Tensor] = {}
+        for root in roots:
+            self._count(root)
+
+    def _count(self, node: Node) -> None:
+        self.uses[node] += 1
+        if self.uses[node] == 1 and isinstance(node, Apply):
+            for child in node.inputs:
+                self._count(child)
+
+    def value(self, node: Node) -> torch.Tensor:
+        """The tensor of `node`; shared values are dropped after their last use."""
+        result = self.cache.get(node)
+        if result is None:
+            result = self._compute(node)
+        self.uses[node] -= 1
+        if self.uses[node] > 0:
+            self.cache[node] = result
+        else:
+            self.cache.pop(node, None)
+        return result
+
+    def _compute(self, node: Node) -> torch.Tensor:
+        if isinstance(node, Load):
+            return read_tensor(node.tensor, self.open_input(node.tensor)).to(self.device)
+        inputs = [self.value(child) for child in node.inputs]
+        return KERNELS[node.kernel](*inputs, **dict(node.params))

@@ -1,0 +1,1 @@
+"""Layer surgery: drop_layers, slice_layers."""

@@ -1,0 +1,1 @@
+"""Mixture of Experts: stack_experts, init_gates."""

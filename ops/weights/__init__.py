@@ -1,0 +1,1 @@
+"""Ops on weight matrices: low_rank, protect_super_weights."""

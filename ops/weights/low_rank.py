@@ -1,0 +1,93 @@
+"""low_rank (LASER): replace chosen weight matrices by low-rank approximations.
+
+The rank is fixed, or (by default) the number of singular values above the
+random-matrix noise edge that `recipe analyze --metric snr` uses. Protected
+super weights in a replaced matrix are restored exactly, so the guard sees
+them kept.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+from recipekit.engine.core.graph import LazyModel, elementwise, keeps
+from recipekit.engine.core.layers import decoder_of, out_of_range
+from recipekit.engine.core.probe import Probe
+from recipekit.engine.core.rmt import noise_edge
+from recipekit.engine.core.schema import LayerSpan, Ref, StepBase
+from recipekit.engine.errors import Path_, PlanError, Problem
+
+if TYPE_CHECKING:
+    import torch
+
+
+class LowRank(StepBase):
+    """Replace the weights of `modules` in `layers` by their low-rank approximation."""
+
+    op: Literal["low_rank"] = Field(description="Low-rank approximation of weight matrices (LASER).")
+    model: Ref = Field(description="The model or step whose matrices are replaced.")
+    modules: list[str] = Field(min_length=1, description="Modules such as mlp.down_proj or self_attn.v_proj.")
+    layers: list[LayerSpan] | None = Field(None, min_length=1, description="Layers (indices and [start, end) "
+                                                                          "ranges); default: every layer.")
+    rank: int | None = Field(None, ge=1, description="Keep this many singular values; default: those above the "
+                                                     "random-matrix noise edge (laserRMT).")
+    lowest_snr: int | None = Field(None, ge=1, description="Of the chosen matrices, replace only this many, those "
+                                                           "with the lowest random-matrix SNR.")
+
+    def references(self) -> list[tuple[Path_, str]]:
+        return [(("model",), self.model)]
+
+
+def low_rank(step: LowRank, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
+    model = models[step.model]
+    decoder = decoder_of(model, step.model)
+    count = len(decoder.layers)
+    layers = list(range(count))
+    if step.layers is not None:
+        problems = out_of_range([(("layers", k), span) for k, span in enumerate(step.layers)], count, step.model)
+        if problems:
+            raise PlanError(problems)
+        layers = list(dict.fromkeys(i for start, end in step.layers for i in range(start, end)))
+    chosen = []
+    for k, module in enumerate(step.modules):
+        if f"{module}.weight" not in decoder.layers[0]:
+            raise PlanError(Problem(f"{step.model!r} has no {module}.weight in its layers", path=("modules", k)))
+        chosen += [(i, module) for i in layers]
+    note_snr = ""
+    if step.lowest_snr is not None:
+        snr = {m: probe.snr(model, step.model, m) for m in step.modules}
+        chosen = sorted(sorted(chosen, key=lambda c: (snr[c[1]][c[0]], c))[: step.lowest_snr])
+        note_snr = " (lowest SNR: " + ", ".join(f"{m} of layer {i} {snr[m][i]:.4g}" for i, m in chosen) + ")"
+    tensors = dict(model.tensors)
+    kept = []
+    for i, module in chosen:
+        name = decoder.layers[i][f"{module}.weight"]
+        node = tensors[name]
+        if step.rank is not None and step.rank > min(node.shape):
+            raise PlanError(Problem(f"rank {step.rank} is more than {name} allows (shape {list(node.shape)})",
+                                    path=("rank",)))
+        keep = tuple(sorted((w.row, w.column) for w in model.protected if keeps(node, w)))
+        kept += [w.label for w in model.protected if keeps(node, w)]
+        tensors[name] = elementwise("low_rank", node, rank=step.rank, keep=keep)
+    how = f"rank {step.rank}" if step.rank is not None else "the singular values above the noise edge"
+    note = (f"low_rank: {len(chosen)} matrices to {how}{note_snr}"
+            + (f"; super weights kept exactly: {', '.join(kept)}" if kept else ""))
+    return model.evolve(tensors=tensors, notes=model.notes + (note,))
+
+
+def low_rank_kernel(x: torch.Tensor, *, rank: int | None, keep: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """[out, in] -> the matrix rebuilt from its `rank` largest singular directions (None: those above the
+    random-matrix noise edge, as laserRMT does), computed in float64; the entries in `keep` are restored exactly."""
+    import torch
+
+    u, values, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+    k = rank if rank is not None else int((values > noise_edge(values, tuple(x.shape))).sum())
+    approx = (u[:, :k] * values[:k]) @ vh[:k]
+    y = approx.to(x.dtype)
+    for row, column in keep:
+        y[row, column] = x[row, column]
+    return y
+
+
+KERNELS = {"low_rank": low_rank_kernel}
