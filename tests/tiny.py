@@ -10,6 +10,9 @@ import json
 import textwrap
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "demo"  # the demo recipes and their models
+
 FAMILIES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",

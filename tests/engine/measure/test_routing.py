@@ -10,7 +10,7 @@ import pytest
 import torch
 from recipekit.engine.cli import main
 
-from tests.test_bad_inputs import assert_refused, cli
+from tests.bad_inputs.checks import assert_refused, cli
 from tests.tiny import add_char_tokenizer, load_causal_lm, make_model, write_recipe
 
 TEXTS = ["the cat sat on the mat", "0123 4567 89", "HELLO WORLD! STOP.", "a dog ran far away from 42 cats"]

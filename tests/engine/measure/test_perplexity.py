@@ -14,9 +14,10 @@ from recipekit.engine.forward.tokenize import TextTokenizer
 from recipekit.engine.io.source import open_model
 from recipekit.engine.measure.perplexity import perplexity, windows
 
+from tests.tiny import DEMO as DEMO_DIR
 from tests.tiny import load_causal_lm, make_model, write_recipe
 
-DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "models" / "llama-a"
+DEMO = DEMO_DIR / "models" / "llama-a"
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12
 
 

@@ -8,7 +8,7 @@ import pytest
 from recipekit.engine.cli import main
 from recipekit.engine.core.rmt import snr
 
-from tests.tiny import make_model, tensors_of
+from tests.tiny import DEMO, make_model, tensors_of
 
 
 def test_snr_table_matches_the_kernel_on_every_weight(tmp_path, capsys):
@@ -59,7 +59,6 @@ def _reference_residuals(path, sequences):
 
 def test_angular_and_bi_equal_a_direct_computation_with_transformers(tmp_path, capsys):
     import shutil
-    from pathlib import Path
 
     import torch
     from recipekit.engine.core.graph import LazyModel
@@ -67,7 +66,7 @@ def test_angular_and_bi_equal_a_direct_computation_with_transformers(tmp_path, c
     from recipekit.engine.io.source import open_model
     from recipekit.engine.measure.analyze import paragraphs, similarity
 
-    demo = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "models" / "llama-a"
+    demo = DEMO / "models" / "llama-a"
     path = make_model(tmp_path / "m", layers=4, vocab_size=258, seed=9)
     shutil.copy(demo / "tokenizer.json", path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "add_bos_token": true}')

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from recipekit.engine import PlanError, load_recipe
 
-from tests.tiny import assert_layers_from, load_causal_lm, make_model, read_config, write_recipe
+from tests.tiny import DEMO, assert_layers_from, load_causal_lm, make_model, read_config, write_recipe
 
 TOKENS = torch.tensor([[5, 17, 42, 3, 88, 9, 61, 23]])
 
@@ -241,7 +240,7 @@ def test_a_selector_that_takes_no_layer_is_refused(tmp_path):
 @pytest.fixture
 def talking_model(tmp_path):
     """A tiny Llama with the demo byte-level tokenizer, and a text file of three paragraphs."""
-    demo = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "models" / "llama-a"
+    demo = DEMO / "models" / "llama-a"
     path = make_model(tmp_path / "talk", layers=5, vocab_size=258, seed=10)
     shutil.copy(demo / "tokenizer.json", path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "add_bos_token": true}')

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bad_inputs import COMMANDS, assert_recipe_refused, line, yaml_text
+from tests.bad_inputs.checks import COMMANDS, assert_recipe_refused, line, yaml_text
 from tests.tiny import make_model
 
 

@@ -12,10 +12,9 @@ from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 from recipekit.engine.core.rmt import snr
 
-from tests.test_bad_inputs import assert_no_output, assert_refused, cli, mark
-from tests.tiny import tensors_of, write_recipe
+from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark
+from tests.tiny import DEMO, tensors_of, write_recipe
 
-DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 PLANTED = DEMO / "models" / "tiny-story-sw"
 LAYER, ROW, COLUMN, VALUE = 1, 77, 301, 3.0  # as plant_super_weight.py plants it
 DOWN = f"model.layers.{LAYER}.mlp.down_proj.weight"
@@ -140,3 +139,20 @@ def test_mistakes_are_located(work: Path, capsys, step: str, marker: str, words:
 def test_verify_needs_a_text(capsys) -> None:
     assert_refused(cli(capsys, "analyze", PLANTED, "--metric", "super-weights", "--verify"),
                    [("", ("--verify needs --text FILE",))])
+
+
+def test_stack_experts_keeps_the_experts_super_weights(work: Path, capsys) -> None:
+    """An expert's protected super weight moves into its expert's down_proj, and the guard keeps watching it."""
+    stack = "{op: stack_experts, base: story, experts: [{model: safe}], experts_per_token: 1}"
+    gates = "{op: init_gates, model: moe, mode: random}"
+    model = load_recipe(_recipe(work, PROTECT_GIVEN, stack.replace("{op:", "{id: moe, op:"), gates)).build()
+    (weight,) = model.protected
+    assert (weight.row, weight.column) == (ROW, COLUMN)
+    expert_down = model.tensors[f"model.layers.{LAYER}.block_sparse_moe.experts.0.w2.weight"]
+    assert expert_down == weight.node  # the expert's down_proj is the protected tensor, still a byte copy
+
+    noisy = stack.replace("{model: safe}", "{model: safe, noise_scale: 0.01}")
+    recipe = _recipe(work, PROTECT_GIVEN, noisy)
+    result = cli(capsys, "validate", recipe)
+    assert_refused(result, [(f"{recipe}:{mark(recipe.read_text(), '^{op: stack_experts')}: steps[1]: ",
+                             ("super weight", "mlp.down_proj.weight[77, 301] of layer story:1", "allow_super_weight_loss"))])

@@ -1,0 +1,234 @@
+"""Mistakes in what a recipe refers to: models and steps by name, and layers the models do not have."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.bad_inputs.checks import (
+    COMMANDS,
+    Line,
+    assert_no_output,
+    assert_recipe_refused,
+    assert_refused,
+    cli,
+    invoke,
+    line,
+    mark,
+    snapshot,
+    yaml_text,
+)
+from tests.tiny import make_model
+
+# id -> (recipe text, expected lines). Models are at ./llama (6 layers) beside the recipe.
+REFERENCE_CASES: dict[str, tuple[str, list[Line]]] = {
+    "layer-index-out-of-range": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            layers: [1, 6]
+        """,
+        [line("layers: [1, ^6]", "steps[0].layers[1]", "layer 6 is out of range", "has 6 layers")],
+    ),
+    "layer-out-of-range-of-a-step": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            id: pruned
+            model: a
+            layers: [1]
+          - op: drop_layers
+            model: pruned
+            layers: [0, 5]
+        """,
+        [line("layers: [0, ^5]", "steps[1].layers[1]", "layer 5 is out of range", "'pruned' has 5 layers")],
+    ),
+    "drop-leaves-no-layers": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            layers: [[0, 6]]
+        """,
+        [line("layers: ^[[0, 6]]", "steps[0].layers", "leaves none", "6 layers")],
+    ),
+    "slice-beyond-the-model": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: slice_layers
+            slices:
+              - model: a
+                range: [0, 4]
+              - model: a
+                range: [2, 8]
+        """,
+        [line("range: ^[2, 8]", "steps[0].slices[1].range", "[2, 8]", "out of range", "6 layers")],
+    ),
+    "unknown-model-reference": (
+        """
+        recipe: 1
+        models:
+          base: ./llama
+        steps:
+          - op: drop_layers
+            model: bsae
+            layers: [1]
+        """,
+        [line("model: ^bsae", "steps[0].model", "unknown model or step 'bsae'", "did you mean 'base'?")],
+    ),
+    "reference-to-a-later-step": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: slice_layers
+            slices:
+              - model: pruned
+                range: [0, 2]
+          - op: drop_layers
+            id: pruned
+            model: a
+            layers: [1]
+        """,
+        [line("- model: ^pruned", "steps[0].slices[0].model", "unknown model or step 'pruned'")],
+    ),
+    "duplicate-step-id": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            id: pruned
+            model: a
+            layers: [1]
+          - op: drop_layers
+            id: pruned
+            model: pruned
+            layers: [2]
+        """,
+        [line("  - op: drop_layers\n    id: ^pruned\n    model: pruned", "steps[1].id", "'pruned'", "already")],
+    ),
+    "step-id-shadows-a-model": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            id: a
+            model: a
+            layers: [1]
+        """,
+        [line("id: ^a", "steps[0].id", "'a'", "already the name of a model")],
+    ),
+    "tokenizer-from-a-step": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            id: pruned
+            model: a
+            layers: [1]
+        output:
+          tokenizer: pruned
+        """,
+        [line("tokenizer: ^pruned", "output.tokenizer", "unknown model 'pruned'", "one of: a")],
+    ),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_reference_mistake(work: Path, capsys, case: str, command: str) -> None:
+    template, lines = REFERENCE_CASES[case]
+    assert_recipe_refused(work, capsys, command, yaml_text(template), lines)
+
+
+@pytest.mark.parametrize("case", ["unknown-model-reference", "duplicate-step-id"])
+def test_reference_mistake_schema_only(tmp_path: Path, capsys, case: str) -> None:
+    """`validate --schema-only` opens no model, so references between names must be refused the same way."""
+    template, lines = REFERENCE_CASES[case]
+    text = yaml_text(template)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text, encoding="utf-8")
+
+    result = cli(capsys, "validate", "--schema-only", recipe)
+
+    assert_refused(result, [(ln.prefix(recipe, text), ln.words) for ln in lines])
+
+
+def test_incompatible_models_in_one_stack(work: Path, capsys) -> None:
+    make_model(work / "wide", layers=4, hidden_size=64, head_dim=16, seed=3)
+    text = yaml_text("""
+        recipe: 1
+        models:
+          a: ./llama
+          wide: ./wide
+        steps:
+          - op: slice_layers
+            slices:
+              - model: a
+                range: [0, 3]
+              - model: wide
+                range: [2, 4]
+        """)
+    recipe = work / "recipe.yaml"
+    recipe.write_text(text, encoding="utf-8")
+    out = work / "OUT"
+    before = snapshot(work)
+
+    result = invoke(capsys, "run", recipe, out)
+
+    # the offending field is the second slice (its entry or its `model`), not the whole step
+    located = [f"{recipe}:{mark(text, '- ^model: wide')}: steps[0].slices[1]: ",
+               f"{recipe}:{mark(text, '- model: ^wide')}: steps[0].slices[1].model: "]
+    assert result.rc == 2 and "Traceback" not in result.err, result.err
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith(tuple(located)), f"expected one of {located}, got:\n{result.err}"
+    assert "'wide'" in lines[0] and "does not fit" in lines[0], result.err
+    assert_no_output(out)
+    assert snapshot(work) == before
+
+
+def test_validate_reports_schema_and_reference_problems_together(work: Path, capsys) -> None:
+    """A wrong type in one step must not hide an unknown model in another: one report holds every problem."""
+    text = yaml_text("""
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: b
+            layers: [1]
+          - op: drop_layers
+            model: a
+            layers: "x"
+        """)
+    recipe = work / "recipe.yaml"
+    recipe.write_text(text, encoding="utf-8")
+
+    result = cli(capsys, "validate", recipe)
+
+    expected = [
+        line("model: ^b", "steps[0].model", "unknown model or step 'b'"),
+        line('layers: ^"x"', "steps[1].layers", "list", "'x'"),
+    ]
+    assert_refused(result, [(ln.prefix(recipe, text), ln.words) for ln in expected])
