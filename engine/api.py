@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from recipekit.engine.core.architectures import layer_config
 from recipekit.engine.core.graph import LazyModel, loads_of
 from recipekit.engine.core.layers import decoder_of

@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="super-weights: zero what was found and look again, at most this often (default 10)")
     analyze.add_argument("--verify", action="store_true",
                          help="super-weights: perplexity of --text with each found weight zeroed")
+    analyze.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     analyze.add_argument("--json", action="store_true", help="machine-readable output")
     analyze.add_argument("--plot", type=Path, metavar="FILE.png",
                          help="also draw the table: a layer x module heatmap (snr) or a curve over layers "
@@ -275,13 +276,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    check_device(args.device)
     if args.metric == "super-weights":
         return _analyze_super_weights(args)
     if args.metric != "snr":
         return _analyze_similarity(args)
     from recipekit.engine.measure.analyze import snr_table
 
-    rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()),
+    rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()), device=args.device,
                      progress=not args.quiet and sys.stderr.isatty())
     modules = list(dict.fromkeys(r.module for r in rows))
     by_layer: dict[int, dict[str, float]] = {}
@@ -318,7 +320,7 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
         raise RecipekitError(f"--n {args.n} is more than the model's {len(decoder_of(model, str(args.model)).layers)} "
                              "layers")
     result = similarity(model, str(args.model), texts, seq_len=args.seq_len, max_texts=args.max_texts,
-                        mean_n=mean_n, progress=not args.quiet and sys.stderr.isatty())
+                        mean_n=mean_n, device=args.device, progress=not args.quiet and sys.stderr.isatty())
     if args.metric == "angular":
         if args.n > result.layers:
             raise RecipekitError(f"--n {args.n} is more than the model's {result.layers} layers")
@@ -358,10 +360,11 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
     model = model_or_recipe(args.model)
     progress = not args.quiet and sys.stderr.isatty()
     found = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
-                               rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts, progress=progress)
+                               rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts, device=args.device,
+                               progress=progress)
     baseline = None
     if args.verify:
-        baseline, found = verify(model, str(args.model), found, text, seq_len=args.seq_len)
+        baseline, found = verify(model, str(args.model), found, text, seq_len=args.seq_len, device=args.device)
     if args.plot:
         from recipekit.engine.measure.plot import curve
 

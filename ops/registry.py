@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Union, get_args
 
 from pydantic import Field
+
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.kernels import SHARED_KERNELS
 from recipekit.engine.core.probe import Probe

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 
@@ -182,6 +183,25 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert rc == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("metric", ["snr", "angular", "super-weights"])
+def test_analyze_takes_a_device_like_eval(capsys, monkeypatch, metric):
+    """`--device cpu` gives what the default gives; `--device cuda` without a GPU is refused before any work."""
+    import torch
+
+    model = str(DEMO / "models" / "tiny-story")
+    args = ["analyze", model, "--metric", metric, "--json", "-q"]
+    if metric == "angular":
+        args += ["--text", str(DEMO / "heldout.txt"), "--max-texts", "4"]
+    assert main(args) == 0
+    default = capsys.readouterr().out
+    assert main(args + ["--device", "cpu"]) == 0
+    assert capsys.readouterr().out == default
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(args + ["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "--device cuda: no CUDA device is available here"
 
 
 def test_version_comes_from_package_metadata(capsys):

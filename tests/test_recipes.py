@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 from recipekit.engine.foreign.formats import detect
-
 from tests.tiny import assert_layers_from, load_causal_lm, read_config, tensors_of
 
 ROOT = Path(__file__).resolve().parents[1]

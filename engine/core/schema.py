@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
 from recipekit.engine.errors import Path_
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"

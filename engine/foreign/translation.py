@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
+
 from recipekit.engine.errors import Path_, Problem, RecipeError, RecipekitError, in_file_order
 from recipekit.engine.recipe.yamlsource import Locator
 

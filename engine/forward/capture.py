@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from recipekit.engine.forward.streamed import Activation
 
 

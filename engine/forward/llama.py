@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.core.moe_layouts import LAYOUTS
 from recipekit.engine.core.names import DOWN, GATE, UP

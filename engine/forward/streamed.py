@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
 from recipekit.engine.core.graph import LazyModel, Load, Node, cast_source
 from recipekit.engine.core.kernels import cast
 from recipekit.engine.core.layers import decoder_of

@@ -123,6 +123,7 @@ def remote_header(repo_id: str, commit: str, filename: str, *, where: str | None
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
+
     from recipekit.engine.io.safetensors_header import header_length
 
     url = hf_hub_url(repo_id, filename, revision=commit)

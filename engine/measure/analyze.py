@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.core.names import PROJECTIONS
@@ -39,9 +40,10 @@ class SNRRow:
                 "signal_values": self.signal_values}
 
 
-def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = None,
+def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = None, *, device: str = "cpu",
               progress: bool = False) -> list[SNRRow]:
-    """SNR of `<module>.weight` in every decoder layer; modules default to those the model has."""
+    """SNR of `<module>.weight` in every decoder layer, each matrix read onto `device` in turn; modules default to
+    those the model has."""
     decoder = decoder_of(model, name)
     present = [m for m in MODULES if f"{m}.weight" in decoder.layers[0]]
     chosen = list(modules) if modules else present
@@ -55,7 +57,7 @@ def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = Non
         for i, layer in enumerate(decoder.layers):
             for module in chosen:
                 node = model.tensors[layer[f"{module}.weight"]]
-                result = snr(Evaluator([node], files.fd).value(node))
+                result = snr(Evaluator([node], files.fd, device).value(node))
                 rows.append(SNRRow(i, module, result.snr, result.snr_over_max, result.signal_values))
                 bar.update(1)
     bar.close()

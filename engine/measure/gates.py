@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from recipekit.engine.core.graph import ExpertPrompts, MoeInfo
 from recipekit.engine.errors import PlanError, Problem, RecipekitError
 from recipekit.engine.forward.capture import LastToken, MeanToken

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.forward.streamed import StreamedForward

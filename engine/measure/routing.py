@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.moe_layouts import LAYOUTS
 from recipekit.engine.errors import PlanError

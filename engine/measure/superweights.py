@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+
 from recipekit.engine.core.graph import Apply, LazyModel
 from recipekit.engine.core.names import DOWN
 from recipekit.engine.forward.capture import MaxAbs

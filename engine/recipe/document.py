@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+
 from recipekit.engine.core.schema import NAME_PATTERN, Name, Ref, StepBase, Strict
 from recipekit.engine.core.sizes import parse_size
 from recipekit.engine.errors import Path_, Problem, RecipeError, in_file_order
 from recipekit.engine.recipe.yamlsource import Locator
-from recipekit.ops.registry import OPS, Step
+from recipekit.ops.registry import Step
 
 RECIPE_VERSION = 1
 # output.dtype -> safetensors dtype
@@ -141,13 +143,15 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
         return Problem(f"unknown key {key!r}{_suggest(key, allowed)}"
                        + (f"; allowed: {', '.join(allowed)}" if allowed else ""),
                        locator.where(path, key=True), path)
-    if kind == "union_tag_invalid":
-        tag, valid = ctx.get("tag"), list(OPS)
-        full = path + ("op",)
-        return Problem(f"unknown op {tag!r}{_suggest(str(tag), valid)}; valid ops: {', '.join(valid)}",
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        key = str(ctx.get("discriminator", "'op'")).strip("'")
+        valid = _discriminators()[key]
+        if kind == "union_tag_not_found":
+            what = "every step needs an 'op'" if key == "op" else f"a {key!r} is required"
+            return Problem(f"{what}: one of {', '.join(valid)}", locator.where(path), path)
+        tag, full = ctx.get("tag"), path + (key,)
+        return Problem(f"unknown {key} {tag!r}{_suggest(str(tag), valid)}; valid {key}s: {', '.join(valid)}",
                        locator.where(full), full)
-    if kind == "union_tag_not_found":
-        return Problem(f"every step needs an 'op': one of {', '.join(OPS)}", locator.where(path), path)
     if kind == "missing":
         return Problem(f"missing required key {str(path[-1])!r}", locator.where(path[:-1]), path)
     at_key = loc[-1:] == ("[key]",)  # pydantic's marker for a dict key that failed validation
@@ -165,16 +169,14 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
     return Problem(message, locator.where(path, key=at_key), path)
 
 
-_DISCRIMINATORS = ("op", "metric")  # the fields tagged unions are selected by
-
-
 def _data_path(loc: Path_, data: Any) -> Path_:
     """Pydantic's location minus the union tags it inserts, i.e. a path into the data."""
     path: list[str | int] = []
     node = data
+    discriminators = _discriminators()
     for part in loc:
         if isinstance(node, dict):
-            if part not in node and any(node.get(key) == part for key in _DISCRIMINATORS):
+            if part not in node and any(node.get(key) == part for key in discriminators):
                 continue  # the union tag pydantic inserts
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int):
@@ -185,6 +187,30 @@ def _data_path(loc: Path_, data: Any) -> Path_:
             node = None
         path.append(part)
     return tuple(path)
+
+
+@cache
+def _discriminators() -> dict[str, list[str]]:
+    """The fields the schema's tagged unions are selected by (`op`, `select.metric`, ...) and their values, read
+    from the schema, so an op with a tagged union of its own needs no change here."""
+    found: dict[str, list[str]] = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("discriminator"), dict):
+                mapping = node["discriminator"]["mapping"]
+                order = [member.get("$ref") for member in node.get("oneOf", [])]  # as the union declares them
+                tags = found.setdefault(node["discriminator"]["propertyName"], [])
+                tags += [t for t in sorted(mapping, key=lambda t: order.index(mapping[t]) if mapping[t] in order
+                                           else len(order)) if t not in tags]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(recipe_json_schema())
+    return found
 
 
 def _value_at(data: Any, path: Path_) -> Any:

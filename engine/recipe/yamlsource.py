@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from recipekit.engine.errors import Path_, Problem, RecipeError
 
 _SCALAR_TAGS = {

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
+
 from recipekit.engine.core.graph import Apply, Load, Node
 from recipekit.engine.core.kernels import torch_dtype
 from recipekit.engine.io.safetensors_header import TensorInfo

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
+
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import Pick, compose_layers, decoder_of, out_of_range
 from recipekit.engine.core.probe import Probe

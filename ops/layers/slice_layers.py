@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field
+
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import Pick, compose_layers, decoder_of, head_tensors, out_of_range
 from recipekit.engine.core.probe import Probe

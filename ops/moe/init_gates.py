@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field
+
 from recipekit.engine.core.graph import LazyModel, created
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import Ref, StepBase

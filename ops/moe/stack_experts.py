@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
+
 from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.core.graph import (
     Apply,

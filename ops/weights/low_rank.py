@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
+
 from recipekit.engine.core.graph import LazyModel, elementwise, keeps
 from recipekit.engine.core.layers import decoder_of, out_of_range
 from recipekit.engine.core.probe import Probe

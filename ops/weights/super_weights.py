@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field
+
 from recipekit.engine.core.graph import LazyModel, ProtectedWeight
 from recipekit.engine.core.layers import decoder_of, out_of_range
 from recipekit.engine.core.probe import Probe

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from recipekit.engine.cli import main
 
+from recipekit.engine.cli import main
 from tests.bad_inputs.checks import (
     assert_no_output,
     assert_refused,

@@ -214,6 +214,31 @@ SCHEMA_CASES: dict[str, tuple[str, list[Line]]] = {
         """,
         [line("- ^model: a", "steps[0]", "needs an 'op'", "drop_layers")],
     ),
+    "unknown-select-metric": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            select: {metric: angualr, n: 1, text: t.txt}
+        """,
+        [line("metric: ^angualr", "steps[0].select.metric", "unknown metric 'angualr'",
+              "did you mean 'angular'?", "snr")],
+    ),
+    "select-without-metric": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            select: {n: 1, text: t.txt}
+        """,
+        [line("select: ^{n: 1", "steps[0].select", "'metric' is required", "snr, angular, bi")],
+    ),
     "misspelt-step-key": (
         """
         recipe: 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import transformers
+
 from recipekit.engine.core.architectures import materialise, rewrite_layers
 
 CASES = [

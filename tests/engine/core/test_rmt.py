@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from recipekit.engine.core.rmt import snr
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from recipekit.engine.core.sizes import human, parse_size
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from recipekit.engine.cli import main
 
+from recipekit.engine.cli import main
 from tests.bad_inputs.checks import assert_recipe_refused, assert_refused, cli, line, mark
 from tests.tiny import add_char_tokenizer, make_model, read_config, tensors_of
 

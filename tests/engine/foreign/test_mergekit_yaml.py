@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from recipekit.engine.cli import main
 
+from recipekit.engine.cli import main
 from tests.bad_inputs.checks import assert_recipe_refused, assert_refused, cli, line, mark
 from tests.tiny import add_char_tokenizer, assert_layers_from, load_causal_lm, make_model
 

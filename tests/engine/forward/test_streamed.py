@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.streamed import StreamedForward
 from recipekit.engine.io.source import open_model
-
 from tests.tiny import load_causal_lm, make_model
 
 BATCH = [[5, 17, 42, 3, 88, 9, 61, 23, 7, 11], [1, 2, 3, 4, 5, 6], [90, 4]]

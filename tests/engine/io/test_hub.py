@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from recipekit.engine.cli import main
 
+from recipekit.engine.cli import main
 from tests.tiny import make_model, tensors_of, write_recipe
 
 COMMIT_1 = "1" * 40
@@ -297,6 +297,7 @@ class FakeHub:
 
 def test_online_plan_reads_headers_only_and_run_downloads_only_used_shards(tmp_path, monkeypatch, capsys):
     import huggingface_hub
+
     from recipekit.engine.io import hub
 
     cache = tmp_path / "cache"

@@ -6,9 +6,10 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from recipekit.engine.errors import SourceError
 from recipekit.engine.io.safetensors_header import read_header
-from safetensors.torch import save_file
 
 
 def test_matches_the_safetensors_library(tmp_path):

@@ -5,9 +5,9 @@ import json
 import math
 
 import pytest
+
 from recipekit.engine.cli import main
 from recipekit.engine.core.rmt import snr
-
 from tests.tiny import DEMO, make_model, tensors_of
 
 
@@ -61,6 +61,7 @@ def test_angular_and_bi_equal_a_direct_computation_with_transformers(tmp_path, c
     import shutil
 
     import torch
+
     from recipekit.engine.core.graph import LazyModel
     from recipekit.engine.forward.tokenize import TextTokenizer
     from recipekit.engine.io.source import open_model

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from recipekit.engine.cli import main
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.forward.tokenize import TextTokenizer
 from recipekit.engine.io.source import open_model
 from recipekit.engine.measure.perplexity import perplexity, windows
-
 from tests.tiny import DEMO as DEMO_DIR
 from tests.tiny import load_causal_lm, make_model, write_recipe
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipekit.engine.cli import main
 
+from recipekit.engine.cli import main
 from tests.bad_inputs.checks import assert_refused, cli
 from tests.tiny import add_char_tokenizer, load_causal_lm, make_model, write_recipe
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from recipekit.engine.errors import RecipeError
 from recipekit.engine.recipe.document import parse_recipe
 from recipekit.engine.recipe.yamlsource import load_yaml

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from recipekit.engine.errors import RecipeError
 from recipekit.engine.recipe.yamlsource import load_yaml
 

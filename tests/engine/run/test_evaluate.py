@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
+
 from recipekit.engine.core.graph import Apply, LazyModel, Load
 from recipekit.engine.io.source import open_model
 from recipekit.engine.recipe.document import Output
 from recipekit.engine.run import evaluate
 from recipekit.engine.run.plan import make_plan
 from recipekit.engine.run.write import write_model
-from safetensors.torch import load_file, save_file
 
 
 def _model(tmp_path, tensors: dict[str, torch.Tensor]):

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from recipekit.engine import PlanError, load_recipe
 
+from recipekit.engine import PlanError, load_recipe
 from tests.tiny import DEMO, assert_layers_from, load_causal_lm, make_model, read_config, write_recipe
 
 TOKENS = torch.tensor([[5, 17, 42, 3, 88, 9, 61, 23]])
@@ -197,7 +197,6 @@ def _with_infinite_snr_layers(tmp_path, infinite: set[int]):
 @pytest.mark.parametrize("rule", ["where: infinite", "lowest: 2", "below: 7"])
 def test_drop_layers_selected_by_snr(tmp_path, rule):
     from recipekit.engine.core.rmt import snr
-
     from tests.tiny import tensors_of
 
     path = _with_infinite_snr_layers(tmp_path, {1, 3})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipekit.engine import load_recipe
 
+from recipekit.engine import load_recipe
 from tests.tiny import add_char_tokenizer, load_causal_lm, make_model, read_config, tensors_of, write_recipe
 
 PROMPTS = {
@@ -401,8 +401,9 @@ def test_experts_from_another_base_are_warned_about_and_fine_tunes_are_not(tmp_p
     """Norm weights tell relatives apart: e0 is an unrelated model, `tuned` the base with every weight nudged."""
     import shutil
 
-    from recipekit.engine.cli import main
     from safetensors.torch import save_file
+
+    from recipekit.engine.cli import main
 
     tuned = tmp_path / "tuned"
     shutil.copytree(models / "base", tuned)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 from recipekit.engine.core.rmt import snr
-
 from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark
 from tests.tiny import DEMO, tensors_of, write_recipe
 
