@@ -2,6 +2,10 @@
 
     python benchmarks/forward.py --model /tmp/rk-bench/llama-h2048-l16 --tokens 2048 --repeats 3
 
+With `--baseline DIR` (a non-editable install of another recipekit, e.g.
+`pip install --no-deps --target DIR .` at an earlier commit) the streamed
+forward of that tree is timed too, in the same rounds: before and after a change.
+
 Each measurement is its own process under `/usr/bin/time -v` (peak RSS), run
 right after reading the model files into the page cache, alternating the two
 sides. transformers: `from_pretrained(dtype=float32)` and one forward over the
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -36,9 +41,14 @@ print("RESULT", end - begin, end - start, float(logits[0, -1].float().abs().sum(
     "recipekit": """
 import sys, time, torch
 from pathlib import Path
-from recipekit.engine.forward.streamed import StreamedForward
-from recipekit.engine.core.graph import LazyModel
-from recipekit.engine.io.source import open_model
+try:
+    from recipekit.engine.core.graph import LazyModel
+    from recipekit.engine.forward.streamed import StreamedForward
+    from recipekit.engine.io.source import open_model
+except ImportError:  # a --baseline tree from before engine/ was grouped into subpackages (2026-12)
+    from recipekit.engine.forward import StreamedForward
+    from recipekit.engine.lazy import LazyModel
+    from recipekit.engine.source import open_model
 path, n = sys.argv[1], int(sys.argv[2])
 start = time.perf_counter()
 model = LazyModel.from_source("m", open_model(path, base_dir=Path.cwd()))
@@ -56,11 +66,15 @@ print("RESULT", end - begin, end - start, float(logits[-1].abs().sum()))
 }
 
 
-def measure(side: str, model: Path, tokens: int) -> dict:
+def measure(side: str, model: Path, tokens: int, baseline: Path | None = None) -> dict:
     for f in sorted(model.glob("*.safetensors")):
         subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)
-    result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", CHILD[side], str(model), str(tokens)],
-                            capture_output=True, text=True)
+    env = dict(os.environ)
+    if side == "baseline":
+        env["PYTHONPATH"] = str(baseline)
+    code = CHILD["recipekit" if side == "baseline" else side]
+    result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, str(model), str(tokens)],
+                            capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{side} failed:\n{result.stderr[-3000:]}")
     forward_s, wall_s, check = map(float, result.stdout.split("RESULT")[1].split())
@@ -75,11 +89,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help="another recipekit install to time too")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"transformers": [], "recipekit": []}
+    if args.baseline:
+        runs["baseline"] = []
+    sides = list(runs)
     for r in range(args.repeats):
-        for side in (("transformers", "recipekit") if r % 2 == 0 else ("recipekit", "transformers")):
-            runs[side].append(measure(side, args.model, args.tokens))
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+            runs[side].append(measure(side, args.model, args.tokens, args.baseline))
             m = runs[side][-1]
             print(f"  {side:12} round {r + 1}: forward {m['forward_s']:.2f}s ({m['tokens_per_s']:.0f} tok/s), "
                   f"wall {m['wall_s']:.2f}s, peak RSS {m['peak_rss_mb']:.0f} MB", flush=True)
@@ -93,6 +111,10 @@ def main() -> None:
         print(f"{side:14}{m['tokens_per_s']:8.0f}{m['forward_s']:11.2f}{m['wall_s']:9.2f}{m['peak_rss_mb']:13.0f}")
     print(f"recipekit / transformers: speed {k['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 0.7), "
           f"peak RSS {k['peak_rss_mb'] / t['peak_rss_mb']:.2f}x (target <= 0.33)")
+    if args.baseline:
+        b = summary["baseline"]
+        print(f"recipekit / baseline: speed {k['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+              f"peak RSS {k['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "median": summary}, indent=2))
 

@@ -13,6 +13,10 @@ A benchmark, not a test: CI never runs it. It
 4. prints median wall time, output bytes/second, throughput against cp and peak
    RSS per command, and with --json FILE writes the numbers as JSON.
 
+With `--baseline PATH` (another `recipe` executable, e.g. an install of an
+earlier commit) that one is timed in the same rounds too, `validate` included,
+so a change can be judged before and after in one run.
+
 Run it with the interpreter of the environment recipekit is installed in:
 
     python benchmarks/passthrough.py --size 1.7GB --repeats 3 --json bench.json
@@ -422,7 +426,7 @@ def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: P
             row.runs.append(Run(wall, rss, out))
             log(f"  {row.variant:8} {row.tool:9} round {rnd + 1}/{repeats}: {wall:7.2f}s  "
                 f"{out / wall / 1e6:8.1f} MB/s  RSS {rss:7.1f} MB")
-            if row.tool == "recipe" and rnd == 0:
+            if row.tool in ("recipe", "baseline") and rnd == 0:
                 check_output(dest, row.variant, log)
     clear(dest)
 
@@ -526,17 +530,24 @@ def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict
         lines.append(f"fixed cost: `recipe validate` (import, parse, headers; no data) median "
                      f"{v['median_wall_s']:.2f}s, RSS {v['peak_rss_mb']:.0f} MB; of it, python + pyyaml + "
                      f"pydantic with one model {f['median_wall_s']:.2f}s")
+        if "baseline validate" in startup:
+            b = startup["baseline validate"]
+            lines.append(f"baseline `recipe validate` median {b['median_wall_s']:.2f}s, RSS {b['peak_rss_mb']:.0f} MB "
+                         f"(recipe / baseline {v['median_wall_s'] / b['median_wall_s']:.2f}x)")
     return "\n".join(lines), data
 
 
 # --------------------------------------------------------------------------- main
 
 
-def fixed_cost(recipe_bin: str, recipe: Path, inputs: list[Path], workdir: Path, rounds: int = 7) -> dict:
+def fixed_cost(recipe_bin: str, recipe: Path, inputs: list[Path], workdir: Path, rounds: int = 7,
+               baseline_bin: str | None = None) -> dict:
     """A run's fixed cost, `recipe validate` (interpreter, imports, recipe, input headers; no data), beside the
     floor any pydantic command line tool pays (`FLOOR_CODE` in the Python that runs `recipe`), alternating."""
     python = _script_python(recipe_bin)
     commands = {"validate": [recipe_bin, "validate", str(recipe)], "floor": [python, "-c", FLOOR_CODE]}
+    if baseline_bin is not None:
+        commands["baseline validate"] = [baseline_bin, "validate", str(recipe)]
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for k in range(rounds + 1):  # the first round writes the bytecode cache and is not counted
         for name, argv in (commands.items() if k % 2 else reversed(commands.items())):
@@ -585,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
                         "timing (default: %(default)s; see README)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     p.add_argument("--recipe", help="the recipe executable (default: beside this python, else on PATH)")
+    p.add_argument("--baseline", metavar="PATH",
+                   help="another recipe executable (e.g. an earlier commit's) timed in the same rounds")
     p.add_argument("--no-mergekit", action="store_true", help="skip mergekit-yaml even if installed")
     p.add_argument("--regenerate", action="store_true", help="rebuild the synthetic model even if cached")
     args = p.parse_args(argv)
@@ -632,13 +645,16 @@ def main(argv: list[str] | None = None) -> int:
     if not mergekit and not args.no_mergekit:
         log("mergekit-yaml is not on PATH: no mergekit rows")
 
-    startup = fixed_cost(recipe_bin, recipes[variants[0]], inputs, workdir)
+    startup = fixed_cost(recipe_bin, recipes[variants[0]], inputs, workdir, baseline_bin=args.baseline)
 
     rows_by_variant: dict[str, list[Row]] = {}
     for variant in variants:
         rows = [Row(variant, "cp", ["cp", "-r", str(model), str(dest)]),
                 Row(variant, "recipe", [recipe_bin, "run", str(recipes[variant]), "-o", str(dest), "-q",
                                         "--overwrite"])]
+        if args.baseline:
+            rows.append(Row(variant, "baseline", [args.baseline, "run", str(recipes[variant]), "-o", str(dest), "-q",
+                                                  "--overwrite"]))
         if mergekit:
             rows.append(Row(variant, "mergekit", [mergekit, str(mk_configs[variant]), str(dest),
                                                   "--out-shard-size", "2B", "--lazy-unpickle"]))

@@ -281,7 +281,7 @@ def _analyze(args: argparse.Namespace) -> int:
         return _analyze_super_weights(args)
     if args.metric != "snr":
         return _analyze_similarity(args)
-    from recipekit.engine.measure.analyze import snr_table
+    from recipekit.engine.measure.snr import snr_table
 
     rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()), device=args.device,
                      progress=not args.quiet and sys.stderr.isatty())
@@ -308,8 +308,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _analyze_similarity(args: argparse.Namespace) -> int:
-    from recipekit.engine.measure.analyze import paragraphs, similarity
-    from recipekit.engine.measure.perplexity import read_text
+    from recipekit.engine.measure.similarity import similarity
+    from recipekit.engine.measure.texts import paragraphs, read_text
 
     if args.text is None:
         raise RecipekitError(f"--metric {args.metric} needs --text FILE: the texts to run the model on")
@@ -350,9 +350,8 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
 
 
 def _analyze_super_weights(args: argparse.Namespace) -> int:
-    from recipekit.engine.measure.analyze import paragraphs
-    from recipekit.engine.measure.perplexity import read_text
     from recipekit.engine.measure.superweights import DEFAULT_PROMPT, find_super_weights, verify
+    from recipekit.engine.measure.texts import paragraphs, read_text
 
     if args.verify and args.text is None:
         raise RecipekitError("--verify needs --text FILE: the text whose perplexity is compared")
@@ -392,9 +391,8 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
 
 
 def _analyze_routing(args: argparse.Namespace) -> int:
-    from recipekit.engine.measure.analyze import paragraphs
-    from recipekit.engine.measure.perplexity import read_text
     from recipekit.engine.measure.routing import routing
+    from recipekit.engine.measure.texts import paragraphs, read_text
 
     check_device(args.device)
     model = model_or_recipe(args.model)
@@ -442,7 +440,8 @@ def _positive(text: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from recipekit.engine.measure.perplexity import perplexity, read_text
+    from recipekit.engine.measure.perplexity import perplexity
+    from recipekit.engine.measure.texts import read_text
 
     if args.stride is not None and args.stride > args.seq_len:
         raise RecipekitError(f"--stride {args.stride} is longer than --seq-len {args.seq_len}: tokens would be skipped")

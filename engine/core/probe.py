@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from recipekit.engine.core.graph import LazyModel, MoeInfo
-    from recipekit.engine.measure.analyze import Similarity
     from recipekit.engine.measure.gates import GateRows
+    from recipekit.engine.measure.similarity import Similarity
     from recipekit.engine.measure.superweights import SuperWeight
 
 RELATED = 0.5  # norm_correlation: fine-tunes of one base score well above this (0.99 for usual ones); unrelated near 0

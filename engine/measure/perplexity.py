@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +35,6 @@ class Perplexity:
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "tokens": self.tokens,
                 "windows": self.windows, "seq_len": self.seq_len, "stride": self.stride}
-
-
-def read_text(path: Path) -> str:
-    """A text file for evaluation; `SourceError` located at the file when it is unusable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SourceError(Problem("text file not found", str(path))) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(Problem(f"cannot read as UTF-8 text: {e}", str(path))) from None
-    if not text.strip():
-        raise SourceError(Problem("the text file is empty", str(path)))
-    return text
 
 
 def windows(ids: list[int], bos: int | None, seq_len: int, stride: int) -> list[tuple[list[int], int]]:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from recipekit.engine.core.graph import LazyModel, MoeInfo
 
 if TYPE_CHECKING:
-    from recipekit.engine.measure.analyze import Similarity
     from recipekit.engine.measure.gates import GateRows
+    from recipekit.engine.measure.similarity import Similarity
     from recipekit.engine.measure.superweights import SuperWeight
 
 
@@ -25,7 +25,7 @@ class EngineProbe:
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
         """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
         # imports torch: only recipes that select by a metric pay for it
-        from recipekit.engine.measure.analyze import snr_table
+        from recipekit.engine.measure.snr import snr_table
 
         return [row.snr for row in snr_table(model, name, (module,))]
 
@@ -33,8 +33,8 @@ class EngineProbe:
                    mean_n: int | None = None) -> Similarity:
         """Angular distances and block influences of `model` over the paragraphs of a text file (with `mean_n`,
         also the token-averaged angular distance over that many layers)."""
-        from recipekit.engine.measure.analyze import paragraphs, similarity
-        from recipekit.engine.measure.perplexity import read_text
+        from recipekit.engine.measure.similarity import similarity
+        from recipekit.engine.measure.texts import paragraphs, read_text
 
         texts = paragraphs(read_text(self.base_dir / Path(text).expanduser()))
         return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts, mean_n=mean_n,
@@ -49,9 +49,8 @@ class EngineProbe:
     def super_weights(self, model: LazyModel, name: str, text: str | None, *, threshold: float, rounds: int,
                       seq_len: int, max_texts: int) -> list[SuperWeight]:
         """Super weights of `model`, over a default prompt and the paragraphs of an optional text file."""
-        from recipekit.engine.measure.analyze import paragraphs
-        from recipekit.engine.measure.perplexity import read_text
         from recipekit.engine.measure.superweights import find_super_weights
+        from recipekit.engine.measure.texts import paragraphs, read_text
 
         texts = paragraphs(read_text(self.base_dir / Path(text).expanduser())) if text is not None else []
         return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from recipekit.engine.core.graph import Apply, LazyModel
+from recipekit.engine.core.graph import LazyModel, elementwise
 from recipekit.engine.core.names import DOWN
 from recipekit.engine.forward.capture import MaxAbs
 from recipekit.engine.forward.streamed import StreamedForward
@@ -92,9 +92,7 @@ def zeroed(model: LazyModel, name: str, weights: list[SuperWeight]) -> LazyModel
     for w in weights:
         by_tensor.setdefault(w.tensor, []).append((w.row, w.column))
     for tensor, coordinates in by_tensor.items():
-        node = tensors[tensor]
-        tensors[tensor] = Apply("zero_at", (node,), (("coordinates", tuple(sorted(coordinates))),),
-                                node.dtype, node.shape)
+        tensors[tensor] = elementwise("zero_at", tensors[tensor], coordinates=tuple(sorted(coordinates)))
     return model.evolve(tensors=tensors)
 
 

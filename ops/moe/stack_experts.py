@@ -2,7 +2,7 @@
 
 Tensors are renamed (experts stay byte copies unless noise or a residual
 scale is asked for) and every router is left unset for `init_gates`
-(`ops/moe/gates.py`); the build refuses a model whose routers are still
+(`ops/moe/init_gates.py`); the build refuses a model whose routers are still
 unset, so a zero router is never written by accident.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pydantic import Field
 
 from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.core.graph import (
-    Apply,
     ExpertPrompts,
     LazyModel,
     MoeInfo,
@@ -127,8 +126,8 @@ def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Pr
                 # transformers always builds a shared expert: an empty one (intermediate size 0) adds nothing
                 for t in MLP_TENSORS:
                     shape = (0, hidden) if t != DOWN else (hidden, 0)
-                    tensors[f"{prefix}.{layout.shared_tensor(t)}"] = _zeros(router_dtype, shape)
-                tensors[shared_gate] = _zeros(router_dtype, (1, hidden))
+                    tensors[f"{prefix}.{layout.shared_tensor(t)}"] = created("zeros", router_dtype, shape)
+                tensors[shared_gate] = created("zeros", router_dtype, (1, hidden))
             else:
                 for t in MLP_TENSORS:
                     out = f"{prefix}.{layout.shared_tensor(t)}"
@@ -137,7 +136,7 @@ def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Pr
         if layout.attention_bias == "always":
             for bias in ATTENTION_BIASES:
                 weight = base.tensors[layers[i][bias.replace(".bias", ".weight")]]
-                tensors.setdefault(f"{prefix}.{bias}", _zeros(weight.dtype, (weight.shape[0],)))
+                tensors.setdefault(f"{prefix}.{bias}", created("zeros", weight.dtype, (weight.shape[0],)))
 
     intermediate = base_mlp[0][GATE].shape[0]
     shared_intermediate = shared_mlp[0][GATE].shape[0] if shared_mlp else 0
@@ -241,11 +240,7 @@ def _adjust(node: Node, spec: ExpertSpec, tensor: str, out: str, seed: int) -> N
     return node
 
 
-def _zeros(dtype: str, shape: tuple[int, ...]) -> Apply:
-    return created("zeros", dtype, shape)
-
-
-# kernels
+# kernels: pure functions of torch tensors, run by the executor when the output is written
 
 
 def noise(x: torch.Tensor, *, seed: int, name: str, std: float) -> torch.Tensor:

@@ -253,7 +253,8 @@ def talking_model(tmp_path):
 def test_drop_layers_selected_by_activations(talking_model, tmp_path, select):
     from recipekit.engine.core.graph import LazyModel
     from recipekit.engine.io.source import open_model
-    from recipekit.engine.measure.analyze import paragraphs, similarity
+    from recipekit.engine.measure.similarity import similarity
+    from recipekit.engine.measure.texts import paragraphs
 
     measured = similarity(LazyModel.from_source("m", open_model(str(talking_model), base_dir=tmp_path)), "m",
                           paragraphs((tmp_path / "texts.txt").read_text()), mean_n=2)

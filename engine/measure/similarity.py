@@ -1,9 +1,7 @@
-"""Per-layer analyses of a model, one weight in memory at a time.
+"""How much each layer (or block of layers) changes the residual stream: angular distance and block influence.
 
-`snr_table` is data-free: the random-matrix SNR (see `ops/snr.py`) of each
-chosen module's weight in every decoder layer. `similarity` runs the
-streamed forward over texts and measures how much each layer (or block of
-layers) changes the residual stream: angular distance and block influence.
+One streamed forward over some texts; what `recipe analyze --metric angular|bi` prints and
+`select: {metric: angular|bi}` chooses by.
 """
 from __future__ import annotations
 
@@ -13,55 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from recipekit.engine.core.graph import LazyModel
-from recipekit.engine.core.layers import decoder_of
-from recipekit.engine.core.names import PROJECTIONS
-from recipekit.engine.core.rmt import snr
-from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.capture import LastToken
-from recipekit.engine.io.inputs import InputFiles
-from recipekit.engine.progress import progress_bar
-from recipekit.engine.run.evaluate import Evaluator
-
-MODULES = PROJECTIONS
-
-
-@dataclass(frozen=True)
-class SNRRow:
-    layer: int
-    module: str
-    snr: float
-    snr_over_max: float
-    signal_values: int
-
-    def to_dict(self) -> dict:
-        finite = math.isfinite(self.snr)
-        return {"layer": self.layer, "module": self.module, "snr": self.snr if finite else None,
-                "infinite": not finite, "snr_over_max": self.snr_over_max if finite else None,
-                "signal_values": self.signal_values}
-
-
-def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = None, *, device: str = "cpu",
-              progress: bool = False) -> list[SNRRow]:
-    """SNR of `<module>.weight` in every decoder layer, each matrix read onto `device` in turn; modules default to
-    those the model has."""
-    decoder = decoder_of(model, name)
-    present = [m for m in MODULES if f"{m}.weight" in decoder.layers[0]]
-    chosen = list(modules) if modules else present
-    missing = [m for m in chosen if any(f"{m}.weight" not in layer for layer in decoder.layers)]
-    if missing:
-        raise PlanError(f"model {name!r} has no {', '.join(missing)} in every layer; its modules: "
-                        f"{', '.join(present) or 'none of ' + ', '.join(MODULES)}")
-    rows = []
-    bar = progress_bar(len(decoder.layers) * len(chosen), progress, unit="matrix", desc="snr")
-    with InputFiles() as files:
-        for i, layer in enumerate(decoder.layers):
-            for module in chosen:
-                node = model.tensors[layer[f"{module}.weight"]]
-                result = snr(Evaluator([node], files.fd, device).value(node))
-                rows.append(SNRRow(i, module, result.snr, result.snr_over_max, result.signal_values))
-                bar.update(1)
-    bar.close()
-    return rows
 
 
 @dataclass(frozen=True)
@@ -91,12 +41,6 @@ class Similarity:
             cos = torch.nn.functional.cosine_similarity(self.last[start], self.last[start + n], dim=-1)
             out.append(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()))
         return out
-
-
-def paragraphs(text: str) -> list[str]:
-    """The texts of a file: its blank-line separated paragraphs (the whole text if it has none)."""
-    parts = [p.strip() for p in text.split("\n\n")]
-    return [p for p in parts if p] or [text.strip()]
 
 
 def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 256, max_texts: int = 64,

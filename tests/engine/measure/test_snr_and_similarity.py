@@ -65,7 +65,8 @@ def test_angular_and_bi_equal_a_direct_computation_with_transformers(tmp_path, c
     from recipekit.engine.core.graph import LazyModel
     from recipekit.engine.forward.tokenize import TextTokenizer
     from recipekit.engine.io.source import open_model
-    from recipekit.engine.measure.analyze import paragraphs, similarity
+    from recipekit.engine.measure.similarity import similarity
+    from recipekit.engine.measure.texts import paragraphs
 
     demo = DEMO / "models" / "llama-a"
     path = make_model(tmp_path / "m", layers=4, vocab_size=258, seed=9)
