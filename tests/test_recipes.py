@@ -56,6 +56,10 @@ EXPECTED_MOE = {
                                                   dtype=torch.bfloat16, noisy=(2,), dense=None),
 }
 
+# merge recipes: every output tensor against the method's math on the source tensors (written out here in plain
+# torch, independently of the kernels)
+EXPECTED_MERGE = {"recipes/demo/story-merge-ties.yaml", "recipes/demo/story-merge-linear.yaml"}
+
 
 def test_recipes_are_found():
     assert len(RECIPES) >= 2
@@ -64,8 +68,8 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     key = str(path.relative_to(ROOT))
-    assert key in EXPECTED or key in EXPECTED_MOE or key in EXPECTED_LOW_RANK, \
-        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK or EXPECTED_MOE"
+    assert key in EXPECTED or key in EXPECTED_MOE or key in EXPECTED_LOW_RANK or key in EXPECTED_MERGE, \
+        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK, EXPECTED_MOE or EXPECTED_MERGE"
     assert main(["validate", str(path)]) == 0
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out), "-q"]) == 0
@@ -77,6 +81,9 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
         return
     if key in EXPECTED_LOW_RANK:
         assert_low_rank(out, models, EXPECTED_LOW_RANK[key])
+        return
+    if key in EXPECTED_MERGE:
+        assert_merge(key, out, models)
         return
     want = EXPECTED[key]
     assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"],
@@ -136,3 +143,30 @@ def assert_moe(out: Path, models: dict[str, Path], want: dict) -> None:
         if want["dense"] is not None:
             dense = load_causal_lm(models[want["dense"]])(ids).logits
             assert torch.allclose(logits, dense, atol=1e-5, rtol=0)
+
+
+def assert_merge(key: str, out: Path, models: dict[str, Path]) -> None:
+    got, story, sw = tensors_of(out), tensors_of(models["story"]), tensors_of(models["sw"])
+    assert sorted(got) == sorted(story)
+    layers = read_config(out)["num_hidden_layers"]
+    for name, base in story.items():
+        if key.endswith("ties.yaml"):  # one model: its task vector, trimmed to the largest half, added
+            delta = sw[name] - base
+            flat = delta.reshape(-1)
+            keep = torch.zeros_like(flat)
+            keep[flat.abs().topk(int(0.5 * flat.numel())).indices] = 1
+            want = base + (flat * keep).reshape(delta.shape)
+        else:  # attention 1:3 towards the fine-tune; the rest from 3:1 at the first layer to 1:3 at the last
+            if "self_attn" in name:
+                w = 0.75
+            elif ".layers." in name:
+                w = 0.25 + 0.5 * int(name.split(".layers.")[1].split(".")[0]) / (layers - 1)
+            else:
+                w = 0.75 if name == "model.norm.weight" else 0.25  # after the layers: the last value
+            want = (1 - w) * base + w * sw[name]
+        assert torch.allclose(got[name], want, atol=1e-6, rtol=0), name
+    if key.endswith("ties.yaml"):  # the protected super weight is the fine-tune's, exactly
+        down = "model.layers.1.mlp.down_proj.weight"
+        assert got[down][77, 301] == sw[down][77, 301] and abs(float(sw[down][77, 301])) > 1
+    with torch.no_grad():
+        assert torch.isfinite(load_causal_lm(out)(torch.tensor([[0, 5, 6, 7]])).logits).all()

@@ -164,16 +164,24 @@ class ProtectedWeight:
 
 
 def keeps(node: Node, weight: ProtectedWeight) -> bool:
-    """Does `node` still hold `weight`'s entry unchanged (up to a dtype cast)?"""
+    """Does `node` still hold `weight`'s entry unchanged (up to a dtype cast)?
+
+    A kernel that restores entries declares them in a `keep` parameter: `(row, column)` taken from its first
+    input, or `(row, column, k)` taken from input k (a merge of several models).
+    """
     while True:
         if node == weight.node:
             return True
         if not isinstance(node, Apply) or not node.inputs:
             return False
-        keep = dict(node.params).get("keep")
-        if node.kernel != "cast" and (keep is None or (weight.row, weight.column) not in keep):
+        if node.kernel == "cast":
+            node = node.inputs[0]
+            continue
+        source = next((entry[2] if len(entry) > 2 else 0 for entry in dict(node.params).get("keep", ())
+                       if tuple(entry[:2]) == (weight.row, weight.column)), None)
+        if source is None:
             return False
-        node = node.inputs[0]
+        node = node.inputs[source]
 
 
 def lost_weights(model: LazyModel) -> list[ProtectedWeight]:

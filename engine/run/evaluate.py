@@ -144,4 +144,6 @@ class Evaluator:
         if isinstance(node, Load):
             return read_tensor(node.tensor, self.open_input(node.tensor)).to(self.device)
         inputs = [self.value(child) for child in node.inputs]
-        return KERNELS[node.kernel](*inputs, **dict(node.params))
+        result = KERNELS[node.kernel](*inputs, **dict(node.params))
+        dtype = torch_dtype(node.dtype)
+        return result if result.dtype == dtype else result.to(dtype)  # kernels that compute in float32

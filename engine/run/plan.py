@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from recipekit.engine.core.graph import Apply, LazyModel, Load, Node, cast_source, loads_of
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
@@ -99,7 +99,10 @@ def make_plan(model: LazyModel, output: Output) -> Plan:
     nodes: dict[str, Node] = {}
     for name, node in model.tensors.items():
         if target and node.dtype in FLOAT_DTYPES and node.dtype != target:
-            node = Apply("cast", (node,), (("dtype", target),), target, node.shape)
+            # a computed tensor is computed straight into the output dtype (a merge rounds once, from float32);
+            # a loaded one is cast
+            node = (replace(node, dtype=target) if isinstance(node, Apply)
+                    else Apply("cast", (node,), (("dtype", target),), target, node.shape))
         nodes[name] = node
 
     groups: list[list[str]] = [[]]

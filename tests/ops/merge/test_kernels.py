@@ -1,0 +1,151 @@
+"""Merge kernels against plain torch math and the properties their papers promise, on small tensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recipekit.ops.merge.interpolate import linear, model_stock, nearswap, slerp
+from recipekit.ops.merge.task_vectors import KERNELS, task_vector_merge
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+BASE = _randn(16, 24, seed=0)
+A, B = BASE + 0.1 * _randn(16, 24, seed=1), BASE + 0.1 * _randn(16, 24, seed=2)
+
+
+def test_linear_is_the_weighted_mean() -> None:
+    got = linear(A, B, weights=(0.25, 0.75), normalize=True)
+    assert torch.allclose(got, 0.25 * A + 0.75 * B, atol=1e-6)
+    assert torch.allclose(linear(A, B, weights=(1.0, 3.0), normalize=True), got, atol=1e-6)
+    assert torch.allclose(linear(A, B, weights=(1.0, 3.0), normalize=False), A + 3 * B, atol=1e-6)
+
+
+def test_linear_of_identical_models_is_the_model() -> None:
+    assert torch.allclose(linear(A, A, A, weights=(0.2, 0.3, 0.5), normalize=True), A, atol=1e-6)
+
+
+def test_slerp_ends_at_its_models_and_keeps_the_norm_between() -> None:
+    assert torch.allclose(slerp(A, B, t=0.0), A, atol=1e-6)
+    assert torch.allclose(slerp(A, B, t=1.0), B, atol=1e-5)
+    unit_a, unit_b = A / A.norm(), B / B.norm()  # for unit vectors slerp stays on the sphere
+    assert abs(float(slerp(unit_a, unit_b, t=0.3).norm()) - 1) < 1e-5
+
+
+def test_slerp_of_nearly_parallel_tensors_is_linear() -> None:
+    near = A * 1.5 + 1e-6
+    assert torch.allclose(slerp(A, near, t=0.4), 0.6 * A + 0.4 * near, atol=1e-6)
+
+
+def test_nearswap_takes_the_other_where_the_two_are_close() -> None:
+    base = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    other = torch.tensor([0.001, 1.0, 0.0, 1.0])
+    got = nearswap(base, other, t=0.01)
+    assert torch.allclose(got, torch.tensor([0.001, 0.01, 0.0, 1.0]), atol=1e-7)
+
+
+def test_model_stock_of_identical_models_is_the_model() -> None:
+    assert torch.allclose(model_stock(A, A, A, filter_wise=False), A, atol=1e-6)
+    assert torch.allclose(model_stock(BASE, A, A, filter_wise=False), A, atol=1e-5)  # cos 1: the fine-tunes' mean
+
+
+def test_model_stock_follows_its_formula() -> None:
+    da, db = (A - BASE).reshape(-1), (B - BASE).reshape(-1)
+    cos = float(da @ db / (da.norm() * db.norm()))
+    t = 2 * cos / (1 + cos)
+    expected = t * (A + B) / 2 + (1 - t) * BASE
+    assert torch.allclose(model_stock(BASE, A, B, filter_wise=False), expected, atol=1e-6)
+
+
+def _merge(method: str, *others: torch.Tensor, **params) -> torch.Tensor:
+    defaults = dict(weights=(1.0,) * len(others), densities=(1.0,) * len(others), normalize=False)
+    return task_vector_merge(method, BASE, *others, **{**defaults, **params})
+
+
+def test_task_arithmetic_adds_weighted_task_vectors() -> None:
+    got = _merge("task_arithmetic", A, B, weights=(0.5, 2.0), lambda_=0.8)
+    assert torch.allclose(got, BASE + 0.8 * (0.5 * (A - BASE) + 2.0 * (B - BASE)), atol=1e-6)
+
+
+def test_ties_with_full_density_and_no_sign_conflict_is_task_arithmetic() -> None:
+    up_a, up_b = BASE + (A - BASE).abs(), BASE + (B - BASE).abs()  # every task-vector entry positive
+    ties = _merge("ties", up_a, up_b, weights=(0.3, 0.7), normalize=False)
+    assert torch.allclose(ties, _merge("task_arithmetic", up_a, up_b, weights=(0.3, 0.7)), atol=1e-6)
+
+
+def test_ties_elects_the_majority_sign_and_trims() -> None:
+    base = torch.zeros(4)
+    a = torch.tensor([1.0, -2.0, 0.1, 3.0])
+    b = torch.tensor([2.0, 1.0, 0.2, -1.0])
+    # density 0.5: a keeps -2 and 3, b keeps 2 and 1; signs: entry0 +, entry1 -2+1<0 -> -, entry3 + (3 only)
+    got = task_vector_merge("ties", base, a, b, weights=(1.0, 1.0), densities=(0.5, 0.5), normalize=True)
+    assert torch.allclose(got, torch.tensor([2.0, -2.0, 0.0, 3.0]))
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_with_full_density_and_no_rescale_is_task_arithmetic(method: str) -> None:
+    up_a, up_b = BASE + (A - BASE).abs(), BASE + (B - BASE).abs()
+    got = _merge(method, up_a, up_b, weights=(0.3, 0.7), rescale=False, seed=3, name="w")
+    assert torch.allclose(got, _merge("task_arithmetic", up_a, up_b, weights=(0.3, 0.7)), atol=1e-6)
+
+
+def test_dare_keeps_about_density_and_rescales_by_either_rule() -> None:
+    delta = torch.ones(200, 200)
+    kept = task_vector_merge("dare_linear", torch.zeros(200, 200), delta, weights=(1.0,), densities=(0.3,),
+                             normalize=False, rescale=False, seed=1, name="w")
+    fraction = float((kept != 0).float().mean())
+    assert abs(fraction - 0.3) < 0.02
+    by_density = task_vector_merge("dare_linear", torch.zeros(200, 200), delta, weights=(1.0,), densities=(0.3,),
+                                   normalize=False, rescale=True, rescale_by="density", seed=1, name="w")
+    assert torch.allclose(by_density[by_density != 0], torch.full_like(by_density[by_density != 0], 1 / 0.3))
+    by_l1 = task_vector_merge("dare_linear", torch.zeros(200, 200), delta, weights=(1.0,), densities=(0.3,),
+                              normalize=False, rescale=True, rescale_by="l1", seed=1, name="w")
+    assert abs(float(by_l1.abs().sum()) - 200 * 200) < 1e-2  # the L1 norm of the task vector is kept
+
+
+def test_seeded_masks_depend_on_seed_and_name_only() -> None:
+    one = _merge("dare_ties", A, B, densities=(0.5, 0.5), seed=7, name="x")
+    assert torch.equal(one, _merge("dare_ties", A, B, densities=(0.5, 0.5), seed=7, name="x"))
+    assert not torch.equal(one, _merge("dare_ties", A, B, densities=(0.5, 0.5), seed=8, name="x"))
+    assert not torch.equal(one, _merge("dare_ties", A, B, densities=(0.5, 0.5), seed=7, name="y"))
+
+
+def test_breadcrumbs_cuts_the_largest_and_the_smallest() -> None:
+    base = torch.zeros(10)
+    a = torch.arange(1.0, 11.0)  # magnitudes 1..10
+    got = task_vector_merge("breadcrumbs", base, a, weights=(1.0,), densities=(0.5,), gammas=(0.2,),
+                            normalize=False)
+    assert got.tolist() == [0, 0, 0, 4, 5, 6, 7, 8, 0, 0]
+
+
+def test_breadcrumbs_without_top_cut_still_keeps_the_largest() -> None:
+    """mergekit's mask keeps nothing when gamma cuts no entry; here the largest `density` stay."""
+    base = torch.zeros(10)
+    a = torch.arange(1.0, 11.0)
+    got = task_vector_merge("breadcrumbs", base, a, weights=(1.0,), densities=(0.3,), gammas=(0.0,),
+                            normalize=False)
+    assert got.tolist() == [0, 0, 0, 0, 0, 0, 0, 8, 9, 10]
+
+
+def test_della_keeps_large_entries_more_often() -> None:
+    delta = torch.arange(1.0, 1001.0).repeat(50, 1)  # every row ranks its entries the same way
+    got = task_vector_merge("della_linear", torch.zeros_like(delta), delta, weights=(1.0,), densities=(0.5,),
+                            epsilons=(0.4,), normalize=False, rescale=False, seed=0, name="w")
+    kept = (got != 0).float().mean(dim=0)
+    assert float(kept[:100].mean()) < 0.2 and float(kept[-100:].mean()) > 0.8
+    assert abs(float(kept.mean()) - 0.5) < 0.02
+
+
+def test_protected_entries_are_restored_from_their_input() -> None:
+    a = A.clone()
+    a[3, 5] = 40.0  # a super weight of model a (input 1)
+    got = _merge("ties", a, B, densities=(0.1, 0.1), normalize=True, keep=((3, 5, 1),))
+    assert float(got[3, 5]) == 40.0
+    assert float(linear(a, B, weights=(0.5, 0.5), normalize=True, keep=((3, 5, 0),))[3, 5]) == 40.0
+
+
+def test_every_task_vector_method_has_a_kernel() -> None:
+    assert set(KERNELS) == {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                            "breadcrumbs_ties", "della", "della_linear"}

@@ -1,0 +1,275 @@
+"""The merge op end to end on tiny models: every method runs, loads in transformers and computes what its
+kernel computes on the source tensors; gradients, filters, seeds, the card; and every mistake located."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipekit.engine import load_recipe
+from recipekit.ops.merge.interpolate import linear, slerp
+from recipekit.ops.merge.methods import METHODS
+from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark, snapshot
+from tests.tiny import load_causal_lm, make_model, tensors_of, write_recipe
+
+LAYERS = 4
+
+
+def finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """A 'fine-tune' of `base`: every float tensor plus seeded noise, same config."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(base, out)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: t + scale * torch.randn(t.shape, generator=generator) for name, t in tensors_of(base).items()}
+    for file in out.glob("*.safetensors"):
+        file.unlink()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("merge")
+    base = make_model(root / "base", layers=LAYERS, seed=1)
+    for k in (1, 2, 3):
+        finetune(base, root / f"ft{k}", seed=10 + k)
+    return root
+
+
+def _recipe(folder: Path, family: Path, step: str, output: str = "") -> Path:
+    models = "\n".join(f"  {name}: {family / name}" for name in ("base", "ft1", "ft2", "ft3"))
+    return write_recipe(folder, f"recipe: 1\nmodels:\n{models}\nsteps:\n  - {step}\n{output}")
+
+
+STEPS = {
+    "linear": "{op: merge, method: linear, models: [{model: ft1, weight: 0.3}, {model: ft2, weight: 0.7}]}",
+    "slerp": "{op: merge, method: slerp, base: base, models: [{model: ft1}], parameters: {t: 0.4}}",
+    "nearswap": "{op: merge, method: nearswap, base: base, models: [{model: ft1}], parameters: {t: 0.01}}",
+    "model_stock": "{op: merge, method: model_stock, base: base, models: [{model: ft1}, {model: ft2}]}",
+    "task_arithmetic": "{op: merge, method: task_arithmetic, base: base, models: [{model: ft1, weight: 0.5}, "
+                       "{model: ft2, weight: 0.5}], parameters: {lambda: 0.9}}",
+    "ties": "{op: merge, method: ties, base: base, models: [{model: ft1, weight: 0.6, density: 0.5}, "
+            "{model: ft2, weight: 0.4, density: 0.7}]}",
+    "dare_ties": "{op: merge, method: dare_ties, base: base, models: [{model: ft1, weight: 0.5, density: 0.5}, "
+                 "{model: ft2, weight: 0.5, density: 0.5}], seed: 3}",
+    "dare_linear": "{op: merge, method: dare_linear, base: base, models: [{model: ft1, weight: 0.5, density: 0.6},"
+                   " {model: ft2, weight: 0.5, density: 0.6}], seed: 3}",
+    "breadcrumbs": "{op: merge, method: breadcrumbs, base: base, models: [{model: ft1, weight: 1.0, density: 0.8,"
+                   " gamma: 0.05}]}",
+    "breadcrumbs_ties": "{op: merge, method: breadcrumbs_ties, base: base, models: [{model: ft1, weight: 0.5}, "
+                        "{model: ft2, weight: 0.5}], parameters: {density: 0.8, gamma: 0.05}}",
+    "della": "{op: merge, method: della, base: base, models: [{model: ft1, weight: 0.5}, {model: ft2, weight: "
+             "0.5}], parameters: {density: 0.5, epsilon: 0.1}, seed: 3}",
+    "della_linear": "{op: merge, method: della_linear, base: base, models: [{model: ft1, weight: 0.5, density: "
+                    "0.5, epsilon: 0.2}, {model: ft2, weight: 0.5, density: 0.5, epsilon: 0.2}], seed: 3}",
+}
+
+
+def test_every_method_has_an_end_to_end_case() -> None:
+    assert set(STEPS) == set(METHODS)
+
+
+def _kernel_on_sources(method: str, family: Path, step: dict, name: str) -> torch.Tensor:
+    """What the method's kernel gives tensor `name` computed straight from the source files."""
+    from recipekit.ops import registry
+
+    recipe = load_recipe(_recipe(family, family, json.dumps(step)))
+    node = recipe.build().tensors[name]
+    sources = {m: tensors_of(family / m) for m in ("base", "ft1", "ft2", "ft3")}
+    by_file = {(family / m).resolve(): m for m in sources}
+    inputs = [sources[by_file[n.tensor.file.parent.resolve()]][name] for n in node.inputs]
+    return registry.KERNELS[node.kernel](*inputs, **dict(node.params))
+
+
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_every_method_runs_loads_and_computes_its_kernel(family: Path, tmp_path: Path, method: str) -> None:
+    import yaml
+
+    step = yaml.safe_load(STEPS[method])
+    out = load_recipe(_recipe(tmp_path, family, STEPS[method])).run(tmp_path / "out").out
+    model = load_causal_lm(out)
+    assert model.config.num_hidden_layers == LAYERS
+    got = tensors_of(out)
+    base = tensors_of(family / "base")
+    assert sorted(got) == sorted(base)
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        want = _kernel_on_sources(method, family, step, name)
+        assert got[name].dtype == torch.float32
+        assert torch.equal(got[name], want), name
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_linear_is_the_weighted_mean_of_the_files(family: Path, tmp_path: Path) -> None:
+    out = load_recipe(_recipe(tmp_path, family, STEPS["linear"])).run(tmp_path / "out").out
+    got, a, b = tensors_of(out), tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    for name in got:
+        assert torch.allclose(got[name], 0.3 * a[name] + 0.7 * b[name], atol=1e-6), name
+
+
+def test_task_arithmetic_is_base_plus_weighted_deltas(family: Path, tmp_path: Path) -> None:
+    out = load_recipe(_recipe(tmp_path, family, STEPS["task_arithmetic"])).run(tmp_path / "out").out
+    got, base = tensors_of(out), tensors_of(family / "base")
+    a, b = tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    for name in got:
+        want = base[name] + 0.9 * (0.5 * (a[name] - base[name]) + 0.5 * (b[name] - base[name]))
+        assert torch.allclose(got[name], want, atol=1e-6), name
+
+
+def test_a_weight_gradient_gives_each_layer_its_interpolated_value(family: Path, tmp_path: Path) -> None:
+    step = ("{op: merge, method: linear, models: [{model: ft1, weight: [1, 0]}, {model: ft2, weight: [0, 1]}]}")
+    out = load_recipe(_recipe(tmp_path, family, step)).run(tmp_path / "out").out
+    got, a, b = tensors_of(out), tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    for i in range(LAYERS):
+        t = i / (LAYERS - 1)
+        name = f"model.layers.{i}.self_attn.q_proj.weight"
+        assert torch.allclose(got[name], (1 - t) * a[name] + t * b[name], atol=1e-6), name
+    # before the layers at the first value, after them at the last, as mergekit places them
+    assert torch.allclose(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.allclose(got["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_filters_pick_values_by_tensor_name(family: Path, tmp_path: Path) -> None:
+    step = ("{op: merge, method: slerp, base: base, models: [{model: ft1}], "
+            "parameters: {t: [{filter: self_attn, value: 0}, {filter: mlp, value: [0, 1]}, {value: 1}]}}")
+    out = load_recipe(_recipe(tmp_path, family, step)).run(tmp_path / "out").out
+    got, base, a = tensors_of(out), tensors_of(family / "base"), tensors_of(family / "ft1")
+    name = "model.layers.2.self_attn.k_proj.weight"
+    assert torch.allclose(got[name], base[name], atol=1e-6)
+    mlp = "model.layers.2.mlp.up_proj.weight"
+    assert torch.allclose(got[mlp], slerp(base[mlp], a[mlp], t=2 / 3), atol=1e-6)
+    assert torch.allclose(got["model.norm.weight"], a["model.norm.weight"], atol=1e-5)
+
+
+def test_the_mapping_form_of_filters(family: Path, tmp_path: Path) -> None:
+    step = "{op: merge, method: slerp, base: base, models: [{model: ft1}], parameters: {t: {mlp: 1, default: 0}}}"
+    got = tensors_of(load_recipe(_recipe(tmp_path, family, step)).run(tmp_path / "out").out)
+    a, base = tensors_of(family / "ft1"), tensors_of(family / "base")
+    assert torch.allclose(got["model.layers.0.mlp.gate_proj.weight"], a["model.layers.0.mlp.gate_proj.weight"],
+                          atol=1e-5)
+    assert torch.allclose(got["model.layers.0.input_layernorm.weight"],
+                          base["model.layers.0.input_layernorm.weight"], atol=1e-6)
+
+
+def test_a_model_value_wins_over_the_global_one(family: Path, tmp_path: Path) -> None:
+    step = ("{op: merge, method: linear, models: [{model: ft1, weight: 3}, {model: ft2}], "
+            "parameters: {weight: 1}}")
+    got = tensors_of(load_recipe(_recipe(tmp_path, family, step)).run(tmp_path / "out").out)
+    a, b = tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(got[name], linear(a[name], b[name], weights=(3.0, 1.0), normalize=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della_linear"])
+def test_seeded_methods_are_byte_identical_and_follow_the_seed(family: Path, tmp_path: Path, method: str) -> None:
+    def shard_bytes(step: str, out: str) -> bytes:
+        result = load_recipe(_recipe(tmp_path, family, step)).run(tmp_path / out)
+        return b"".join(f.read_bytes() for f in sorted(result.out.glob("*.safetensors")))
+
+    first = shard_bytes(STEPS[method], "one")
+    assert shard_bytes(STEPS[method], "two") == first
+    assert shard_bytes(STEPS[method].replace("seed: 3", "seed: 4"), "three") != first
+
+
+def test_the_output_dtype_is_rounded_once_from_float32(family: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, family, STEPS["linear"], "output: {dtype: bfloat16}\n")
+    got = tensors_of(load_recipe(recipe).run(tmp_path / "out").out)
+    a, b = tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    name = "model.layers.3.mlp.down_proj.weight"
+    assert got[name].dtype == torch.bfloat16
+    assert torch.equal(got[name], linear(a[name], b[name], weights=(0.3, 0.7), normalize=True).to(torch.bfloat16))
+
+
+def test_the_card_names_every_input_and_the_method(tmp_path: Path) -> None:
+    """The card's tag and the method with its parameters (local inputs have no Hub id, so base_model and its
+    relation are tested with Hub inputs in tests/engine/io/test_hub.py)."""
+    family = tmp_path / "family"
+    make_model(family / "base", layers=2, seed=1)
+    finetune(family / "base", family / "ft1", seed=5)
+    finetune(family / "base", family / "ft2", seed=6)
+    finetune(family / "base", family / "ft3", seed=7)
+    out = load_recipe(_recipe(tmp_path, family, STEPS["ties"])).run(tmp_path / "out").out
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "- merge" in front
+    assert "merge: ties of `base`, `ft1`, `ft2` (base `base`)" in card
+    assert "ft1: weight 0.6, density 0.5" in card
+
+
+def test_a_protected_super_weight_survives_a_sparsifying_merge(family: Path, tmp_path: Path, capsys) -> None:
+    protect = ("{id: safe, op: protect_super_weights, model: ft1, coordinates: [{layer: 1, row: 3, column: 7}]}")
+    merge = ("{op: merge, method: ties, base: base, models: [{model: safe, weight: 0.5, density: 0.1}, "
+             "{model: ft2, weight: 0.5, density: 0.1}]}")
+    recipe = _recipe(tmp_path, family, protect + "\n  - " + merge)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert float(tensors_of(out)[name][3, 7]) == float(tensors_of(family / "ft1")[name][3, 7])
+
+
+MISTAKES = [
+    ("{op: merge, method: tiez, base: base, models: [{model: ft1}]}", "^tiez", "steps[0].method",
+     ("'tiez'", "ties")),
+    ("{op: merge, method: ties, models: [{model: ft1, weight: 1}]}", "- ^{op: merge", "steps[0].base",
+     ("needs a base",)),
+    ("{op: merge, method: slerp, base: base, models: [{model: ft1}, {model: ft2}], parameters: {t: 0.5}}",
+     "models: ^[{model: ft1}, {model: ft2}]", "steps[0].models", ("exactly 2 models", "got 3")),
+    ("{op: merge, method: model_stock, base: base, models: [{model: ft1}]}", "models: ^[{model: ft1}]",
+     "steps[0].models", ("at least 3",)),
+    ("{op: merge, method: ties, base: base, models: [{model: ft1, weight: 1, density: 1.5}]}", "density: ^1.5",
+     "steps[0].models[0].density", ("must lie in [0, 1]", "1.5")),
+    ("{op: merge, method: breadcrumbs, base: base, models: [{model: ft1, weight: 1, gamma: -0.1}]}",
+     "gamma: ^-0.1", "steps[0].models[0].gamma", ("must lie in [0, 1]",)),
+    ("{op: merge, method: della, base: base, models: [{model: ft1, weight: 1, density: 0.1, epsilon: 0.2}]}",
+     "[^{model: ft1, weight: 1, density: 0.1", "steps[0].models[0]", ("+- epsilon", "(0, 1)")),
+    ("{op: merge, method: slerp, base: base, models: [{model: ft1}], parameters: {t: 1.2}}", "t: ^1.2",
+     "steps[0].parameters.t", ("must lie in [0, 1]",)),
+    ("{op: merge, method: linear, models: [{model: ft1, weight: 1}, {model: ft2, weight: -1}]}",
+     "- ^{op: merge", "steps[0].parameters.normalize", ("sum to zero",)),
+    ("{op: merge, method: linear, models: [{model: ft1}, {model: ft2}]}", "[^{model: ft1}", "steps[0].models[0]",
+     ("needs a weight", "'ft1'")),
+    ("{op: merge, method: slerp, base: base, models: [{model: ft1}], parameters: {t: 0.5, density: 0.5}}",
+     "density: ^0.5", "steps[0].parameters.density", ("slerp does not take density", "t")),
+    ("{op: merge, method: ties, base: base, models: [{model: ft1, weight: 1}, {model: base, weight: 1}]}",
+     "weight: ^1}]}", "steps[0].models[1].weight", ("base of a ties merge takes no weight",)),
+    ("{op: merge, method: linear, models: [{model: ft1, weight: true}]}", "weight: ^true",
+     "steps[0].models[0].weight", ("expected a number",)),
+    ("{op: merge, method: linear, models: [{model: ft1, weight: .nan}, {model: ft2, weight: 1}]}", "weight: ^.nan",
+     "steps[0].models[0].weight", ("finite",)),
+]
+
+
+@pytest.mark.parametrize("step, marker, path, words", MISTAKES, ids=[m[2] + ":" + m[3][0] for m in MISTAKES])
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_mistakes_are_located_and_nothing_is_written(family: Path, tmp_path: Path, capsys, step: str, marker: str,
+                                                     path: str, words: tuple[str, ...], command: str) -> None:
+    recipe = _recipe(tmp_path, family, step)
+    out = tmp_path / "OUT"
+    before = snapshot(tmp_path)
+    result = cli(capsys, command, recipe, *(["-o", out] if command == "run" else []))
+    assert_refused(result, [(f"{recipe}:{mark(recipe.read_text(), marker)}: {path}: ", words)])
+    assert_no_output(out)
+    assert snapshot(tmp_path) == before
+
+
+def _other_model(family: Path, tmp_path: Path, **config) -> Path:
+    return make_model(tmp_path / "other", layers=config.pop("layers", LAYERS), seed=4, **config)
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"layers": 3}, ("has 3 layers", "has 4", "slice_layers")),
+    ({"vocab_size": 100}, ("[100, 32]", "[96, 32]", "different vocabularies")),
+    ({"intermediate_size": 48}, ("mlp.down_proj.weight", "[32, 48]", "[32, 64]")),
+])
+def test_models_that_do_not_fit_are_named(family: Path, tmp_path: Path, capsys, config: dict,
+                                          words: tuple[str, ...]) -> None:
+    other = _other_model(family, tmp_path, **config)
+    text = (f"recipe: 1\nmodels:\n  base: {family / 'base'}\n  other: {other}\nsteps:\n"
+            "  - {op: merge, method: ties, base: base, models: [{model: other, weight: 1}]}\n")
+    recipe = write_recipe(tmp_path, text)
+    result = cli(capsys, "validate", recipe)
+    assert_refused(result, [(f"{recipe}:{mark(text, '{model: ^other')}: steps[0].models[0].model: ", words)])
