@@ -58,7 +58,8 @@ EXPECTED_MOE = {
 
 # merge recipes: every output tensor against the method's math on the source tensors (written out here in plain
 # torch, independently of the kernels)
-EXPECTED_MERGE = {"recipes/demo/story-merge-ties.yaml", "recipes/demo/story-merge-linear.yaml"}
+EXPECTED_MERGE = {"recipes/demo/story-merge-ties.yaml", "recipes/demo/story-merge-linear.yaml",
+                  "recipes/demo/mergekit-slerp.yaml"}
 
 
 def test_recipes_are_found():
@@ -146,11 +147,18 @@ def assert_moe(out: Path, models: dict[str, Path], want: dict) -> None:
 
 
 def assert_merge(key: str, out: Path, models: dict[str, Path]) -> None:
-    got, story, sw = tensors_of(out), tensors_of(models["story"]), tensors_of(models["sw"])
+    names = {p.name: n for n, p in models.items()}  # a mergekit config names its models by their paths
+    story, sw = tensors_of(models[names["tiny-story"]]), tensors_of(models[names["tiny-story-sw"]])
+    got = tensors_of(out)
     assert sorted(got) == sorted(story)
     layers = read_config(out)["num_hidden_layers"]
     for name, base in story.items():
-        if key.endswith("ties.yaml"):  # one model: its task vector, trimmed to the largest half, added
+        if key.endswith("slerp.yaml"):  # halfway along the arc between the two, each tensor one vector
+            a, b = base.reshape(-1).double(), sw[name].reshape(-1).double()
+            theta = torch.arccos((a / a.norm()) @ (b / b.norm()))
+            want = ((torch.sin(theta / 2) * (a + b)) / torch.sin(theta)).float().reshape(base.shape) \
+                if theta > 0.0316 else (0.5 * base + 0.5 * sw[name])  # lerp where |cos| > 0.9995
+        elif key.endswith("ties.yaml"):  # one model: its task vector, trimmed to the largest half, added
             delta = sw[name] - base
             flat = delta.reshape(-1)
             keep = torch.zeros_like(flat)
@@ -164,7 +172,7 @@ def assert_merge(key: str, out: Path, models: dict[str, Path]) -> None:
             else:
                 w = 0.75 if name == "model.norm.weight" else 0.25  # after the layers: the last value
             want = (1 - w) * base + w * sw[name]
-        assert torch.allclose(got[name], want, atol=1e-6, rtol=0), name
+        assert torch.allclose(got[name], want, atol=1e-5 if key.endswith("slerp.yaml") else 1e-6, rtol=0), name
     if key.endswith("ties.yaml"):  # the protected super weight is the fine-tune's, exactly
         down = "model.layers.1.mlp.down_proj.weight"
         assert got[down][77, 301] == sw[down][77, 301] and abs(float(sw[down][77, 301])) > 1

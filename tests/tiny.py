@@ -119,6 +119,23 @@ def assert_layers_from(out: Path, origins: list[tuple[Path, int]], base: Path, d
         assert torch.equal(got[name], want), name
 
 
+def finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """A 'fine-tune' of `base`: every float tensor plus seeded noise, same config."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.copytree(base, out)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: t + scale * torch.randn(t.shape, generator=generator) for name, t in tensors_of(base).items()}
+    for file in out.glob("*.safetensors"):
+        file.unlink()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    return out
+
+
 def add_char_tokenizer(path: Path, vocab_size: int = 96) -> Path:
     """Give a tiny model a character-level `tokenizer.json` (BOS `<s>` = 0, `<unk>` = 1, then printable
     characters), as `recipe eval` and prompt gates need one."""

@@ -4,7 +4,8 @@ A translation keeps a map from recipe paths to the paths of the config it
 came from, so every later problem (a missing model, a bad layer) is located
 in the user's own file. Fields we do not support are refused, each with its
 location; nothing is silently ignored. Today: mergekit-moe configs, and
-mergekit-yaml configs that use the passthrough method.
+mergekit-yaml configs (passthrough frankenmerges and the merge methods the
+`merge` op computes).
 """
 from __future__ import annotations
 

@@ -1,11 +1,17 @@
-"""mergekit-yaml configs as recipes, where recipekit computes the same thing: the passthrough method.
+"""mergekit-yaml configs as recipes: passthrough frankenmerges and every merge method the `merge` op computes.
 
-A passthrough config stacks layer ranges (`slices`, one source each) and
-becomes one `slice_layers` step. As in mergekit, the embeddings (and here the
-config) come from the first slice's model, the final norm and `lm_head` from
-the last slice's (`head`), the tokenizer from `tokenizer_source` or else the
-base. Merge methods that combine weights are refused until an op computes
-them.
+- `merge_method: passthrough` stacks layer ranges (`slices`, one source each) and becomes one `slice_layers`
+  step. As in mergekit, the embeddings (and here the config) come from the first slice's model, the final norm
+  and `lm_head` from the last slice's (`head`).
+- Any other method becomes `merge` steps. The `models` form is one merge of whole models. The `slices` form is
+  one merge per slice (each source's layer range cut out first, unless it is the whole model), then the merged
+  slices stacked, the embeddings from the first slice's merge and the final norm and `lm_head` from the last's,
+  which is where mergekit takes them from too. A slice's own `parameters` are tried before the global ones, a
+  source's before both, as in mergekit.
+
+The tokenizer comes from `tokenizer_source` or else the base. A field recipekit does not compute is refused,
+located in the config; nothing is silently ignored. Which methods exist is the recipe schema's business: an
+unknown one is reported there, located at `merge_method`.
 """
 from __future__ import annotations
 
@@ -14,39 +20,76 @@ from typing import Any
 from recipekit.engine.errors import Path_
 from recipekit.engine.foreign.translation import ConfigTranslator, Translation
 
-_KEYS = ("merge_method", "slices", "base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer")
-_SLICE_KEYS = ("sources",)
-_SOURCE_KEYS = ("model", "layer_range")
-# mergekit fields that mean something recipekit does not compute (yet)
+_KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+         "tokenizer", "random_seed")
 _UNSUPPORTED = {
-    "models": "the `models` form of passthrough copies one model unchanged; write it as `slices` with one "
-              "layer_range covering the model",
-    "chat_template": "chat_template is not supported; the output keeps the tokenizer's own template",
+    "chat_template": "chat_template is not supported yet; the output keeps the tokenizer's own template",
     "modules": "per-module configs (`modules`) are not supported",
-    "parameters": "passthrough takes no parameters here",
 }
+_PER_MODEL = ("weight", "density", "gamma", "epsilon")  # the merge op's per-model parameters
 
 
 class MergekitYaml(ConfigTranslator):
-    """mergekit-yaml's config (`merge_method: passthrough`, `slices`, ...) as a slice_layers recipe."""
+    """mergekit-yaml's config (`merge_method`, `models` or `slices`, ...) as a recipe."""
 
     format = "mergekit-yaml"
 
     def translate(self) -> Translation:
+        self._ids: set[str] = set()
         data = self.data
         self._unknown({k: v for k, v in data.items() if k not in _UNSUPPORTED}, _KEYS, (), "a mergekit-yaml config")
-        method = data.get("merge_method")
-        if method != "passthrough":
-            self._refuse(("merge_method",), f"merge_method {method!r} is not supported: recipekit runs mergekit "
-                                            f"configs that use passthrough (layer slices, frankenmerges); merges "
-                                            f"that combine weights (linear, slerp, ties, dare, ...) are not "
-                                            f"implemented yet")
         for key, why in _UNSUPPORTED.items():
             if data.get(key) not in (None, {}, []):
                 self._refuse((key,), why)
-        if "slices" not in data and "models" not in data:
-            self._refuse((), "a passthrough config needs `slices`: a list of {sources: [{model, layer_range}]}")
-        slices = self._slices(data.get("slices"))
+        has_slices, has_models = data.get("slices") is not None, data.get("models") is not None
+        if has_slices == has_models:
+            self._refuse((), "a mergekit config needs exactly one of `models` (whole models merged) and `slices` "
+                             "(layer ranges)")
+            return self.finish({})
+        if data.get("merge_method") == "passthrough":
+            steps, first = self._passthrough()
+        elif has_models:
+            steps, first = self._merge_models()
+        else:
+            steps, first = self._merge_slices()
+        output: dict[str, Any] = {}
+        for key in ("out_dtype", "dtype"):  # mergekit writes out_dtype, else its compute dtype
+            if data.get(key) is not None:
+                output["dtype"] = data[key]
+                self.paths[("output", "dtype")] = (key,)
+                break
+        tokenizer = self._tokenizer(first)
+        if tokenizer is not None:
+            output["tokenizer"] = tokenizer
+        recipe: dict[str, Any] = {"recipe": 1, "models": dict(self.models), "steps": steps}
+        if output:
+            recipe["output"] = output
+        return self.finish(recipe)
+
+    # ------------------------------------------------------------------ passthrough
+
+    def _passthrough(self) -> tuple[list[dict], str | None]:
+        data = self.data
+        if data.get("models") is not None:
+            self._refuse(("models",), "the `models` form of passthrough copies one model unchanged; write it as "
+                                      "`slices` with one layer_range covering the model")
+            return [], None
+        if data.get("parameters") not in (None, {}):
+            self._refuse(("parameters",), "passthrough takes no parameters here")
+        slices = []
+        for k, sources in self._slice_sources():
+            if len(sources) > 1:
+                self._refuse(("slices", k, "sources", 1), "passthrough takes one source per slice; several "
+                                                          "sources in a slice are a merge: give merge_method")
+            if sources:
+                at, source = sources[0]
+                if source.get("parameters") not in (None, {}):
+                    self._refuse(at + ("parameters",), "passthrough takes no per-source parameters here (a "
+                                                       "`scale` is not supported)")
+                target = ("steps", 0, "slices", len(slices))
+                name = self._model(source.get("model"), at + ("model",), None)
+                self._map_source(target, at)
+                slices.append({"model": name, "range": source.get("layer_range")})
         step: dict[str, Any] = {"op": "slice_layers", "slices": slices}
         self.paths[("steps", 0)] = ("slices",)
         first = slices[0]["model"] if slices else None
@@ -60,55 +103,185 @@ class MergekitYaml(ConfigTranslator):
         if last is not None and last != first:
             step["head"] = last
             self.paths[("steps", 0, "head")] = ("slices", len(slices) - 1, "sources", 0, "model")
-        output: dict[str, Any] = {}
-        for key in ("out_dtype", "dtype"):  # mergekit writes out_dtype, else its compute dtype
-            if data.get(key) is not None:
-                output["dtype"] = data[key]
-                self.paths[("output", "dtype")] = (key,)
-                break
-        tokenizer = self._tokenizer(first)
-        if tokenizer is not None:
-            output["tokenizer"] = tokenizer
-        recipe: dict[str, Any] = {"recipe": 1, "models": dict(self.models), "steps": [step]}
-        if output:
-            recipe["output"] = output
-        return self.finish(recipe)
+        return [step], first
 
-    def _slices(self, value: Any) -> list[dict]:
-        if value is None:
-            return []
+    # ------------------------------------------------------------------ merges
+
+    def _merge_models(self) -> tuple[list[dict], str | None]:
+        data = self.data
+        entries = data.get("models")
+        if not isinstance(entries, list) or not entries:
+            self._refuse(("models",), "expected a list of {model, parameters}")
+            return [], None
+        sources = []
+        for k, entry in enumerate(entries):
+            at: Path_ = ("models", k)
+            if not isinstance(entry, dict):
+                self._refuse(at, "a model entry is a mapping {model, parameters}")
+                continue
+            self._unknown(entry, ("model", "parameters"), at, "a mergekit model entry")
+            sources.append((at, entry))
+        base = self._base(("base_model",), data.get("base_model"))
+        self.paths[("steps", 0, "models")] = ("models",)
+        step = self._merge_step(("steps", 0), sources, base, [("parameters",)])
+        return [step], base or (step["models"][0]["model"] if step["models"] else None)
+
+    def _merge_slices(self) -> tuple[list[dict], str | None]:
+        global_base = self._base(("base_model",), self.data.get("base_model"))
+        steps: list[dict] = []
+        merged: list[tuple[str, int, Path_]] = []  # (merge step id, layers, config path of the slice)
+        for k, sources in self._slice_sources(extra=("base_model", "parameters")):
+            at_slice: Path_ = ("slices", k)
+            entry = self.data["slices"][k]
+            base = self._base(at_slice + ("base_model",), entry.get("base_model")) or global_base
+            cut: list[tuple[Path_, dict]] = []  # each source's layer range, cut out as a step of its own
+            base_cut = None
+            for j, (at, source) in enumerate(sources):
+                name = self._model(source.get("model"), at + ("model",), None)
+                cut_id = self._cut_id(name, source.get("layer_range"))
+                cut_path = ("steps", len(steps))
+                self._map_source(cut_path + ("slices", 0), at)
+                self.paths[cut_path] = at
+                steps.append({"id": cut_id, "op": "slice_layers", "slices": [{"model": name,
+                                                                             "range": source.get("layer_range")}]})
+                cut.append((at, {**source, "model": cut_id}))
+                base_cut = cut_id if name == base and base_cut is None else base_cut
+            if base is not None and base_cut is None:
+                self._refuse(at_slice, f"the base {self.models.get(base, base)!r} is not among the slice's sources: "
+                                       "mergekit merges a slice's sources, so give the base's layers there too")
+            merge_path = ("steps", len(steps))
+            self.paths[merge_path + ("models",)] = at_slice + ("sources",)
+            step = self._merge_step(merge_path, cut, base_cut, [at_slice + ("parameters",), ("parameters",)],
+                                    model_names=False)
+            step["id"] = f"slice{k}"
+            self.paths[merge_path] = at_slice
+            steps.append(step)
+            layers = _span(sources[0][1].get("layer_range")) if sources else 0
+            merged.append((step["id"], layers, at_slice))
+        if len(merged) == 1:
+            steps[-1].pop("id")
+            return steps, global_base
+        stack = {"op": "slice_layers", "slices": [{"model": sid, "range": [0, layers]} for sid, layers, _ in merged],
+                 "head": merged[-1][0]}
+        stack_path = ("steps", len(steps))
+        self.paths[stack_path] = ("slices",)
+        for n, (_, _, at_slice) in enumerate(merged):
+            self.paths[stack_path + ("slices", n)] = at_slice
+        steps.append(stack)
+        return steps, global_base
+
+    def _merge_step(self, path: Path_, sources: list[tuple[Path_, dict]], base: str | None,
+                    parameter_levels: list[Path_], model_names: bool = True) -> dict:
+        """One merge step from (config path, {model, parameters}) sources; `parameter_levels` are the config
+        paths of the parameter mappings that apply, the most specific first."""
+        self.paths[path + ("method",)] = ("merge_method",)
+        models = []
+        for k, (at, source) in enumerate(sources):
+            name = self._model(source.get("model"), at + ("model",), None) if model_names else source["model"]
+            model: dict[str, Any] = {"model": name}
+            target = path + ("models", k)
+            self.paths[target] = at
+            self.paths[target + ("model",)] = at + ("model",)
+            own = source.get("parameters")
+            if own not in (None, {}) and not isinstance(own, dict):
+                self._refuse(at + ("parameters",), "expected a mapping of parameter names to values")
+            for key, value in (own or {}).items():
+                if key in _PER_MODEL:
+                    model[key] = value
+                    self.paths[target + (key,)] = at + ("parameters", key)
+                else:
+                    self._refuse(at + ("parameters", key), f"{key!r} is not a per-model parameter of recipekit's "
+                                                           f"merge (those are {', '.join(_PER_MODEL)}); give it "
+                                                           "under the config's parameters", key=True)
+            models.append(model)
+        step: dict[str, Any] = {"op": "merge", "method": self.data.get("merge_method"), "models": models}
+        if base is not None:
+            step["base"] = base
+        self.paths[path + ("base",)] = ("base_model",)  # a missing base is reported as a missing base_model
+        parameters = self._parameters(path, parameter_levels)
+        if parameters:
+            step["parameters"] = parameters
+        if self.data.get("random_seed") is not None:
+            step["seed"] = self.data["random_seed"]
+            self.paths[path + ("seed",)] = ("random_seed",)
+        return step
+
+    def _parameters(self, path: Path_, levels: list[Path_]) -> dict:
+        """The parameters of the first level that names each one; where several do, a rule list that tries the
+        more specific level first, so a filter that matches nothing falls through as in mergekit."""
+        found: dict[str, list[tuple[Path_, Any]]] = {}
+        for level in levels:
+            mapping = self._at(level)
+            if mapping in (None, {}):
+                continue
+            if not isinstance(mapping, dict):
+                self._refuse(level, "expected a mapping of parameter names to values")
+                continue
+            for key, value in mapping.items():
+                found.setdefault(key, []).append((level + (key,), value))
+        parameters = {}
+        for key, values in found.items():
+            self.paths[path + ("parameters", key)] = values[0][0]
+            parameters[key] = values[0][1] if len(values) == 1 else [rule for _, v in values for rule in _rules(v)]
+        return parameters
+
+    # ------------------------------------------------------------------ shared
+
+    def _slice_sources(self, extra: tuple[str, ...] = ()) -> list[tuple[int, list[tuple[Path_, dict]]]]:
+        value = self.data.get("slices")
         if not isinstance(value, list) or not value:
             self._refuse(("slices",), "expected a list of slices, each {sources: [{model, layer_range}]}")
             return []
-        slices = []
+        found = []
         for k, entry in enumerate(value):
             where: Path_ = ("slices", k)
             if not isinstance(entry, dict):
                 self._refuse(where, "a slice is a mapping with `sources`")
                 continue
-            self._unknown(entry, _SLICE_KEYS, where, "a mergekit slice")
+            if entry.get("residual_weight") is not None:
+                self._refuse(where + ("residual_weight",), "residual_weight is not supported")
+            self._unknown({k2: v for k2, v in entry.items() if k2 != "residual_weight"}, ("sources", *extra), where,
+                          "a mergekit slice")
             sources = entry.get("sources")
             if not isinstance(sources, list) or not sources:
-                self._refuse(where, "expected `sources`: a list with one {model, layer_range}")
+                self._refuse(where, "expected `sources`: a list of {model, layer_range}")
                 continue
-            if len(sources) > 1:
-                self._refuse(where + ("sources", 1), "passthrough takes one source per slice; several sources "
-                                                     "in a slice are merged, which recipekit does not do yet")
-            source = sources[0]
-            at: Path_ = where + ("sources", 0)
-            if not isinstance(source, dict):
-                self._refuse(at, "a source is a mapping with model and layer_range")
-                continue
-            self._unknown(source, _SOURCE_KEYS, at, "a mergekit slice source")
-            name = self._model(source.get("model"), at + ("model",), None)
-            if "layer_range" not in source:
-                self._refuse(at, "missing layer_range: [start, end] (end exclusive)")
-            target = ("steps", 0, "slices", len(slices))
-            self.paths[target] = at
-            self.paths[target + ("model",)] = at + ("model",)
-            self.paths[target + ("range",)] = at + ("layer_range",)
-            slices.append({"model": name, "range": source.get("layer_range")})
-        return slices
+            checked = []
+            for j, source in enumerate(sources):
+                at: Path_ = where + ("sources", j)
+                if not isinstance(source, dict):
+                    self._refuse(at, "a source is a mapping with model and layer_range")
+                    continue
+                self._unknown(source, ("model", "layer_range", "parameters"), at, "a mergekit slice source")
+                if "layer_range" not in source:
+                    self._refuse(at, "missing layer_range: [start, end] (end exclusive)")
+                checked.append((at, source))
+            found.append((k, checked))
+        return found
+
+    def _cut_id(self, name: str, layer_range: Any) -> str:
+        """A step id that says what was cut (`ft1-layers-0-16`), unique in the recipe."""
+        span = "-".join(str(v) for v in layer_range) if isinstance(layer_range, list) else "range"
+        cut_id, n = f"{name}-layers-{span}", 2
+        while cut_id in self._ids:
+            cut_id, n = f"{name}-layers-{span}-{n}", n + 1
+        self._ids.add(cut_id)
+        return cut_id
+
+    def _map_source(self, target: Path_, at: Path_) -> None:
+        self.paths[target] = at
+        self.paths[target + ("model",)] = at + ("model",)
+        self.paths[target + ("range",)] = at + ("layer_range",)
+
+    def _base(self, path: Path_, ref: Any) -> str | None:
+        return None if ref is None else self._model(ref, path, None)
+
+    def _at(self, path: Path_) -> Any:
+        node: Any = self.data
+        for part in path:
+            node = node[part] if isinstance(node, (dict, list)) and (
+                (isinstance(node, dict) and part in node) or (isinstance(node, list) and part < len(node))) else None
+        return node
 
     def _tokenizer(self, base: str | None) -> str | None:
         """The recipe's `output.tokenizer` for `tokenizer_source` (or the newer `tokenizer: {source}`)."""
@@ -128,7 +301,22 @@ class MergekitYaml(ConfigTranslator):
                 self._refuse(path, "tokenizer_source: base needs a base_model")
             return base
         if source == "union":
-            self._refuse(path, "tokenizer_source: union (a merged vocabulary) is not supported; name the model "
+            self._refuse(path, "tokenizer_source: union (a merged vocabulary) is not supported yet; name the model "
                                "whose tokenizer the output keeps")
             return None
         return self._model(source, path, None)
+
+
+def _rules(value: Any) -> list:
+    """A parameter value as filter rules (a plain value or gradient is one rule that matches everything)."""
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return value
+    if isinstance(value, dict):
+        return [{"value": v} if k in ("default", "*") else {"filter": k, "value": v} for k, v in value.items()]
+    return [{"value": value}]
+
+
+def _span(layer_range: Any) -> int:
+    if isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range):
+        return layer_range[1] - layer_range[0]
+    return 0

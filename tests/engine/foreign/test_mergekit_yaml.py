@@ -99,7 +99,7 @@ def test_one_model_keeps_its_own_head_and_out_dtype_wins(work: Path, capsys) -> 
 
 
 UNSUPPORTED = """
-merge_method: ties
+merge_method: passthrough
 base_model: ./b
 slice:
   - sources: []
@@ -107,7 +107,7 @@ slices:
   - sources:
       - model: ./a
         layer_range: [0, 2]
-        parameters: {weight: 0.5}
+        parameters: {scale: 0.5}
       - model: ./b
         layer_range: [0, 2]
   - sources:
@@ -115,20 +115,21 @@ slices:
         layer_range: [2, 4]
 tokenizer_source: union
 parameters: {t: 0.5}
+chat_template: chatml
 """
 
 
 @pytest.mark.parametrize("command", ["run", "validate", "convert"])
 def test_unsupported_fields_are_each_named_where_they_are(work: Path, capsys, command: str) -> None:
     assert_recipe_refused(work, capsys, command, textwrap.dedent(UNSUPPORTED).lstrip(), [
-        line("merge_method: ^ties", "merge_method", "merge_method 'ties' is not supported", "passthrough"),
         line("base_model: ^./b", "base_model", "base_model differs from the first slice's model"),
         line("^slice:", "slice", "not a field of a mergekit-yaml config", "did you mean 'slices'",
-             "supported: merge_method, slices, base_model, dtype, out_dtype, tokenizer_source, tokenizer)"),
-        line("^parameters: {weight", "slices[0].sources[0].parameters", "not a field of a mergekit slice source"),
+             "supported: merge_method, slices, models, base_model, parameters"),
+        line("parameters: ^{scale", "slices[0].sources[0].parameters", "no per-source parameters", "scale"),
         line("^model: ./b\n        layer_range: [0, 2]", "slices[0].sources[1]", "one source per slice"),
         line("tokenizer_source: ^union", "tokenizer_source", "union", "is not supported"),
         line("parameters: ^{t: 0.5}", "parameters", "passthrough takes no parameters"),
+        line("chat_template: ^chatml", "chat_template", "chat_template is not supported"),
     ])
 
 
@@ -156,6 +157,6 @@ def test_problems_found_later_name_the_configs_fields(work: Path, capsys) -> Non
 
 def test_a_mergekit_yaml_config_is_found_by_its_merge_method(work: Path, capsys) -> None:
     config = work / "m.yml"
-    config.write_text("merge_method: slerp\nslices:\n  - sources: [{model: ./a, layer_range: [0, 4]}]\n")
+    config.write_text("merge_method: sce\nslices:\n  - sources: [{model: ./a, layer_range: [0, 4]}]\n")
     result = cli(capsys, "validate", config)
-    assert_refused(result, [(f"{config}:1:15: merge_method: ", ("merge_method 'slerp' is not supported",))])
+    assert_refused(result, [(f"{config}:1:15: merge_method: ", ("'sce'", "ties"))])

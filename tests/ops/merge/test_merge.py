@@ -3,7 +3,6 @@ kernel computes on the source tensors; gradients, filters, seeds, the card; and 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,9 @@ from recipekit.engine import load_recipe
 from recipekit.ops.merge.interpolate import linear, slerp
 from recipekit.ops.merge.methods import METHODS
 from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark, snapshot
-from tests.tiny import load_causal_lm, make_model, tensors_of, write_recipe
+from tests.tiny import finetune, load_causal_lm, make_model, tensors_of, write_recipe
 
 LAYERS = 4
-
-
-def finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
-    """A 'fine-tune' of `base`: every float tensor plus seeded noise, same config."""
-    from safetensors.torch import save_file
-
-    shutil.copytree(base, out)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {name: t + scale * torch.randn(t.shape, generator=generator) for name, t in tensors_of(base).items()}
-    for file in out.glob("*.safetensors"):
-        file.unlink()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "model.safetensors.index.json").unlink(missing_ok=True)
-    return out
 
 
 @pytest.fixture(scope="module")
