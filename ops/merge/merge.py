@@ -53,7 +53,8 @@ class MergeParameters(Strict):
                                                                     "task vector (default 1).")
     t: Value | None = Field(None, description="slerp: 0 is the base, 1 the other model; nearswap: the threshold.")
     normalize: StrictBool | None = Field(None, description="Divide by the sum of the weights that take part.")
-    rescale: StrictBool | None = Field(None, description="DARE, DELLA: rescale what is kept (see rescale_by).")
+    rescale: StrictBool | None = Field(None, description="Task-vector methods: rescale what sparsifying keeps "
+                                                        "(default true for DARE and DELLA; see rescale_by).")
     rescale_by: Literal["l1", "density"] | None = Field(None, description=(
         "l1 (default, as mergekit): keep the task vector's L1 norm; density: divide by the keep probability, as the "
         "DARE paper does."))

@@ -25,14 +25,10 @@ class Method:
         return parameter in self.per_model or parameter in self.shared
 
 
-def _task_vectors(name: str, reference: str, *, normalize: bool, rescale: bool, extra: dict | None = None,
-                  consensus: bool) -> Method:
+def _task_vectors(name: str, reference: str, *, normalize: bool, rescale: bool, extra: dict | None = None) -> Method:
     per_model: dict[str, float | None] = {"weight": None, "density": 1.0, **(extra or {})}
-    shared: dict[str, float | bool | None] = {"normalize": normalize, "lambda": 1.0}
-    if consensus:
-        shared["int8_mask"] = False
-    if name.startswith(("dare", "della")):
-        shared["rescale"] = rescale
+    shared: dict[str, float | bool | None] = {"normalize": normalize, "lambda": 1.0, "rescale": rescale,
+                                              "int8_mask": False}
     return Method(name, name, "required", 2, per_model=per_model, shared=shared, reference=reference)
 
 
@@ -47,21 +43,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
     Method("model_stock", "model_stock", "required", 3, shared={"filter_wise": False},
            reference="https://arxiv.org/abs/2403.19522"),
-    _task_vectors("task_arithmetic", "https://arxiv.org/abs/2212.04089", normalize=False, rescale=False,
-                  consensus=False),
-    _task_vectors("ties", _TIES, normalize=True, rescale=False, consensus=True),
-    _task_vectors("dare_ties", _DARE, normalize=False, rescale=True, consensus=True),
-    _task_vectors("dare_linear", _DARE, normalize=False, rescale=True, consensus=False),
-    _task_vectors("breadcrumbs", _BREADCRUMBS, normalize=False, rescale=False, extra={"gamma": 0.01},
-                  consensus=False),
-    _task_vectors("breadcrumbs_ties", _BREADCRUMBS, normalize=False, rescale=False, extra={"gamma": 0.01},
-                  consensus=True),
-    _task_vectors("della", _DELLA, normalize=True, rescale=True, extra={"epsilon": 0.15}, consensus=True),
-    _task_vectors("della_linear", _DELLA, normalize=False, rescale=True, extra={"epsilon": 0.15},
-                  consensus=False),
+    _task_vectors("task_arithmetic", "https://arxiv.org/abs/2212.04089", normalize=False, rescale=False),
+    _task_vectors("ties", _TIES, normalize=True, rescale=False),
+    _task_vectors("dare_ties", _DARE, normalize=False, rescale=True),
+    _task_vectors("dare_linear", _DARE, normalize=False, rescale=True),
+    _task_vectors("breadcrumbs", _BREADCRUMBS, normalize=False, rescale=False, extra={"gamma": 0.01}),
+    _task_vectors("breadcrumbs_ties", _BREADCRUMBS, normalize=False, rescale=False, extra={"gamma": 0.01}),
+    _task_vectors("della", _DELLA, normalize=True, rescale=True, extra={"epsilon": 0.15}),
+    _task_vectors("della_linear", _DELLA, normalize=False, rescale=True, extra={"epsilon": 0.15}),
 ]}
-
-MethodName = Literal["linear", "slerp", "nearswap", "model_stock", "task_arithmetic", "ties", "dare_ties",
-                     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 
 SEEDED = ("dare_ties", "dare_linear", "della", "della_linear")  # methods that draw random masks

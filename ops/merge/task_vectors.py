@@ -8,9 +8,9 @@ entry counts only where its sign agrees with the sign of the weighted sum), summ
 took part (`normalize`), scaled by `lambda` and added to the base.
 
 Differences from mergekit, on purpose:
-- breadcrumbs: when `gamma` cuts no top entry (small tensors, or gamma 0), mergekit's mask keeps nothing and the
-  whole task vector is lost; here the smallest entries are still cut and the rest kept.
-- DARE/DELLA `rescale`: mergekit scales the kept entries so the L1 norm of the task vector is unchanged (the
+- breadcrumbs: when `gamma` cuts no top entry (small tensors, or gamma 0), mergekit before 0.1.5 kept nothing,
+  losing the whole task vector; here, as in 0.1.5, the largest `density` stay.
+- `rescale`: mergekit scales the kept entries so the L1 norm of the task vector is unchanged (the
   default here too, `rescale_by: l1`); the papers divide by the keep probability (`rescale_by: density`).
 - random masks come from a generator seeded by the recipe's seed, the tensor's name and the model's position,
   drawn on the CPU: the same bytes on every run and on every device.
@@ -27,16 +27,15 @@ if TYPE_CHECKING:
 
 
 def _magnitude(delta: torch.Tensor, density: float, **_) -> torch.Tensor:
-    """Keep the int(density * n) entries of largest magnitude."""
+    """Keep the int(density * n) entries of largest magnitude (at least one, for a density above 0)."""
     import torch
 
     if density >= 1:
         return delta
     flat = delta.reshape(-1)
-    k = int(density * flat.numel())
     mask = torch.zeros_like(flat)
-    if k > 0:
-        mask[torch.topk(flat.abs(), k, sorted=False).indices] = 1
+    if density > 0 and flat.numel():
+        mask[torch.topk(flat.abs(), max(1, int(density * flat.numel())), sorted=False).indices] = 1
     return (flat * mask).reshape(delta.shape)
 
 
