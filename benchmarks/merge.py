@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Merge methods: recipekit against mergekit-yaml on the same configs, for agreement and for speed.
+
+A benchmark, not a test: CI never runs it. It
+
+1. installs mergekit (pinned, `--mergekit-version`) into its own virtual environment (`--mergekit-venv`);
+   on a CPU-only machine pass `--torch torch==2.13.0` so pip does not pull CUDA wheels;
+2. agreement: generates three small synthetic bf16 Llamas (`--small`, distinct seeds), writes one
+   mergekit-yaml config per method with `dtype: float32`, runs each through `recipe run` and `mergekit-yaml`
+   and compares every tensor: for methods without randomness the largest |difference| relative to the
+   tensor's largest |value| (target 1e-5); for seeded ones (dare_*, della*), whose masks come from different
+   generators, the fraction of entries that moved off the base and the mean and spread of the moves;
+3. speed: generates models of about `--size` bytes and times, alternating, linear (two models) and ties (base
+   plus one) in bfloat16 through both tools, reading the inputs into the page cache before each timed run,
+   with peak RSS from `/usr/bin/time -v`;
+4. prints the table and the ratios recipekit / mergekit (`--json FILE` too).
+
+    python benchmarks/merge.py --size 1.7GB --repeats 3 --torch torch==2.13.0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe import ensure_mergekit, generate_expert, read_tensors  # noqa: E402
+from passthrough import choose_spec, clear, find_recipe, human, parse_size, timed, warm_cache  # noqa: E402
+
+SEEDED = ("dare_ties", "dare_linear", "della", "della_linear")
+TIMED = ("linear", "ties")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def config_for(method: str, models: list[Path], dtype: str) -> dict:
+    """A mergekit-yaml config of `method` over the base `models[0]` and the others, with typical parameters."""
+    base, a, b = (str(m) for m in models)
+    two = [{"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
+           {"model": b, "parameters": {"weight": 0.4, "density": 0.5}}]
+    per_method = {
+        "linear": dict(models=[{"model": a, "parameters": {"weight": 0.4}},
+                               {"model": b, "parameters": {"weight": 0.6}}]),
+        "slerp": dict(models=[{"model": base}, {"model": a}], base_model=base, parameters={"t": 0.3}),
+        "nearswap": dict(models=[{"model": base}, {"model": a}], base_model=base, parameters={"t": 0.01}),
+        "model_stock": dict(models=[{"model": base}, {"model": a}, {"model": b}], base_model=base),
+        "task_arithmetic": dict(models=[{"model": base}, *two], base_model=base, parameters={"lambda": 0.8}),
+        "ties": dict(models=[{"model": base}, *two], base_model=base),
+        "dare_ties": dict(models=[{"model": base}, *two], base_model=base),
+        "dare_linear": dict(models=[{"model": base}, *two], base_model=base),
+        "breadcrumbs": dict(models=[{"model": base}, *two], base_model=base, parameters={"gamma": 0.05}),
+        "breadcrumbs_ties": dict(models=[{"model": base}, *two], base_model=base, parameters={"gamma": 0.05}),
+        "della": dict(models=[{"model": base}, *two], base_model=base, parameters={"epsilon": 0.1}),
+        "della_linear": dict(models=[{"model": base}, *two], base_model=base, parameters={"epsilon": 0.1}),
+    }[method]
+    return {"merge_method": method, **per_method, "dtype": dtype}
+
+
+def run(argv: list[str], workdir: Path, inputs: list[Path]) -> tuple[float, float]:
+    warm_cache(inputs)
+    wall, rss, rc, err = timed(argv, workdir)
+    if rc != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} ... failed: {err.strip()[-2000:]}")
+    return wall, rss
+
+
+def agreement(method: str, ours: Path, theirs: Path, base: Path) -> dict:
+    import torch
+
+    a, b, origin = read_tensors(ours), read_tensors(theirs), read_tensors(base)
+    if sorted(a) != sorted(b):
+        return {"error": f"tensor names differ: {sorted(set(a) ^ set(b))[:4]}"}
+    if method not in SEEDED:
+        worst, where, differ, total = 0.0, "", 0, 0
+        for name in a:
+            x, y = a[name].float(), b[name].float()
+            scale = float(y.abs().max()) or 1.0
+            rel = float((x - y).abs().max()) / scale
+            differ += int(((x - y).abs() > 1e-5 * scale).sum())
+            total += x.numel()
+            if rel > worst:
+                worst, where = rel, name
+        # TIES keeps the top `density` by magnitude; entries exactly at the threshold (common in bf16 data) are
+        # broken by torch.topk here and by a full argsort in mergekit, so a few of them differ
+        ok = worst <= 1e-5 or (method == "ties" and differ / total < 1e-3)
+        return {"max_rel_diff": worst, "worst_tensor": where, "differing_fraction": differ / total, "ok": ok}
+    stats = {}
+    for side, tensors in (("recipekit", a), ("mergekit", b)):
+        moved = total = 0
+        moves = []
+        for name, t in tensors.items():
+            delta = t.float() - origin[name].float()
+            changed = delta != 0
+            moved += int(changed.sum())
+            total += delta.numel()
+            if name.endswith("mlp.down_proj.weight"):
+                moves.append(delta[changed])
+        flat = torch.cat(moves)
+        stats[side] = {"moved_fraction": moved / total, "move_mean": float(flat.mean()),
+                       "move_std": float(flat.std())}
+    r, m = stats["recipekit"], stats["mergekit"]
+    stats["ok"] = (abs(r["moved_fraction"] - m["moved_fraction"]) < 0.01
+                   and abs(r["move_std"] - m["move_std"]) / m["move_std"] < 0.05)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=parse_size, default=parse_size("1.7GB"), help="model size for the timed runs")
+    p.add_argument("--small", type=parse_size, default=parse_size("60MB"), help="model size for agreement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default="all", help="comma list for agreement (default: every method)")
+    p.add_argument("--skip-agreement", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rk-bench")
+    p.add_argument("--mergekit-venv", type=Path, default=Path(tempfile.gettempdir()) / "rk-bench" / "mergekit-venv")
+    p.add_argument("--mergekit-version", default="0.1.5")
+    p.add_argument("--torch", help="torch requirement to install into mergekit's venv first (e.g. torch==2.13.0)")
+    p.add_argument("--recipe", help="the recipe executable (default: beside this python, else on PATH)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    recipe = find_recipe(args.recipe)
+    mergekit = ensure_mergekit(args.mergekit_venv, args.mergekit_version, args.torch, log).parent / "mergekit-yaml"
+    results: dict = {"agreement": {}, "timing": {}}
+
+    if not args.skip_agreement:
+        spec = choose_spec(args.small)
+        models = [workdir / f"merge-small-{k}" for k in range(3)]
+        for k, m in enumerate(models):
+            generate_expert(spec, m, 100 + k, log)
+        inputs = [f for m in models for f in m.glob("*.safetensors")]
+        methods = ([m.strip() for m in args.methods.split(",")] if args.methods != "all" else
+                   ["linear", "slerp", "nearswap", "model_stock", "task_arithmetic", "ties", "dare_ties",
+                    "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
+        for method in methods:
+            config = workdir / f"merge-{method}.yml"
+            config.write_text(json.dumps(config_for(method, models, "float32"), indent=2))
+            ours, theirs = workdir / "merge-out-recipekit", workdir / "merge-out-mergekit"
+            clear(ours), clear(theirs)
+            wall_r, rss_r = run([recipe, "run", str(config), "-o", str(ours), "-q"], workdir, inputs)
+            wall_m, rss_m = run([str(mergekit), str(config), str(theirs), "--out-shard-size", "2B"], workdir,
+                                inputs)
+            result = agreement(method, ours, theirs, models[0])
+            result.update(recipekit_s=wall_r, mergekit_s=wall_m, recipekit_rss_mb=rss_r, mergekit_rss_mb=rss_m)
+            results["agreement"][method] = result
+            log(f"  {method:17} {json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items() if not isinstance(v, dict)})}")
+            if method in SEEDED:
+                log(f"  {'':17} recipekit {result['recipekit']}  mergekit {result['mergekit']}")
+
+    if not args.skip_timing:
+        spec = choose_spec(args.size)
+        models = [workdir / f"merge-large-{k}" for k in range(3)]
+        for k, m in enumerate(models):
+            generate_expert(spec, m, 200 + k, log)
+        inputs = [f for m in models for f in m.glob("*.safetensors")]
+        for method in TIMED:
+            config = workdir / f"merge-timed-{method}.yml"
+            data = config_for(method, models, "bfloat16")
+            if method == "ties":  # base plus one model
+                data["models"] = data["models"][:2]
+            config.write_text(json.dumps(data, indent=2))
+            out = workdir / "merge-out-timed"
+            rows = {"recipekit": [recipe, "run", str(config), "-o", str(out), "-q", "--overwrite"],
+                    "mergekit": [str(mergekit), str(config), str(out), "--out-shard-size", "2B", "--lazy-unpickle"]}
+            runs: dict[str, list[tuple[float, float]]] = {side: [] for side in rows}
+            for r in range(args.repeats):
+                for side in (list(rows) if r % 2 == 0 else list(reversed(rows))):
+                    clear(out)
+                    subprocess.run(["sync"], check=False)
+                    time.sleep(5)
+                    runs[side].append(run(rows[side], workdir, inputs))
+                    log(f"  {method} {side:9} round {r + 1}: {runs[side][-1][0]:.2f}s, {runs[side][-1][1]:.0f} MB")
+            clear(out)
+            summary = {side: {"median_wall_s": statistics.median(w for w, _ in rs),
+                              "peak_rss_mb": max(m for _, m in rs), "runs": rs} for side, rs in runs.items()}
+            summary["wall_ratio"] = summary["recipekit"]["median_wall_s"] / summary["mergekit"]["median_wall_s"]
+            summary["rss_ratio"] = summary["recipekit"]["peak_rss_mb"] / summary["mergekit"]["peak_rss_mb"]
+            results["timing"][method] = summary
+
+    print(f"agreement (small models, float32 compute, {human(choose_spec(args.small).nbytes)} each):")
+    for method, r in results["agreement"].items():
+        if method in SEEDED:
+            print(f"  {method:17} moved fraction recipekit {r['recipekit']['moved_fraction']:.4f} / mergekit "
+                  f"{r['mergekit']['moved_fraction']:.4f}; move std {r['recipekit']['move_std']:.5f} / "
+                  f"{r['mergekit']['move_std']:.5f}  {'ok' if r['ok'] else 'DIFFERENT'}")
+        else:
+            print(f"  {method:17} max |diff| / max |value| = {r.get('max_rel_diff', float('nan')):.2e}, entries "
+                  f"differing by more than 1e-5 of it: {r.get('differing_fraction', float('nan')):.2e}  "
+                  f"{'ok' if r.get('ok') else 'DIFFERENT: ' + str(r.get('worst_tensor', r.get('error')))}")
+    if results["timing"]:
+        print(f"timing ({human(choose_spec(args.size).nbytes)} bf16 models, medians of {args.repeats}):")
+    for method, s in results["timing"].items():
+        print(f"  {method:8} recipekit {s['recipekit']['median_wall_s']:.2f}s {s['recipekit']['peak_rss_mb']:.0f} MB"
+              f" | mergekit {s['mergekit']['median_wall_s']:.2f}s {s['mergekit']['peak_rss_mb']:.0f} MB"
+              f" | ratio wall {s['wall_ratio']:.2f}, RSS {s['rss_ratio']:.2f} (targets <= 0.33)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
