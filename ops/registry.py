@@ -31,6 +31,9 @@ class Op:
     params: type[StepBase]
     rewrite: OpFunction
     kernels: Mapping[str, Kernel] = field(default_factory=dict)  # the kernels this op's nodes name
+    # kernels whose output rows depend only on the same rows of their inputs: the writer streams them a block
+    # of rows at a time, straight from the input files to the output file
+    rowwise: frozenset[str] = frozenset()
 
 
 def op_name(params: type[StepBase]) -> str:
@@ -42,6 +45,10 @@ def op_name(params: type[StepBase]) -> str:
 def _register(ops: list[Op]) -> tuple[dict[str, Op], dict[str, Kernel]]:
     table: dict[str, Op] = {}
     kernels: dict[str, Kernel] = dict(SHARED_KERNELS)
+    for op in ops:
+        if not op.rowwise <= set(op.kernels):
+            raise TypeError(f"op {op_name(op.params)!r}: rowwise kernels {sorted(op.rowwise - set(op.kernels))} "
+                            "are not among its kernels")
     for op in ops:
         name = op_name(op.params)
         if name in table:
@@ -63,8 +70,10 @@ OPS, KERNELS = _register([
     Op(init_gates.InitGates, init_gates.init_gates),
     Op(super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
     Op(low_rank.LowRank, low_rank.low_rank, low_rank.KERNELS),
-    Op(merge.Merge, merge.merge, {**interpolate.KERNELS, **task_vectors.KERNELS}),
+    Op(merge.Merge, merge.merge, {**interpolate.KERNELS, **task_vectors.KERNELS},
+       interpolate.ROWWISE | task_vectors.ROWWISE),
 ])
+ROWWISE = frozenset(k for op in OPS.values() for k in op.rowwise)
 
 Step = Annotated[Union[tuple(op.params for op in OPS.values())], Field(discriminator="op")]
 

@@ -8,6 +8,7 @@ has used it.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 from collections import Counter
@@ -17,7 +18,7 @@ import torch
 
 from recipekit.engine.core.graph import Apply, Load, Node
 from recipekit.engine.core.kernels import torch_dtype
-from recipekit.engine.io.safetensors_header import TensorInfo
+from recipekit.engine.io.safetensors_header import DTYPE_SIZES, TensorInfo
 from recipekit.ops.registry import KERNELS
 
 
@@ -109,6 +110,33 @@ def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dty
         out[:n].copy_(inp[:n])
         _write_from(out_bytes[: n * out_size], dst_fd, dst_offset + done * out_size)
         done += n
+
+
+def rowwise_stream(node: Apply, open_input: Callable[[TensorInfo], int], dst_fd: int, dst_offset: int) -> None:
+    """Compute a rowwise kernel (a linear merge) a block of rows at a time, from the input files to the output
+    file: memory is a few blocks per thread, whatever the tensor's size. Every input is a `Load` of `node`'s shape.
+    """
+    kernel = KERNELS[node.kernel]
+    params = dict(node.params)
+    keep = params.pop("keep", ())
+    rows, row_elems = node.shape[0], math.prod(node.shape[1:])
+    out_dtype = torch_dtype(node.dtype)
+    # inputs in their dtype, their float32 copies and the float32 result: about CAST_CHUNK_BYTES in all
+    per_row = row_elems * (sum(DTYPE_SIZES[i.dtype] + 4 for i in node.inputs) + 8)
+    step = max(1, CAST_CHUNK_BYTES // per_row)
+    out_row = row_elems * out_dtype.itemsize
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        blocks = []
+        for load in node.inputs:
+            info = load.tensor
+            block = torch.empty((n, *node.shape[1:]), dtype=torch_dtype(info.dtype))
+            in_row = row_elems * DTYPE_SIZES[info.dtype]
+            _read_into(_bytes_of(block), open_input(info), info.offset + start * in_row, info)
+            blocks.append(block)
+        local = tuple((r - start, c, s) for r, c, s in keep if start <= r < start + n)
+        result = kernel(*blocks, **params, **({"keep": local} if local else {}))
+        write_tensor(result.to(out_dtype), dst_fd, dst_offset + start * out_row)
 
 
 class Evaluator:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from recipekit.engine.core.graph import Apply, LazyModel, Load, Node, cast_source, loads_of
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 from recipekit.engine.recipe.document import OUTPUT_DTYPES, Output
+from recipekit.ops.registry import ROWWISE
 
 INDEX_FILE = "model.safetensors.index.json"
 # What a process holds besides tensors: Python, pydantic, and (when computing) torch.
@@ -43,6 +44,11 @@ class TensorPlan:
     def cast_source(self) -> Load | None:
         """The input of a plain dtype cast, which is streamed chunk by chunk; else None."""
         return cast_source(self.node)
+
+    @property
+    def is_rowwise(self) -> bool:
+        """Computed a block of rows at a time from input files of its own shape (a linear merge)."""
+        return is_rowwise(self.node)
 
 
 @dataclass(frozen=True)
@@ -140,13 +146,18 @@ def _nbytes(node: Node) -> int:
     return math.prod(node.shape) * DTYPE_SIZES[node.dtype]
 
 
+def is_rowwise(node: Node) -> bool:
+    return (isinstance(node, Apply) and node.kernel in ROWWISE and len(node.shape) >= 1
+            and all(isinstance(i, Load) and i.shape == node.shape for i in node.inputs))
+
+
 def _peak_memory(nodes: dict[str, Node]) -> int:
     """Estimate: the process, plus per thread its buffers, plus the largest computed tensor's working set."""
     threads = copy_threads()
     computed = [n for n in nodes.values() if isinstance(n, Apply)]
     if not computed:
         return BASE_MEMORY + threads * COPY_BUFFER
-    whole = [_working_set(n) for n in computed if cast_source(n) is None]
+    whole = [_working_set(n) for n in computed if cast_source(n) is None and not is_rowwise(n)]
     return BASE_MEMORY + TORCH_MEMORY + threads * CAST_BUFFERS + max(whole, default=0)
 
 
@@ -156,9 +167,11 @@ def copy_threads() -> int:
 
 
 def _working_set(node: Node) -> int:
+    """The tensor, its inputs, and the float32 copies a kernel makes of each (merges compute in float32)."""
     if isinstance(node, Load):
         return _nbytes(node)
-    return _nbytes(node) + sum(_working_set(i) for i in node.inputs)
+    working = 4 * math.prod(node.shape) * (len(node.inputs) + 1) if node.kernel != "cast" else 0
+    return _nbytes(node) + working + sum(_working_set(i) for i in node.inputs)
 
 
 def _output_config(config: dict, dtype: str | None) -> dict:

@@ -179,7 +179,8 @@ def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None
             os.pwrite(fd, shard.header, 0)
             base = len(shard.header)
             for t in shard.tensors:
-                (streamed if t.is_copy or t.cast_source else computes).append((t, fd, base + t.offset))
+                stream = t.is_copy or t.cast_source or (t.is_rowwise and device == "cpu")
+                (streamed if stream else computes).append((t, fd, base + t.offset))
             bar.update(len(shard.header))
         # read every input file front to back
         streamed.sort(key=lambda job: _first_input(job[0]))
@@ -193,6 +194,8 @@ def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None
             if t.is_copy:
                 info = t.node.tensor
                 _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
+            elif t.is_rowwise:
+                evaluate.rowwise_stream(t.node, inputs.fd, fd, offset)
             else:
                 info = t.cast_source.tensor
                 evaluate.cast_stream(info, inputs.fd(info), fd, offset, t.dtype)

@@ -93,3 +93,4 @@ def model_stock(base: torch.Tensor, *others: torch.Tensor, filter_wise: bool,
 
 
 KERNELS = {"linear": linear, "slerp": slerp, "nearswap": nearswap, "model_stock": model_stock}
+ROWWISE = frozenset({"linear", "nearswap"})  # slerp and model_stock need whole-tensor norms

@@ -148,3 +148,4 @@ def _kernel(method: str):
 
 
 KERNELS = {method: _kernel(method) for method in SPARSIFY}
+ROWWISE = frozenset({"task_arithmetic"})  # the others sparsify by whole-tensor ranks or draw masks

@@ -186,10 +186,16 @@ def test_the_card_names_every_input_and_the_method(tmp_path: Path) -> None:
     assert "ft1: weight 0.6, density 0.5" in card
 
 
-def test_a_protected_super_weight_survives_a_sparsifying_merge(family: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("merge", [
+    "{op: merge, method: ties, base: base, models: [{model: safe, weight: 0.5, density: 0.1}, "
+    "{model: ft2, weight: 0.5, density: 0.1}]}",
+    "{op: merge, method: linear, models: [{model: safe, weight: 0.5}, {model: ft2, weight: 0.5}]}",  # streamed
+], ids=["ties", "linear"])
+def test_a_protected_super_weight_survives_a_merge(family: Path, tmp_path: Path, monkeypatch, merge: str) -> None:
+    from recipekit.engine.run import evaluate
+
+    monkeypatch.setattr(evaluate, "CAST_CHUNK_BYTES", 4096)  # the weight's row in a block of its own
     protect = ("{id: safe, op: protect_super_weights, model: ft1, coordinates: [{layer: 1, row: 3, column: 7}]}")
-    merge = ("{op: merge, method: ties, base: base, models: [{model: safe, weight: 0.5, density: 0.1}, "
-             "{model: ft2, weight: 0.5, density: 0.1}]}")
     recipe = _recipe(tmp_path, family, protect + "\n  - " + merge)
     out = load_recipe(recipe).run(tmp_path / "out").out
     name = "model.layers.1.mlp.down_proj.weight"
@@ -258,3 +264,23 @@ def test_models_that_do_not_fit_are_named(family: Path, tmp_path: Path, capsys, 
     recipe = write_recipe(tmp_path, text)
     result = cli(capsys, "validate", recipe)
     assert_refused(result, [(f"{recipe}:{mark(text, '{model: ^other')}: steps[0].models[0].model: ", words)])
+
+
+def test_a_linear_merge_streams_rows_from_file_to_file(family: Path, tmp_path: Path, monkeypatch) -> None:
+    """Linear merges never hold whole tensors: the writer computes them a block of rows at a time."""
+    from recipekit.engine.run import evaluate
+
+    recipe = load_recipe(_recipe(tmp_path, family, STEPS["linear"], "output: {dtype: bfloat16}\n"))
+    assert all(t.is_rowwise for t in recipe.plan().tensors)
+    monkeypatch.setattr(evaluate, "CAST_CHUNK_BYTES", 4096)  # many blocks, a ragged last one
+
+    class NoWholeTensors:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a rowwise merge went through the whole-tensor evaluator")
+
+    monkeypatch.setattr(evaluate, "Evaluator", NoWholeTensors)
+    got = tensors_of(recipe.run(tmp_path / "out").out)
+    a, b = tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    for name in got:
+        want = linear(a[name], b[name], weights=(0.3, 0.7), normalize=True).to(torch.bfloat16)
+        assert torch.equal(got[name], want), name
