@@ -27,16 +27,57 @@ if TYPE_CHECKING:
 
 
 def _magnitude(delta: torch.Tensor, density: float, **_) -> torch.Tensor:
-    """Keep the int(density * n) entries of largest magnitude (at least one, for a density above 0)."""
+    """Keep the int(density * n) entries of largest magnitude (at least one, for a density above 0); among
+    entries exactly at the threshold, the first in memory order. In place."""
     import torch
 
     if density >= 1:
         return delta
-    flat = delta.reshape(-1)
-    mask = torch.zeros_like(flat)
-    if density > 0 and flat.numel():
-        mask[torch.topk(flat.abs(), max(1, int(density * flat.numel())), sorted=False).indices] = 1
-    return (flat * mask).reshape(delta.shape)
+    flat = delta.view(-1)
+    n = flat.numel()
+    k = max(1, int(density * n)) if density > 0 and n else 0
+    if k == 0:
+        return delta.zero_()
+    magnitude = flat.abs()
+    threshold = kth_largest(magnitude, k)
+    keep = magnitude > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[(magnitude == threshold).nonzero().view(-1)[:missing]] = True
+    del magnitude
+    flat.masked_fill_(~keep, 0)
+    return delta
+
+
+SAMPLE = 2**20  # entries of the strided sample that brackets the k-th largest value
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of a 1-D float tensor, exactly, in a few passes and with little memory beyond boolean
+    masks (torch's kthvalue and topk hold eight bytes of indices per entry).
+
+    A strided sample brackets the value between two of its order statistics, wide enough that the bracket holds
+    it unless the data are adversarial; the entries inside the bracket (a small fraction) are then ranked
+    exactly. When a bracket misses, the whole tensor is ranked with kthvalue.
+    """
+    import torch
+
+    n = values.numel()
+    if n <= 4 * SAMPLE:
+        return torch.kthvalue(values, n - k + 1).values
+    stride = n // SAMPLE
+    sample = values[::stride].contiguous()
+    m = sample.numel()
+    rank = (n - k + 1) * m / n  # the k-th largest is about the rank-th smallest of the sample
+    spread = 6 * (m * 0.25) ** 0.5 + 2  # six standard deviations of a sample quantile, with room for rounding
+    low = torch.kthvalue(sample, max(1, int(rank - spread))).values
+    high = torch.kthvalue(sample, min(m, int(rank + spread) + 1)).values
+    del sample
+    above = int((values > high).sum())
+    inside = values[(values >= low) & (values <= high)]
+    if above < k <= above + inside.numel():
+        return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
+    return torch.kthvalue(values, n - k + 1).values
 
 
 def _outliers(delta: torch.Tensor, density: float, gamma: float, **_) -> torch.Tensor:
@@ -80,13 +121,14 @@ def _rank_sampled(delta: torch.Tensor, density: float, epsilon: float, rng: torc
     return (rows * (draws < probability)).reshape(delta.shape)
 
 
-def _rescaled(kept: torch.Tensor, delta: torch.Tensor, density: float, rescale_by: str) -> torch.Tensor:
+def _rescaled(kept: torch.Tensor, before: float, density: float, rescale_by: str) -> torch.Tensor:
+    """What sparsifying kept, scaled back up: by 1 / density, or so that its L1 norm is `before` again."""
     if rescale_by == "density":
-        return kept / density if 0 < density < 1 else kept
-    before, after = delta.abs().sum(), kept.abs().sum()
+        return kept.div_(density) if 0 < density < 1 else kept
+    after = float(kept.abs().sum())
     if before < 1e-7 or after < 1e-7:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 SPARSIFY = {"task_arithmetic": None, "ties": _magnitude, "dare_ties": _random, "dare_linear": _random,
@@ -101,42 +143,71 @@ def task_vector_merge(method: str, base: torch.Tensor, *others: torch.Tensor, we
                       int8_mask: bool = False, seed: int = 0, name: str = "",
                       keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
     """[*shape] x (1 + models) -> [*shape] float32. `int8_mask` only saves memory in mergekit; here the sign mask
-    is boolean, so it changes nothing."""
+    is boolean, so it changes nothing.
+
+    Works in place where it can: besides the inputs it holds one float32 task vector per model, the base in
+    float32 and, for sign election, one float32 sum and boolean masks.
+    """
     import torch
 
-    origin = base.float()
     sparsify = SPARSIFY[method]
-    mixed = torch.zeros_like(origin)
     deltas = []
     for k, x in enumerate(others):
-        delta = x.float() - origin
+        delta = x.to(torch.float32, copy=True).sub_(base)  # the base is upcast on the fly, not copied
         if sparsify is not None:
-            kept = sparsify(delta, densities[k], gamma=gammas[k] if gammas else 0.0,
-                            epsilon=epsilons[k] if epsilons else 0.0, rng=generator(seed, f"{name}\0{k}"))
-            delta = _rescaled(kept, delta, densities[k], rescale_by) if rescale else kept
-        deltas.append(delta * weights[k])
+            before = float(delta.abs().sum()) if rescale and rescale_by == "l1" else 0.0
+            delta = sparsify(delta, densities[k], gamma=gammas[k] if gammas else 0.0,
+                             epsilon=epsilons[k] if epsilons else 0.0, rng=generator(seed, f"{name}\0{k}"))
+            if rescale:
+                delta = _rescaled(delta, before, densities[k], rescale_by)
+        deltas.append(delta.mul_(weights[k]))
+    origin = base.to(torch.float32, copy=True)  # the result's buffer; inputs are never changed in place
     if method in CONSENSUS:
-        total = torch.stack(deltas).sum(dim=0)
-        majority = torch.where(total >= 0, 1.0, -1.0)
-        divisor = torch.zeros_like(origin)
-        for k, weighted in enumerate(deltas):
-            agrees = weighted.sign() == majority
-            mixed += torch.where(agrees, weighted, 0.0)
-            divisor += agrees * weights[k]
-        divisor[divisor == 0] = 1
+        _elect(origin, deltas, weights, normalize=normalize, lambda_=lambda_)
     else:
-        for weighted in deltas:
-            mixed += weighted
-        divisor = torch.tensor(sum(weights))
-        if divisor.abs() < 1e-8:
-            divisor = torch.tensor(1.0)
-    if normalize:
-        mixed = mixed / divisor
-    result = origin + mixed * lambda_
+        mixed = deltas[0]
+        for weighted in deltas[1:]:
+            mixed.add_(weighted)
+        total = sum(weights)
+        if normalize:
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        origin.add_(mixed, alpha=lambda_)
+    del deltas
+    result = origin
     inputs = (base, *others)
     for row, column, source in keep:
         result[row, column] = inputs[source][row, column].float()
     return result
+
+
+ELECT_BLOCK = 2**22  # entries per block of the sign election: its temporaries stay a few tens of MB
+
+
+def _elect(origin: torch.Tensor, deltas: list[torch.Tensor], weights: tuple[float, ...], *, normalize: bool,
+           lambda_: float) -> None:
+    """TIES sign election, added to `origin` in place: an entry of a weighted task vector counts where its sign is
+    that of their sum (zeros count for neither); with `normalize`, divided by the weights that counted. Block by
+    block, so besides the task vectors it needs only small temporaries."""
+    import torch
+
+    out = origin.view(-1)
+    flats = [d.view(-1) for d in deltas]
+    for start in range(0, out.numel(), ELECT_BLOCK):
+        end = min(start + ELECT_BLOCK, out.numel())
+        parts = [f[start:end] for f in flats]
+        total = torch.zeros_like(parts[0])
+        for part in parts:
+            total.add_(part)
+        positive = total >= 0
+        total.zero_()
+        divisor = torch.zeros_like(total)
+        for part, weight in zip(parts, weights):
+            agrees = torch.where(positive, part > 0, part < 0)
+            total.add_(part.masked_fill(~agrees, 0))
+            divisor.add_(agrees, alpha=weight)
+        if normalize:
+            total.div_(divisor.masked_fill_(divisor == 0, 1))
+        out[start:end].add_(total, alpha=lambda_)
 
 
 def _kernel(method: str):
