@@ -25,11 +25,11 @@ def linear(*tensors: torch.Tensor, weights: tuple[float, ...], normalize: bool,
     """sum_k w_k x_k (divided by sum_k w_k when `normalize`)."""
     import torch
 
-    result = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
-    for w, x in zip(weights, tensors):
-        result += w * x.float()
+    result = tensors[0].to(torch.float32, copy=True).mul_(weights[0])
+    for w, x in zip(weights[1:], tensors[1:]):
+        result.add_(x, alpha=w)  # upcast on the fly: one pass per model, no temporary
     if normalize:
-        result /= sum(weights)
+        result.div_(sum(weights))
     return _restore(result, tensors, keep)
 
 

@@ -14,6 +14,8 @@ Differences from mergekit, on purpose:
   default here too, `rescale_by: l1`); the papers divide by the keep probability (`rescale_by: density`).
 - random masks come from a generator seeded by the recipe's seed, the tensor's name and the model's position,
   drawn on the CPU: the same bytes on every run and on every device.
+- TIES: of the entries exactly at the magnitude threshold, those first in memory order are kept (mergekit: its
+  full sort's order), so that no sort and no eight-byte index per entry is needed.
 Entries in `keep` (protected super weights) are restored exactly from the input that holds them.
 """
 from __future__ import annotations

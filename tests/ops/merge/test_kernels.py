@@ -149,3 +149,22 @@ def test_protected_entries_are_restored_from_their_input() -> None:
 def test_every_task_vector_method_has_a_kernel() -> None:
     assert set(KERNELS) == {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                             "breadcrumbs_ties", "della", "della_linear"}
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.01, 0.999])
+def test_kth_largest_is_exact_through_the_sampled_bracket(monkeypatch, fraction: float) -> None:
+    import recipekit.ops.merge.task_vectors as tv
+
+    monkeypatch.setattr(tv, "SAMPLE", 1024)  # the sampled path on a small tensor
+    values = _randn(200_000, seed=5).abs()
+    coarse = values.to(torch.bfloat16).float()  # many exact ties, as in bf16 checkpoints
+    for v in (values, coarse):
+        k = int(fraction * v.numel())
+        assert tv.kth_largest(v, k) == torch.kthvalue(v, v.numel() - k + 1).values
+
+
+def test_ties_keeps_exactly_density_even_among_equal_magnitudes() -> None:
+    base = torch.zeros(1000)
+    a = torch.ones(1000)  # every magnitude ties
+    got = task_vector_merge("ties", base, a, weights=(1.0,), densities=(0.3,), normalize=True)
+    assert int((got != 0).sum()) == 300 and bool((got[:300] == 1).all())  # the first in memory order
