@@ -41,10 +41,17 @@ class Output(Strict):
                           "gives the output its embeddings.")
 
 
+def _version(value: object) -> object:
+    if isinstance(value, bool):  # True == 1 in Python; a version is a number
+        raise ValueError(f"expected the recipe format version 1, got {value!r}")
+    return value
+
+
 class Recipe(Strict):
     """A recipekit recipe: input models, steps, and how to write the output (the last step's result)."""
 
-    recipe: Literal[1] = Field(description="Recipe format version; this is version 1.")
+    recipe: Annotated[Literal[1], BeforeValidator(_version)] = Field(
+        description="Recipe format version; this is version 1.")
     description: str | None = Field(None, description="What this recipe builds, for people and the model card.")
     models: dict[Name, str] = Field(
         min_length=1, description="Input models by name: a local model directory (relative to the recipe's folder).")

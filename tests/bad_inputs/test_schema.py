@@ -239,6 +239,61 @@ SCHEMA_CASES: dict[str, tuple[str, list[Line]]] = {
         """,
         [line("select: ^{n: 1", "steps[0].select", "'metric' is required", "snr, angular, bi")],
     ),
+    "version-true": (
+        """
+        recipe: true
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            layers: [1]
+        """,
+        [line("recipe: ^true", "recipe", "version 1", "True")],
+    ),
+    "rank-true": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: low_rank
+            model: a
+            modules: [mlp.down_proj]
+            rank: true
+        """,
+        [line("rank: ^true", "steps[0].rank", "valid integer", "True")],
+    ),
+    "boolean-as-text": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            layers: [1]
+            allow_super_weight_loss: "yes"
+        """,
+        [line('allow_super_weight_loss: ^"yes"', "steps[0].allow_super_weight_loss", "valid boolean", "'yes'")],
+    ),
+    "number-as-text": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - id: moe
+            op: stack_experts
+            base: a
+            experts: [{model: a}, {model: a}]
+          - op: init_gates
+            model: moe
+            mode: random
+            seed: "3"
+        """,
+        [line('seed: ^"3"', "steps[1].seed", "valid integer", "'3'")],
+    ),
     "misspelt-step-key": (
         """
         recipe: 1
