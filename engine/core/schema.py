@@ -18,7 +18,7 @@ Ref = Annotated[str, Field(description="The name of an input model (under `model
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True, allow_inf_nan=False)
 
 
 class StepBase(Strict):

@@ -168,7 +168,7 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
                        f"starting with a letter or '_'", locator.where(path, key=at_key), path)
     message = err["msg"].removeprefix("Value error, ")
     if kind in ("int_type", "int_parsing", "string_type", "list_type", "dict_type", "model_type", "tuple_type",
-                "bool_type", "float_type", "literal_error", "enum"):
+                "bool_type", "float_type", "literal_error", "enum", "finite_number"):
         value = _value_at(data, path)
         message = f"{message[0].lower()}{message[1:]}, got {value!r}"
         if kind == "literal_error" and path and isinstance(value, str):

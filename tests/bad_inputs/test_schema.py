@@ -294,6 +294,25 @@ SCHEMA_CASES: dict[str, tuple[str, list[Line]]] = {
         """,
         [line('seed: ^"3"', "steps[1].seed", "valid integer", "'3'")],
     ),
+    "infinite-noise": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - id: moe
+            op: stack_experts
+            base: a
+            experts: [{model: a, noise_scale: .inf}, {model: a, residual_scale: .nan}]
+          - op: init_gates
+            model: moe
+            mode: random
+            std: .inf
+        """,
+        [line("noise_scale: ^.inf", "steps[0].experts[0].noise_scale", "finite number", "inf"),
+         line("residual_scale: ^.nan", "steps[0].experts[1].residual_scale", "finite number", "nan"),
+         line("std: ^.inf", "steps[1].std", "finite number", "inf")],
+    ),
     "misspelt-step-key": (
         """
         recipe: 1
