@@ -9,7 +9,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +34,7 @@ from .errors import RecipekitError
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _stop_on_signals()
     try:
         return args.handler(args)
     except RecipekitError as e:
@@ -41,11 +44,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recipe: interrupted; no output was written", file=sys.stderr)
         return 130
+    except _Stopped as e:
+        print(f"recipe: stopped by {e.name}; no output was written", file=sys.stderr)
+        return 128 + e.signum
     except Exception as e:  # a failure while running, not a user's mistake
         if args.debug:
             traceback.print_exc()
         print(f"recipe: failed: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, so that the writer removes its partial output on the way
+    out (a BaseException, like KeyboardInterrupt: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def _stop_on_signals() -> None:
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if threading.current_thread() is threading.main_thread():  # in-process callers from other threads
+            signal.signal(signum, stop)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -156,13 +156,22 @@ class _Builder:
         return self.locator.fmt((node.start_mark.line + 1, node.start_mark.column + 1))
 
 
+MAX_RECIPE_BYTES = 4 * 2**20  # a recipe is a page of YAML; anything this large is not one
+
+
 def read_recipe_text(path: Path, *, max_bytes: int | None = None) -> tuple[Any, Locator, str]:
-    """Read and parse a recipe file; returns data, locator and the verbatim text."""
+    """Read and parse a recipe file; returns data, locator and the verbatim text.
+
+    At most `max_bytes` (default `MAX_RECIPE_BYTES`) are read, so `/dev/zero` or a multi-gigabyte file is refused
+    at once instead of read."""
+    limit = MAX_RECIPE_BYTES if max_bytes is None else max_bytes
     try:
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise RecipeError(Problem(f"the recipe is {path.stat().st_size} bytes; a shared recipe may have at "
-                                      f"most {max_bytes}", str(path)))
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)
+        if len(raw) > limit:
+            what = "a shared recipe" if max_bytes is not None else "a recipe"
+            raise RecipeError(Problem(f"the file is larger than {limit} bytes, the most {what} may have: is it a "
+                                      "recipe?", str(path)))
     except IsADirectoryError:
         raise RecipeError(Problem("is a directory, not a recipe file", str(path))) from None
     except OSError as e:

@@ -9,6 +9,7 @@ at a time in input-file order.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -100,10 +101,58 @@ def _guarded_folders(recipe_dir: Path | None) -> list[tuple[Path, str]]:
 
 def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bool = False,
                 progress: bool = True, device: str = "cpu") -> RunResult:
-    """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically."""
-    start = time.perf_counter()
+    """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically, holding OUT's
+    lock so that no other run writes it at the same time."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        if out.exists() and not overwrite:  # another run finished it since the check
+            raise WriteError(Problem(f"{out} already exists; pass --overwrite to replace it"))
+        return _write_locked(plan, out, files, overwrite=overwrite, progress=progress, device=device)
+    finally:
+        _unlock(out, lock)
+
+
+def _lock(out: Path) -> int:
+    """An exclusive advisory lock beside OUT (`.OUT.recipekit-lock`, holding the owner's pid); a second run is
+    refused at once, naming the first."""
+    path = _lock_path(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise WriteError(Problem(f"another recipe run{f' (pid {owner})' if owner else ''} is writing {out}; "
+                                     "wait for it to finish, or choose another OUT")) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file the previous owner removed while we waited to open it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _unlock(out: Path, fd: int) -> None:
+    try:
+        os.unlink(_lock_path(out))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.recipekit-lock"
+
+
+def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bool, progress: bool,
+                  device: str) -> RunResult:
+    start = time.perf_counter()
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}"
     tmp.mkdir()
@@ -156,14 +205,10 @@ def _replace(tmp: Path, out: Path) -> str | None:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Remove partial outputs of earlier runs for the same OUT whose process is gone."""
+    """Remove the partial outputs earlier runs of the same OUT left behind (killed ones): this run holds OUT's
+    lock, so no live run is writing any of them."""
     for path in out.parent.glob(f".{out.name}{_PARTIAL}*"):
-        try:
-            os.kill(int(path.name.rsplit("-", 1)[-1]), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None:

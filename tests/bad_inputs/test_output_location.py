@@ -4,6 +4,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -272,3 +276,50 @@ def test_run_without_out(tmp_path: Path, llama: Path, capsys) -> None:
     assert "Traceback" not in err
     assert "error: the following arguments are required: -o/--out" in err
     assert snapshot(tmp_path) == before
+
+
+def test_a_second_run_to_the_same_out_is_refused_naming_the_first(tmp_path: Path, llama: Path, capsys) -> None:
+    import fcntl
+
+    _, recipe = _model_copy(tmp_path, llama)
+    out = tmp_path / "OUT"
+    lock = tmp_path / ".OUT.recipekit-lock"
+    with open(lock, "w") as held:  # as a running `recipe run` holds it
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli(capsys, "run", recipe, "-o", out)
+    assert_refused(result, [("", ("another recipe run (pid 4242) is writing", str(out.resolve())))])
+    assert not out.exists() and not list(tmp_path.glob(".OUT.recipekit-partial-*"))
+
+
+def test_a_run_leaves_no_lock_and_clears_partials_of_killed_runs(tmp_path: Path, llama: Path, capsys) -> None:
+    _, recipe = _model_copy(tmp_path, llama)
+    out = tmp_path / "OUT"
+    stale = tmp_path / ".OUT.recipekit-partial-1"  # what a run killed with SIGKILL leaves (pid 1 is alive)
+    stale.mkdir()
+    (stale / "model-00001-of-00001.safetensors").write_bytes(b"half")
+    assert cli(capsys, "run", recipe, "-o", out, "-q").rc == 0
+    assert sorted(p.name for p in tmp_path.glob(".OUT*")) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_remove_the_partial_output(tmp_path: Path, llama: Path, signum: int) -> None:
+    """The signal arrives while tensors are being written: one line, the conventional exit code, nothing left."""
+    _, recipe = _model_copy(tmp_path, llama)
+    recipe.write_text(recipe.read_text() + "output:\n  dtype: bfloat16\n")  # a conversion: tensors are computed
+    out = tmp_path / "OUT"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from recipekit.engine.run import evaluate
+        from recipekit.engine.cli import main
+        def cast_stream(*args, **kwargs):
+            os.kill(os.getpid(), {int(signum)})
+        evaluate.cast_stream = cast_stream
+        sys.exit(main(["run", {str(recipe)!r}, "-o", {str(out)!r}, "-q"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signum, result.stderr
+    assert result.stderr.strip() == f"recipe: stopped by {signal.Signals(signum).name}; no output was written"
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.glob(".OUT*")) == []

@@ -577,3 +577,16 @@ def test_a_shard_size_that_is_neither_text_nor_a_number_is_located(tmp_path: Pat
                       "output: {shard_size: 1.5}\n")
     result = cli(capsys, "validate", "--schema-only", recipe)
     assert_refused(result, [(f"{recipe}:4:22: output.shard_size: ", ("expected a size such as 2GB", "1.5"))])
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "huge"])
+def test_a_file_too_large_to_be_a_recipe_is_refused_at_once(tmp_path: Path, capsys, source: str) -> None:
+    path = Path(source) if source.startswith("/") else tmp_path / "huge.yaml"
+    if not source.startswith("/"):
+        path.write_bytes(b"# " + b"x" * (5 * 2**20))
+    import time
+
+    start = time.perf_counter()
+    result = cli(capsys, "validate", path)
+    assert time.perf_counter() - start < 2
+    assert_refused(result, [(f"{path}: ", ("larger than", "is it a recipe?"))])
