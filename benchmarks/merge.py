@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe import ensure_mergekit, generate_expert, read_tensors  # noqa: E402
 from passthrough import choose_spec, clear, find_recipe, human, parse_size, timed, warm_cache  # noqa: E402
 
-SEEDED = ("dare_ties", "dare_linear", "della", "della_linear")
+SEEDED = ("dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion")
 TIMED = ("linear", "ties")
 
 
@@ -59,6 +59,18 @@ def config_for(method: str, models: list[Path], dtype: str) -> dict:
         "breadcrumbs_ties": dict(models=[{"model": base}, *two], base_model=base, parameters={"gamma": 0.05}),
         "della": dict(models=[{"model": base}, *two], base_model=base, parameters={"epsilon": 0.1}),
         "della_linear": dict(models=[{"model": base}, *two], base_model=base, parameters={"epsilon": 0.1}),
+        "passthrough": dict(models=[{"model": a, "parameters": {"scale": [{"filter": "mlp", "value": 0.5},
+                                                                          {"value": 1.0}]}}]),
+        "nuslerp": dict(models=[{"model": base}, {"model": a, "parameters": {"weight": 0.3}},
+                                {"model": b, "parameters": {"weight": 0.7}}], base_model=base),
+        "multislerp": dict(models=[{"model": a, "parameters": {"weight": 1.0}},
+                                   {"model": b, "parameters": {"weight": 2.0}}]),
+        "karcher": dict(models=[{"model": base}, {"model": a}, {"model": b}]),
+        "sce": dict(models=[{"model": base}, {"model": a}, {"model": b}], base_model=base,
+                    parameters={"select_topk": 0.5}),
+        "ram": dict(models=[{"model": base}, {"model": a}, {"model": b}], base_model=base),
+        "ramplus_tl": dict(models=[{"model": base}, {"model": a}, {"model": b}], base_model=base),
+        "arcee_fusion": dict(models=[{"model": base}, {"model": a}], base_model=base),
     }[method]
     return {"merge_method": method, **per_method, "dtype": dtype}
 
@@ -140,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             generate_expert(spec, m, 100 + k, log)
         inputs = [f for m in models for f in m.glob("*.safetensors")]
         methods = ([m.strip() for m in args.methods.split(",")] if args.methods != "all" else
-                   ["linear", "slerp", "nearswap", "model_stock", "task_arithmetic", "ties", "dare_ties",
+                   ["linear", "passthrough", "slerp", "nuslerp", "multislerp", "karcher", "nearswap", "model_stock",
+                    "arcee_fusion", "sce", "ram", "ramplus_tl", "task_arithmetic", "ties", "dare_ties",
                     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
         for method in methods:
             config = workdir / f"merge-{method}.yml"

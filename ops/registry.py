@@ -17,7 +17,7 @@ from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import StepBase
 
 from .layers import drop_layers, slice_layers
-from .merge import interpolate, merge, task_vectors
+from .merge import interpolate, merge, selection, sphere, task_vectors
 from .moe import init_gates, stack_experts
 from .weights import low_rank, super_weights
 
@@ -70,7 +70,7 @@ OPS, KERNELS = _register([
     Op(init_gates.InitGates, init_gates.init_gates),
     Op(super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
     Op(low_rank.LowRank, low_rank.low_rank, low_rank.KERNELS),
-    Op(merge.Merge, merge.merge, {**interpolate.KERNELS, **task_vectors.KERNELS},
+    Op(merge.Merge, merge.merge, {**interpolate.KERNELS, **sphere.KERNELS, **selection.KERNELS, **task_vectors.KERNELS},
        interpolate.ROWWISE | task_vectors.ROWWISE),
 ])
 ROWWISE = frozenset(k for op in OPS.values() for k in op.rowwise)

@@ -26,7 +26,7 @@ _UNSUPPORTED = {
     "chat_template": "chat_template is not supported yet; the output keeps the tokenizer's own template",
     "modules": "per-module configs (`modules`) are not supported",
 }
-_PER_MODEL = ("weight", "density", "gamma", "epsilon")  # the merge op's per-model parameters
+_PER_MODEL = ("weight", "density", "gamma", "epsilon", "scale")  # the merge op's per-model parameters
 
 
 class MergekitYaml(ConfigTranslator):
@@ -46,8 +46,8 @@ class MergekitYaml(ConfigTranslator):
             self._refuse((), "a mergekit config needs exactly one of `models` (whole models merged) and `slices` "
                              "(layer ranges)")
             return self.finish({})
-        if data.get("merge_method") == "passthrough":
-            steps, first = self._passthrough()
+        if data.get("merge_method") == "passthrough" and has_slices and not self._scaled():
+            steps, first = self._passthrough()  # layer slices as they are: byte copies
         elif has_models:
             steps, first = self._merge_models()
         else:
@@ -68,14 +68,14 @@ class MergekitYaml(ConfigTranslator):
 
     # ------------------------------------------------------------------ passthrough
 
+    def _scaled(self) -> bool:
+        """Does a passthrough config give a parameter (a `scale`) anywhere? Then it is a merge of one model."""
+        levels = [self.data] + [s for s in self.data.get("slices") or [] if isinstance(s, dict)]
+        sources = [src for s in levels[1:] for src in s.get("sources") or [] if isinstance(src, dict)]
+        return any(level.get("parameters") not in (None, {}) for level in levels + sources)
+
     def _passthrough(self) -> tuple[list[dict], str | None]:
         data = self.data
-        if data.get("models") is not None:
-            self._refuse(("models",), "the `models` form of passthrough copies one model unchanged; write it as "
-                                      "`slices` with one layer_range covering the model")
-            return [], None
-        if data.get("parameters") not in (None, {}):
-            self._refuse(("parameters",), "passthrough takes no parameters here")
         slices = []
         for k, sources in self._slice_sources():
             if len(sources) > 1:
@@ -83,9 +83,6 @@ class MergekitYaml(ConfigTranslator):
                                                           "sources in a slice are a merge: give merge_method")
             if sources:
                 at, source = sources[0]
-                if source.get("parameters") not in (None, {}):
-                    self._refuse(at + ("parameters",), "passthrough takes no per-source parameters here (a "
-                                                       "`scale` is not supported)")
                 target = ("steps", 0, "slices", len(slices))
                 name = self._model(source.get("model"), at + ("model",), None)
                 self._map_source(target, at)
@@ -127,13 +124,16 @@ class MergekitYaml(ConfigTranslator):
         return [step], base or (step["models"][0]["model"] if step["models"] else None)
 
     def _merge_slices(self) -> tuple[list[dict], str | None]:
-        global_base = self._base(("base_model",), self.data.get("base_model"))
+        # passthrough merges no base in: its base_model only names where the embeddings come from
+        passthrough = self.data.get("merge_method") == "passthrough"
+        global_base = None if passthrough else self._base(("base_model",), self.data.get("base_model"))
         steps: list[dict] = []
         merged: list[tuple[str, int, Path_]] = []  # (merge step id, layers, config path of the slice)
         for k, sources in self._slice_sources(extra=("base_model", "parameters")):
             at_slice: Path_ = ("slices", k)
             entry = self.data["slices"][k]
-            base = self._base(at_slice + ("base_model",), entry.get("base_model")) or global_base
+            base = None if passthrough else (self._base(at_slice + ("base_model",), entry.get("base_model"))
+                                             or global_base)
             cut: list[tuple[Path_, dict]] = []  # each source's layer range, cut out as a step of its own
             base_cut = None
             for j, (at, source) in enumerate(sources):

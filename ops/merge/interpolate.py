@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def _restore(result: torch.Tensor, inputs: tuple[torch.Tensor, ...], keep: tuple[tuple[int, int, int], ...]):
+def restore(result: torch.Tensor, inputs: tuple[torch.Tensor, ...], keep: tuple[tuple[int, int, int], ...]):
     for row, column, source in keep:
         result[row, column] = inputs[source][row, column].float()
     return result
@@ -30,7 +30,7 @@ def linear(*tensors: torch.Tensor, weights: tuple[float, ...], normalize: bool,
         result.add_(x, alpha=w)  # upcast on the fly: one pass per model, no temporary
     if normalize:
         result.div_(sum(weights))
-    return _restore(result, tensors, keep)
+    return restore(result, tensors, keep)
 
 
 def slerp(base: torch.Tensor, other: torch.Tensor, *, t: float,
@@ -50,7 +50,7 @@ def slerp(base: torch.Tensor, other: torch.Tensor, *, t: float,
         s_a = float(torch.sin((1 - t) * theta) / sin_theta)
         s_b = float(torch.sin(t * theta) / sin_theta)
         result = s_a * a + s_b * b
-    return _restore(result, (base, other), keep)
+    return restore(result, (base, other), keep)
 
 
 def nearswap(base: torch.Tensor, other: torch.Tensor, *, t: float,
@@ -59,7 +59,7 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, *, t: float,
 
     a, b = base.float(), other.float()
     weight = torch.nan_to_num(t / (a - b).abs(), nan=1.0, posinf=1.0, neginf=1.0).clamp(0, 1)
-    return _restore(weight * b + (1 - weight) * a, (base, other), keep)
+    return restore(weight * b + (1 - weight) * a, (base, other), keep)
 
 
 def model_stock(base: torch.Tensor, *others: torch.Tensor, filter_wise: bool,
@@ -89,7 +89,7 @@ def model_stock(base: torch.Tensor, *others: torch.Tensor, filter_wise: bool,
     n = len(xs)
     t = n * cos / (1 + (n - 1) * cos)
     result = (t * (sum(xs) / n) + (1 - t) * origin).reshape(shape)
-    return _restore(result, (base, *others), keep)
+    return restore(result, (base, *others), keep)
 
 
 KERNELS = {"linear": linear, "slerp": slerp, "nearswap": nearswap, "model_stock": model_stock}

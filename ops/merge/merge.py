@@ -13,13 +13,13 @@ from typing import Literal, NamedTuple
 
 from pydantic import Field, StrictBool
 
-from recipekit.engine.core.graph import Apply, LazyModel, Node, keeps
+from recipekit.engine.core.graph import Apply, LazyModel, Node, elementwise, keeps
 from recipekit.engine.core.layers import decoder_of, head_tensors, split_layer_name
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import Ref, StepBase, Strict
 from recipekit.engine.errors import Path_, PlanError, Problem
 
-from .methods import METHODS, SEEDED, Method
+from .methods import METHODS, Method
 from .values import Filtered, Gradient, Value, resolve
 
 FLOATS = ("F16", "BF16", "F32", "F64")
@@ -35,9 +35,10 @@ class MergeModel(Strict):
                                                     "DELLA), 0..1.")
     gamma: Value | None = Field(None, description="breadcrumbs: fraction of the largest task-vector entries cut.")
     epsilon: Value | None = Field(None, description="DELLA: spread of the keep probability around density.")
+    scale: Value | None = Field(None, description="passthrough: multiply the model's tensors by this.")
 
 
-PER_MODEL = ("weight", "density", "gamma", "epsilon")
+PER_MODEL = ("weight", "density", "gamma", "epsilon", "scale")
 
 
 class MergeParameters(Strict):
@@ -48,7 +49,9 @@ class MergeParameters(Strict):
     weight: Value | None = Field(None, description="Default weight of every model.")
     density: Value | None = Field(None, description="Default density of every model.")
     gamma: Value | None = Field(None, description="Default breadcrumbs gamma.")
-    epsilon: Value | None = Field(None, description="Default DELLA epsilon.")
+    epsilon: Value | None = Field(None, description="Default DELLA epsilon; ram, ramplus_tl: the smallest change "
+                                                    "that counts (default 1e-5).")
+    scale: Value | None = Field(None, description="passthrough: default scale.")
     lambda_: Value | None = Field(None, alias="lambda", description="Task-vector methods: scale of the merged "
                                                                     "task vector (default 1).")
     t: Value | None = Field(None, description="slerp: 0 is the base, 1 the other model; nearswap: the threshold.")
@@ -60,6 +63,18 @@ class MergeParameters(Strict):
         "DARE paper does."))
     int8_mask: StrictBool | None = Field(None, description="Accepted for mergekit configs; changes nothing here.")
     filter_wise: StrictBool | None = Field(None, description="model_stock: one ratio per row instead of per tensor.")
+    nuslerp_flatten: StrictBool | None = Field(None, description="nuslerp: the whole tensor as one vector "
+                                                                 "(default); false: each row on its own.")
+    nuslerp_row_wise: StrictBool | None = Field(None, description="nuslerp without flatten: each column instead "
+                                                                  "of each row.")
+    normalize_weights: StrictBool | None = Field(None, description="multislerp: weights divided by their sum.")
+    eps: Value | None = Field(None, description="multislerp: numerical floor (default 1e-8).")
+    max_iter: int | None = Field(None, ge=1, description="karcher: gradient steps at most (default 10).")
+    tol: Value | None = Field(None, description="karcher: convergence tolerance (default 1e-5).")
+    select_topk: Value | None = Field(None, description="sce: fraction of entries kept, those where the models "
+                                                        "vary most (default 1).")
+    r: Value | None = Field(None, description="ramplus_tl: strength of the boost of unique changes (default 0.1).")
+    alpha: Value | None = Field(None, description="ramplus_tl: cap of the shared/unique ratio (default 0.2).")
 
 
 class Merge(StepBase):
@@ -71,7 +86,8 @@ class Merge(StepBase):
                                                "its config and other tensors are the output's.")
     models: list[MergeModel] = Field(min_length=1, description="The models merged, with their own parameters.")
     parameters: MergeParameters = Field(default_factory=MergeParameters, description="Global parameters.")
-    seed: int = Field(0, ge=0, strict=True, description="Seed of the random masks (dare_*, della*).")
+    seed: int = Field(0, ge=0, strict=True, description="Seed of the random masks (dare_*, della*) and samples "
+                                                        "(arcee_fusion).")
 
     def references(self) -> list[tuple[Path_, str]]:
         refs: list[tuple[Path_, str]] = [(("models", k, "model"), m.model) for k, m in enumerate(self.models)]
@@ -96,6 +112,12 @@ def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyMod
         if node.dtype not in FLOATS:
             tensors[name] = node
             continue
+        if method.name == "passthrough":  # one model, each tensor as it is or scaled: no kernel of its own
+            factor = resolve(entries[0].entry.scale, name, 0.0) if entries[0].entry.scale is not None else None
+            if factor is None:
+                factor = resolve(step.parameters.scale, name, 0.0)
+            tensors[name] = node if factor is None or factor == 1 else elementwise("scale", node, factor=factor)
+            continue
         parts = split_layer_name(name)
         position = (parts[1] / (count - 1) if count > 1 else 1.0) if parts and parts[0] == decoder.prefix \
             else 1.0 if name in head else 0.0
@@ -105,7 +127,9 @@ def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyMod
                      if keeps(nodes[k], w) and len(node.shape) == 2)
         if keep:
             params.append(("keep", tuple(dict.fromkeys(keep))))
-        if step.method in SEEDED:
+        if method.base == "optional":
+            params.append(("base", entries[0].entry is None))
+        if method.seeded:
             params += [("seed", step.seed), ("name", name)]
         tensors[name] = Apply(method.kernel, nodes, tuple(params), node.dtype, node.shape)
 
@@ -170,11 +194,13 @@ def _inputs(step: Merge, method: Method) -> list[Input]:
                                 "among them (with its weight) or leave base out", path=("base",)))
     elif step.base is not None:  # linear: the base only gives the config and other tensors; put it first
         entries.sort(key=lambda e: e.name != step.base)
-    count = len(entries)
-    if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        wanted = (f"exactly {method.min_models}" if method.max_models == method.min_models
-                  else f"at least {method.min_models}")
-        raise PlanError(Problem(f"{step.method} merges {wanted} models (counting the base), got {count}",
+    based = entries[0].entry is None  # a base the others are measured from
+    count = len(entries) - based
+    low, high = method.others
+    if count < low or (high is not None and count > high):
+        wanted = f"exactly {low}" if high == low else f"at least {low}"
+        besides = " besides the base" if based else ""
+        raise PlanError(Problem(f"{step.method} merges {wanted} model{'s' if low > 1 else ''}{besides}, got {count}",
                                 path=("models",)))
     return entries
 
@@ -257,7 +283,7 @@ def _plural(field: str) -> str:
     return {"weight": "weights", "density": "densities", "gamma": "gammas", "epsilon": "epsilons"}[field]
 
 
-RANGES = {"density": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 1.0)}
+RANGES = {"density": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 1.0), "select_topk": (0.0, 1.0)}
 
 
 def _check_range(step: Merge, field: str, value: object, path: Path_, tensor: str) -> None:
@@ -289,7 +315,7 @@ def _describe(step: Merge) -> str:
                  for m in step.models if any(getattr(m, f) is not None for f in PER_MODEL)]
     parts = [", ".join(f"{k} {_text(v)}" for k, v in given.items())] if given else []
     parts += per_model
-    if step.method in SEEDED:
+    if METHODS[step.method].seeded:
         parts.append(f"seed {step.seed}")
     return f"; {'; '.join(parts)}" if parts else ""
 

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 def _magnitude(delta: torch.Tensor, density: float, **_) -> torch.Tensor:
     """Keep the int(density * n) entries of largest magnitude (at least one, for a density above 0); among
     entries exactly at the threshold, the first in memory order. In place."""
-    import torch
 
     if density >= 1:
         return delta

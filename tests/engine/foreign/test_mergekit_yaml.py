@@ -107,14 +107,12 @@ slices:
   - sources:
       - model: ./a
         layer_range: [0, 2]
-        parameters: {scale: 0.5}
       - model: ./b
         layer_range: [0, 2]
   - sources:
       - model: ./b
         layer_range: [2, 4]
 tokenizer_source: union
-parameters: {t: 0.5}
 chat_template: chatml
 """
 
@@ -125,10 +123,8 @@ def test_unsupported_fields_are_each_named_where_they_are(work: Path, capsys, co
         line("base_model: ^./b", "base_model", "base_model differs from the first slice's model"),
         line("^slice:", "slice", "not a field of a mergekit-yaml config", "did you mean 'slices'",
              "supported: merge_method, slices, models, base_model, parameters"),
-        line("parameters: ^{scale", "slices[0].sources[0].parameters", "no per-source parameters", "scale"),
         line("^model: ./b\n        layer_range: [0, 2]", "slices[0].sources[1]", "one source per slice"),
         line("tokenizer_source: ^union", "tokenizer_source", "union", "is not supported"),
-        line("parameters: ^{t: 0.5}", "parameters", "passthrough takes no parameters"),
         line("chat_template: ^chatml", "chat_template", "chat_template is not supported"),
     ])
 
@@ -157,6 +153,31 @@ def test_problems_found_later_name_the_configs_fields(work: Path, capsys) -> Non
 
 def test_a_mergekit_yaml_config_is_found_by_its_merge_method(work: Path, capsys) -> None:
     config = work / "m.yml"
-    config.write_text("merge_method: sce\nslices:\n  - sources: [{model: ./a, layer_range: [0, 4]}]\n")
+    config.write_text("merge_method: frobnicate\nslices:\n  - sources: [{model: ./a, layer_range: [0, 4]}]\n")
     result = cli(capsys, "validate", config)
-    assert_refused(result, [(f"{config}:1:15: merge_method: ", ("'sce'", "ties"))])
+    assert_refused(result, [(f"{config}:1:15: merge_method: ", ("'frobnicate'", "ties"))])
+
+
+def test_a_passthrough_scale_is_a_merge_of_one_model_per_slice(work: Path, capsys) -> None:
+    """mergekit's `scale` (often a filter on o_proj/down_proj of repeated layers) multiplies those tensors; the
+    rest stay byte copies."""
+    from tests.tiny import tensors_of
+
+    config = work / "scaled.yml"
+    config.write_text(textwrap.dedent("""
+        merge_method: passthrough
+        slices:
+          - sources: [{model: ./a, layer_range: [0, 3]}]
+          - sources:
+              - model: ./a
+                layer_range: [1, 3]
+                parameters:
+                  scale: [{filter: o_proj, value: 0.5}, {filter: down_proj, value: 0.5}, {value: 1.0}]
+        """).lstrip())
+    assert main(["run", str(config), "-o", str(work / "out"), "-q"]) == 0
+    got, a = tensors_of(work / "out"), tensors_of(work / "a")
+    for j, i in enumerate([0, 1, 2, 1, 2]):
+        for part in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"):
+            factor = 0.5 if j >= 3 and "up_proj" not in part else 1.0
+            assert torch.equal(got[f"model.layers.{j}.{part}"], a[f"model.layers.{i}.{part}"] * factor), (j, part)
+    assert load_causal_lm(work / "out").config.num_hidden_layers == 5

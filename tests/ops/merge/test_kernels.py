@@ -168,3 +168,65 @@ def test_ties_keeps_exactly_density_even_among_equal_magnitudes() -> None:
     a = torch.ones(1000)  # every magnitude ties
     got = task_vector_merge("ties", base, a, weights=(1.0,), densities=(0.3,), normalize=True)
     assert int((got != 0).sum()) == 300 and bool((got[:300] == 1).all())  # the first in memory order
+
+
+def test_nuslerp_goes_from_one_model_to_the_other_by_weight() -> None:
+    from recipekit.ops.merge.sphere import nuslerp
+
+    opts = dict(nuslerp_flatten=True, nuslerp_row_wise=False)
+    assert torch.allclose(nuslerp(A, B, weights=(1.0, 0.0), base=False, **opts), A, atol=1e-6)
+    assert torch.allclose(nuslerp(A, B, weights=(0.0, 2.0), base=False, **opts), B, atol=1e-5)
+    assert torch.allclose(nuslerp(A, B, weights=(0.6, 0.4), base=False, **opts), slerp(A, B, t=0.4), atol=1e-5)
+    with_base = nuslerp(BASE, A, B, weights=(0.5, 0.5), base=True, **opts)
+    assert torch.allclose(with_base, BASE + slerp(A - BASE, B - BASE, t=0.5), atol=1e-5)
+    rows = nuslerp(A, B, weights=(0.5, 0.5), base=False, nuslerp_flatten=False, nuslerp_row_wise=False)
+    assert torch.allclose(rows[3], slerp(A[3], B[3], t=0.5), atol=1e-5)  # each row on its own
+
+
+def test_multislerp_of_identical_models_is_the_model_and_of_two_is_near_slerp() -> None:
+    from recipekit.ops.merge.sphere import multislerp
+
+    same = multislerp(A, A, A, weights=(1.0, 2.0, 3.0), normalize_weights=True, eps=1e-8, base=False)
+    assert torch.allclose(same, A, atol=1e-5)
+    unit_a, unit_b = A / A.norm(), B / B.norm()
+    two = multislerp(unit_a, unit_b, weights=(1.0, 1.0), normalize_weights=True, eps=1e-8, base=False)
+    assert torch.allclose(two, slerp(unit_a, unit_b, t=0.5), atol=1e-4)
+
+
+def test_karcher_mean_of_identical_models_is_the_model_and_of_two_the_arc_midpoint() -> None:
+    from recipekit.ops.merge.sphere import karcher
+
+    assert torch.allclose(karcher(A, A, max_iter=10, tol=1e-5), A, atol=1e-5)
+    unit_a, unit_b = A / A.norm(), B / B.norm()
+    assert torch.allclose(karcher(unit_a, unit_b, max_iter=20, tol=1e-7), slerp(unit_a, unit_b, t=0.5), atol=1e-4)
+
+
+def test_sce_of_one_model_is_that_model_and_selects_where_models_vary() -> None:
+    from recipekit.ops.merge.selection import sce
+
+    assert torch.allclose(sce(BASE, A, select_topk=1.0), A, atol=1e-6)
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, 1.0, 3.0, 0.0]), torch.tensor([1.0, -1.0, -1.0, 2.0])
+    # variances 0, 1, 4, 1: three entries vary, half of them (one) is kept, the one that varies most; there the
+    # sum's sign is a's, and b, which disagrees, is erased
+    assert torch.allclose(sce(base, a, b, select_topk=0.5), torch.tensor([0.0, 0.0, 3.0, 0.0]))
+
+
+def test_ram_averages_only_over_the_models_that_changed_an_entry() -> None:
+    from recipekit.ops.merge.selection import ram, ramplus_tl
+
+    base = torch.zeros(3)
+    a, b = torch.tensor([2.0, 4.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
+    assert ram(base, a, b, epsilon=1e-5).tolist() == [2.0, 3.0, 0.0]
+    # a changed entry 0 alone and shares entry 1: rho = 1, boost 1 + 0.1 * min(1, 0.2) = 1.02
+    assert torch.allclose(ramplus_tl(base, a, b, r=0.1, alpha=0.2, epsilon=1e-5), torch.tensor([2.04, 3.0, 0.0]))
+
+
+def test_arcee_fusion_keeps_only_important_changes_and_follows_its_seed() -> None:
+    from recipekit.ops.merge.selection import arcee_fusion
+
+    got = arcee_fusion(BASE, A, seed=0, name="w")
+    kept = got != BASE
+    assert 0 < float(kept.float().mean()) < 0.5  # outliers of importance only
+    assert torch.equal(got[kept], A[kept])
+    assert torch.equal(got, arcee_fusion(BASE, A, seed=0, name="w"))
