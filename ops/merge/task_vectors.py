@@ -163,7 +163,11 @@ def task_vector_merge(method: str, base: torch.Tensor, *others: torch.Tensor, we
                 delta = _rescaled(delta, before, densities[k], rescale_by)
         deltas.append(delta.mul_(weights[k]))
     origin = base.to(torch.float32, copy=True)  # the result's buffer; inputs are never changed in place
-    if method in CONSENSUS:
+    if method in CONSENSUS and len(deltas) == 1 and weights[0] != 0:
+        # one model agrees with itself wherever it changed something: the same arithmetic as the election
+        # (weighted change divided by the weight that counted), without its masks
+        origin.add_(deltas[0].div_(weights[0]) if normalize else deltas[0], alpha=lambda_)
+    elif method in CONSENSUS:
         _elect(origin, deltas, weights, normalize=normalize, lambda_=lambda_)
     else:
         mixed = deltas[0]

@@ -230,3 +230,14 @@ def test_arcee_fusion_keeps_only_important_changes_and_follows_its_seed() -> Non
     assert 0 < float(kept.float().mean()) < 0.5  # outliers of importance only
     assert torch.equal(got[kept], A[kept])
     assert torch.equal(got, arcee_fusion(BASE, A, seed=0, name="w"))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_of_one_model_takes_the_shortcut_with_the_same_bits(normalize: bool) -> None:
+    import recipekit.ops.merge.task_vectors as tv
+
+    fast = task_vector_merge("ties", BASE, A, weights=(0.6,), densities=(0.5,), normalize=normalize)
+    origin = BASE.float()
+    trimmed = tv._magnitude(A.float() - origin, 0.5).mul_(0.6)
+    tv._elect(origin, [trimmed], (0.6,), normalize=normalize, lambda_=1.0)
+    assert torch.equal(fast, origin)
