@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="all", help="comma list for agreement (default: every method)")
     p.add_argument("--skip-agreement", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--timed", default=",".join(TIMED), help="comma list of timed merges (default: linear,ties)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rk-bench")
     p.add_argument("--mergekit-venv", type=Path, default=Path(tempfile.gettempdir()) / "rk-bench" / "mergekit-venv")
     p.add_argument("--mergekit-version", default="0.1.5")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, m in enumerate(models):
             generate_expert(spec, m, 200 + k, log)
         inputs = [f for m in models for f in m.glob("*.safetensors")]
-        for method in TIMED:
+        for method in [m.strip() for m in args.timed.split(",") if m.strip()]:
             config = workdir / f"merge-timed-{method}.yml"
             data = config_for(method, models, "bfloat16")
             if method == "ties":  # base plus one model
