@@ -111,7 +111,7 @@ class LazyModel:
         weights join its own (first appearance first, no repeats), then `note`, `tags` and `messages`."""
         models = (self, *others)
         return self.evolve(
-            sources=merge_sources(*models),
+            sources=_merge_sources(*models),
             notes=_union(*(m.notes for m in models), () if note is None else (note,)),
             tags=_union(*(m.tags for m in models), tags),
             messages=_union(*(m.messages for m in models), messages),
@@ -216,7 +216,7 @@ def loads_of(node: Node) -> list[Load]:
     return [load for child in node.inputs for load in loads_of(child)]
 
 
-def merge_sources(*models: LazyModel) -> tuple[tuple[str, ModelSource], ...]:
+def _merge_sources(*models: LazyModel) -> tuple[tuple[str, ModelSource], ...]:
     """The union of the models' input sources, first appearance first."""
     seen: dict[str, ModelSource] = {}
     for model in models:

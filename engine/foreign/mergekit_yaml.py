@@ -136,7 +136,7 @@ class MergekitYaml(ConfigTranslator):
                                              or global_base)
             cut: list[tuple[Path_, dict]] = []  # each source's layer range, cut out as a step of its own
             base_cut = None
-            for j, (at, source) in enumerate(sources):
+            for at, source in sources:
                 name = self._model(source.get("model"), at + ("model",), None)
                 cut_id = self._cut_id(name, source.get("layer_range"))
                 cut_path = ("steps", len(steps))

@@ -112,15 +112,15 @@ def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyMod
         if node.dtype not in FLOATS:
             tensors[name] = node
             continue
-        if method.name == "passthrough":  # one model, each tensor as it is or scaled: no kernel of its own
-            factor = resolve(entries[0].entry.scale, name, 0.0) if entries[0].entry.scale is not None else None
-            if factor is None:
-                factor = resolve(step.parameters.scale, name, 0.0)
-            tensors[name] = node if factor is None or factor == 1 else elementwise("scale", node, factor=factor)
-            continue
         parts = split_layer_name(name)
         position = (parts[1] / (count - 1) if count > 1 else 1.0) if parts and parts[0] == decoder.prefix \
             else 1.0 if name in head else 0.0
+        if method.name == "passthrough":  # one model, each tensor as it is or scaled: no kernel of its own
+            factor = resolve(entries[0].entry.scale, name, position)
+            if factor is None:
+                factor = resolve(step.parameters.scale, name, position)
+            tensors[name] = node if factor is None or factor == 1 else elementwise("scale", node, factor=factor)
+            continue
         params = _tensor_params(step, method, entries, merged, name, position)
         nodes = tuple(model.tensors[name] for model in inputs)
         keep = tuple((w.row, w.column, k) for k, model in enumerate(inputs) for w in model.protected
@@ -134,7 +134,7 @@ def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyMod
         tensors[name] = Apply(method.kernel, nodes, tuple(params), node.dtype, node.shape)
 
     names = ", ".join(f"`{e.name}`" for e in entries)
-    note = (f"merge: {step.method} of {names}" + (f" (base `{base_name}`)" if method.base != "ignored" else "")
+    note = (f"merge: {step.method} of {names}" + (f" (base `{base_name}`)" if entries[0].entry is None else "")
             + _describe(step))
     return base.evolve(tensors=tensors).absorb(*inputs[1:], note=note, tags=("merge",))
 

@@ -302,3 +302,13 @@ def test_a_linear_merge_streams_rows_from_file_to_file(family: Path, tmp_path: P
     for name in got:
         want = linear(a[name], b[name], weights=(0.3, 0.7), normalize=True).to(torch.bfloat16)
         assert torch.equal(got[name], want), name
+
+
+def test_a_passthrough_scale_may_vary_across_the_layers(family: Path, tmp_path: Path) -> None:
+    step = "{op: merge, method: passthrough, models: [{model: ft1, scale: [{filter: o_proj, value: [1, 0]}]}]}"
+    got = tensors_of(load_recipe(_recipe(tmp_path, family, step)).run(tmp_path / "out").out)
+    a = tensors_of(family / "ft1")
+    for i in range(LAYERS):
+        name = f"model.layers.{i}.self_attn.o_proj.weight"
+        assert torch.allclose(got[name], a[name] * (1 - i / (LAYERS - 1)), atol=1e-7), name
+        assert torch.equal(got[f"model.layers.{i}.mlp.up_proj.weight"], a[f"model.layers.{i}.mlp.up_proj.weight"])
