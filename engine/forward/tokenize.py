@@ -34,8 +34,10 @@ class TextTokenizer:
         if config_path is not None:
             try:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise SourceError(Problem(f"cannot read tokenizer_config.json: {e}", str(config_path))) from None
+            if not isinstance(config, dict):
+                raise SourceError(Problem("tokenizer_config.json is not a JSON object", str(config_path)))
         add_bos = config.get("add_bos_token", config.get("tokenizer_class") in _BOS_BY_DEFAULT)
         bos = config.get("bos_token")
         bos = bos.get("content") if isinstance(bos, dict) else bos

@@ -68,8 +68,8 @@ def parse_header(raw: bytes, size: int, file: Path, where: str) -> tuple[dict[st
     n = len(raw)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SourceError(Problem("corrupt safetensors header: not JSON", where)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise SourceError(Problem("corrupt safetensors header: not JSON (or nested absurdly deep)", where)) from None
     if not isinstance(header, dict):
         raise SourceError(Problem("corrupt safetensors header: not a JSON object", where))
     data_start, data_size = 8 + n, size - 8 - n

@@ -106,6 +106,9 @@ def _read_config(root: Path, ref: str, where: str | None) -> dict:
         raise SourceError(Problem(f"model {ref!r} has no config.json ({root})", where))
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise SourceError(Problem(f"config.json of model {ref!r} is nested absurdly deep: not a model config",
+                                  where)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(Problem(f"cannot read config.json of model {ref!r}: {e}", where)) from None
     if not isinstance(config, dict):
@@ -135,7 +138,7 @@ def _read_sharded(index: Path, ref: str, where: str | None, header: Header) -> d
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
         raise SourceError(Problem(f"{INDEX_FILE} of model {ref!r} is not a valid index (needs a weight_map)",
                                   where)) from None
     headers: dict[str, dict[str, TensorInfo]] = {}

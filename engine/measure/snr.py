@@ -43,6 +43,10 @@ def snr_table(model: LazyModel, name: str, modules: tuple[str, ...] | None = Non
     present = [m for m in MODULES if f"{m}.weight" in decoder.layers[0]]
     chosen = list(modules) if modules else present
     missing = [m for m in chosen if any(f"{m}.weight" not in layer for layer in decoder.layers)]
+    flat = [m for m in chosen if m not in missing and len(model.tensors[decoder.layers[0][f"{m}.weight"]].shape) != 2]
+    if flat:
+        raise PlanError(f"{', '.join(flat)} of model {name!r} has 1-D weights: SNR is measured on matrices "
+                        f"(modules such as {', '.join(present[:3])})")
     if missing:
         raise PlanError(f"model {name!r} has no {', '.join(missing)} in every layer; its modules: "
                         f"{', '.join(present) or 'none of ' + ', '.join(MODULES)}")

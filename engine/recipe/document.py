@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, ValidationError
 
 from recipekit.engine.core.schema import NAME_PATTERN, Name, Ref, StepBase, Strict
 from recipekit.engine.core.sizes import parse_size
@@ -41,6 +41,12 @@ class Output(Strict):
                           "gives the output its embeddings.")
 
 
+def _said(text: str) -> str:
+    if not text.strip():
+        raise ValueError("the description is blank: say what the recipe builds, or leave description out")
+    return text
+
+
 def _version(value: object) -> object:
     if isinstance(value, bool):  # True == 1 in Python; a version is a number
         raise ValueError(f"expected the recipe format version 1, got {value!r}")
@@ -52,7 +58,8 @@ class Recipe(Strict):
 
     recipe: Annotated[Literal[1], BeforeValidator(_version)] = Field(
         description="Recipe format version; this is version 1.")
-    description: str | None = Field(None, description="What this recipe builds, for people and the model card.")
+    description: Annotated[str, AfterValidator(_said)] | None = Field(
+        None, description="What this recipe builds, for people and the model card.")
     models: dict[Name, str] = Field(
         min_length=1, description="Input models by name: a local model directory (relative to the recipe's folder).")
     steps: list[Step] = Field(min_length=1, description="Operations in order; the last one's result is the output.")

@@ -26,6 +26,7 @@ _SCALAR_TAGS = {
 }
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"  # kept as the text the user wrote
 _MAX_NODES = 100_000  # aliases can make a tiny file expand exponentially
+_MAX_DEPTH = 64  # levels of nested mappings and lists; a recipe needs about six
 
 
 @dataclass
@@ -65,6 +66,9 @@ def load_yaml(text: str | bytes, filename: str = "") -> tuple[Any, Locator]:
         raise RecipeError(Problem("the recipe is empty", filename or None))
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise RecipeError(Problem(f"the document is nested more than {_MAX_DEPTH} levels deep: a recipe is a few "
+                                  "levels of mappings and lists", filename or None)) from None
     except yaml.MarkedYAMLError as e:
         raise RecipeError(_yaml_problem(e, text, locator)) from None
     except yaml.YAMLError as e:  # unmarked reader errors
@@ -104,8 +108,27 @@ class _Builder:
         self.problems: list[Problem] = []
         self.count = 0
         self._scalars = yaml.constructor.SafeConstructor()
+        self._open: set[int] = set()  # collections being built: an alias to one of them is a cycle
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
+        if len(path) > _MAX_DEPTH:
+            if not any(p.message.startswith("the document is nested") for p in self.problems):
+                self.problems.append(Problem(f"the document is nested more than {_MAX_DEPTH} levels deep: a recipe "
+                                             "is a few levels of mappings and lists", self._where(node)))
+            return None
+        if id(node) in self._open:
+            self.problems.append(Problem("this alias refers to the structure it is inside (a recursive YAML "
+                                         "alias)", self._where(node)))
+            return None
+        if isinstance(node, yaml.CollectionNode):
+            self._open.add(id(node))
+            try:
+                return self._build(node, path)
+            finally:
+                self._open.discard(id(node))
+        return self._build(node, path)
+
+    def _build(self, node: yaml.Node, path: Path_) -> Any:
         self.count += 1
         if self.count > _MAX_NODES:
             if self.count == _MAX_NODES + 1:

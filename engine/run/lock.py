@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from recipekit.engine.core.graph import loads_of
-from recipekit.engine.errors import Problem
+from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.run.plan import Plan
 
 LOCK_VERSION = 1
@@ -64,7 +64,25 @@ def lock_problems(lock: dict, current: dict, where: str) -> list[Problem]:
 
 
 def read_lock(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A `recipe.lock` as written by `lock_bytes`; `SourceError` at the file when it is not one (FileNotFoundError
+    passes through, for the caller to word)."""
+    try:
+        lock = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SourceError(Problem(f"not a readable recipe lock: {e}", str(path))) from None
+    inputs = lock.get("inputs") if isinstance(lock, dict) else None
+    if not isinstance(inputs, dict) or not all(_input_entry(v) for v in inputs.values()):
+        raise SourceError(Problem("not a recipe lock: expected a JSON object whose `inputs` maps each input to "
+                                  "its commit and files (write one with `recipe run`)", str(path)))
+    return lock
+
+
+def _input_entry(entry: object) -> bool:
+    files = entry.get("files", {}) if isinstance(entry, dict) else None
+    return isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("sha256"), str)
+                                           for f in files.values())
 
 
 def lock_bytes(lock: dict) -> bytes:

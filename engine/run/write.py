@@ -80,12 +80,27 @@ def check_output(out: str | Path, input_roots: list[Path], *, overwrite: bool, n
         problems.append(Problem(f"cannot create {out}: {existing} is a file, not a directory"))
     elif existing != out and not os.access(existing, os.W_OK):
         problems.append(Problem(f"cannot create {out}: {existing} is not writable"))
+    elif existing == out and overwrite and not os.access(out.parent, os.W_OK):
+        problems.append(Problem(f"cannot replace {out}: its folder {out.parent} is not writable"))
+    longest = len(os.fsencode(f".{out.name}{_PARTIAL}{os.getpid()}"))  # the hidden name written beside OUT
+    limit = _name_max(existing if existing.is_dir() else existing.parent)
+    if longest > limit:
+        problems.append(Problem(f"the output name {out.name[:40]}... is too long: recipekit writes it first under "
+                                f"a hidden name {longest - len(os.fsencode(out.name))} bytes longer, and names may "
+                                f"have at most {limit} bytes here"))
     if problems:
         raise WriteError(problems)
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise WriteError(f"not enough free disk for {out}: the output needs {human(needed)}, "
                          f"{human(free)} is free")
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _guarded_folders(recipe_dir: Path | None) -> list[tuple[Path, str]]:

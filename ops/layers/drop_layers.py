@@ -35,6 +35,11 @@ class SnrSelect(Strict):
 
     def measure(self, name: str, model: LazyModel, probe: Probe) -> list[float]:
         """One value per layer."""
+        layer = decoder_of(model, name).layers[0]
+        weight = layer.get(f"{self.module}.weight")
+        if weight is not None and len(model.tensors[weight].shape) != 2:
+            raise PlanError(Problem(f"{self.module}.weight has shape {list(model.tensors[weight].shape)}: SNR is "
+                                    "measured on a matrix (e.g. self_attn.v_proj)", path=("select", "module")))
         return probe.snr(model, name, self.module)
 
     def choose(self, values: list[float]) -> list[int]:

@@ -54,6 +54,10 @@ def low_rank(step: LowRank, models: Mapping[str, LazyModel], probe: Probe) -> La
     for k, module in enumerate(step.modules):
         if f"{module}.weight" not in decoder.layers[0]:
             raise PlanError(Problem(f"{step.model!r} has no {module}.weight in its layers", path=("modules", k)))
+        shape = model.tensors[decoder.layers[0][f"{module}.weight"]].shape
+        if len(shape) != 2:
+            raise PlanError(Problem(f"{module}.weight has shape {list(shape)}: a low-rank approximation needs a "
+                                    "matrix (e.g. mlp.down_proj, self_attn.v_proj)", path=("modules", k)))
         chosen += [(i, module) for i in layers]
     note_snr = ""
     if step.lowest_snr is not None:

@@ -61,7 +61,11 @@ def protect_super_weights(step: ProtectSuperWeights, models: Mapping[str, LazyMo
         name = decoder.layers[c.layer].get(f"{c.module}.weight")
         if name is None:
             raise PlanError(Problem(f"layer {c.layer} has no {c.module}.weight", path=path + ("module",)))
-        rows, columns = model.tensors[name].shape
+        shape = model.tensors[name].shape
+        if len(shape) != 2:
+            raise PlanError(Problem(f"{name} has shape {list(shape)}: a super weight is an entry of a matrix; "
+                                    "name a module with a 2-D weight (mlp.down_proj)", path=path + ("module",)))
+        rows, columns = shape
         if c.row >= rows or c.column >= columns:
             raise PlanError(Problem(f"[{c.row}, {c.column}] is outside {name}, of shape [{rows}, {columns}]",
                                     path=path))

@@ -184,6 +184,24 @@ def _header_not_json(m: Path) -> list[str]:
     return [str(file.resolve()), "not JSON"]
 
 
+def _config_nested_deep(m: Path) -> list[str]:
+    (m / "config.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    return ["config.json", "nested absurdly deep"]
+
+
+def _index_nested_deep(m: Path) -> list[str]:
+    (m / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return ["not a valid index"]
+
+
+def _header_nested_deep(m: Path) -> list[str]:
+    f = m / "model.safetensors"
+    body = ("[" * 50_000 + "]" * 50_000).encode()
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", len(body)) + body + data[8 + struct.unpack("<Q", data[:8])[0]:])
+    return ["corrupt safetensors header", "nested absurdly deep"]
+
+
 MODEL_CASES = {
     # id -> (fixture copied to ./model, how to break it; returns words the message must contain)
     "missing-model-directory": ("llama", _missing_directory),
@@ -204,6 +222,9 @@ MODEL_CASES = {
     "header-span-not-shape-times-dtype": ("llama", _span_not_shape_times_dtype),
     "header-unknown-dtype": ("llama", _unknown_header_dtype),
     "header-not-json": ("llama", _header_not_json),
+    "config-json-nested-100k-deep": ("llama", _config_nested_deep),
+    "index-nested-100k-deep": ("llama_sharded", _index_nested_deep),
+    "header-nested-50k-deep": ("llama", _header_nested_deep),
 }
 
 

@@ -323,3 +323,45 @@ def test_sigterm_and_sighup_remove_the_partial_output(tmp_path: Path, llama: Pat
     assert result.stderr.strip() == f"recipe: stopped by {signal.Signals(signum).name}; no output was written"
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.glob(".OUT*")) == []
+
+
+def test_an_out_name_too_long_for_the_hidden_partial_name_is_refused(tmp_path: Path, llama: Path, capsys) -> None:
+    _, recipe = _model_copy(tmp_path, llama)
+    out = tmp_path / ("x" * 240)  # a legal name, but not with ".<name>.recipekit-partial-<pid>" around it
+    before = snapshot(tmp_path)
+    result = cli(capsys, "run", recipe, "-o", out)
+    assert_refused(result, [("", ("is too long", "hidden name", "at most 255 bytes"))])
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_in_a_folder_that_is_not_writable_is_refused(tmp_path: Path, llama: Path, capsys,
+                                                                monkeypatch) -> None:
+    """(As root every folder is writable, so the check is exercised through os.access.)"""
+    import recipekit.engine.run.write as write
+
+    _, recipe = _model_copy(tmp_path, llama)
+    out = tmp_path / "ro" / "OUT"
+    out.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(write.os, "access", lambda p, mode: False if Path(p) == out.parent else real_access(p, mode))
+    before = snapshot(tmp_path)
+    result = cli(capsys, "run", recipe, "-o", out, "--overwrite")
+    assert_refused(result, [("", (f"cannot replace {out}", "not writable"))])
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("lock, words", [
+    ("{not json", ("not a readable recipe lock",)),
+    ('["a list"]', ("not a recipe lock",)),
+    ('{"inputs": {"a": {"files": {"model.safetensors": {"size": 1}}}}}', ("not a recipe lock",)),
+    ("[" * 100_000 + "]" * 100_000, ("not a readable recipe lock",)),
+])
+def test_a_malformed_lock_is_refused_where_it_is(tmp_path: Path, llama: Path, capsys, lock: str,
+                                                words: tuple[str, ...]) -> None:
+    _, recipe = _model_copy(tmp_path, llama)
+    lock_file = recipe.with_suffix(".lock")
+    lock_file.write_text(lock)
+    out = tmp_path / "OUT"
+    result = cli(capsys, "run", recipe, "-o", out, "--locked")
+    assert_refused(result, [(f"{lock_file}: ", words)])
+    assert_no_output(out)

@@ -77,6 +77,42 @@ REFERENCE_CASES: dict[str, tuple[str, list[Line]]] = {
         """,
         [line("range: ^[2, 8]", "steps[0].slices[1].range", "[2, 8]", "out of range", "6 layers")],
     ),
+    "super-weight-in-a-vector": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: protect_super_weights
+            model: a
+            coordinates: [{layer: 0, row: 1, column: 1, module: input_layernorm}]
+        """,
+        [line("module: ^input_layernorm", "steps[0].coordinates[0].module", "shape [32]", "2-D weight")],
+    ),
+    "low-rank-of-a-vector": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: low_rank
+            model: a
+            modules: [post_attention_layernorm]
+        """,
+        [line("modules: [^post_attention_layernorm]", "steps[0].modules[0]", "shape [32]", "needs a matrix")],
+    ),
+    "snr-of-a-vector": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            select: {metric: snr, module: input_layernorm, where: infinite}
+        """,
+        [line("module: ^input_layernorm", "steps[0].select.module", "shape [32]", "SNR is measured on a matrix")],
+    ),
     "unknown-model-reference": (
         """
         recipe: 1

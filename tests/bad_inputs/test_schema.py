@@ -313,6 +313,30 @@ SCHEMA_CASES: dict[str, tuple[str, list[Line]]] = {
          line("residual_scale: ^.nan", "steps[0].experts[1].residual_scale", "finite number", "nan"),
          line("std: ^.inf", "steps[1].std", "finite number", "inf")],
     ),
+    "recursive-alias": (
+        """
+        recipe: 1
+        models: &m {a: *m}
+        steps:
+          - op: drop_layers
+            model: a
+            layers: [1]
+        """,
+        [line("models: ^&m {a: *m}", "", "recursive YAML alias")],
+    ),
+    "blank-description": (
+        """
+        recipe: 1
+        description: "   "
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            layers: [1]
+        """,
+        [line('description: ^"   "', "description", "description is blank")],
+    ),
     "misspelt-step-key": (
         """
         recipe: 1
@@ -590,3 +614,9 @@ def test_a_file_too_large_to_be_a_recipe_is_refused_at_once(tmp_path: Path, caps
     result = cli(capsys, "validate", path)
     assert time.perf_counter() - start < 2
     assert_refused(result, [(f"{path}: ", ("larger than", "is it a recipe?"))])
+
+
+def test_nesting_that_no_recipe_has_is_refused(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("recipe: 1\nmodels: " + "[" * 700 + "]" * 700 + "\n")
+    assert_refused(cli(capsys, "validate", recipe), [(f"{recipe}", ("nested more than 64 levels",))])
