@@ -219,12 +219,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from recipekit.engine.io import hub
+    from recipekit.engine.io.source import hub_reading
 
     loaded = load_recipe(args.recipe)
     # validate never reads anything remote: Hub inputs are checked only when the cache holds them
     uncached = [ref for ref in dict.fromkeys(loaded.recipe.models.values())
-                if parse_hub_ref(ref) is not None and not (loaded.base_dir / Path(ref).expanduser()).exists()
-                and not hub.in_cache(ref)]
+                if hub_reading(ref, loaded.base_dir) is not None and not hub.in_cache(ref)]
     what = "recipe"
     if not args.schema_only and not uncached:
         with hub.cache_only():
@@ -447,13 +447,20 @@ def _show(args: argparse.Namespace) -> int:
     from recipekit.engine.run.lock import read_lock
 
     recipe_file, lock_file = fetch_shared(args.ref)
-    print(recipe_file.read_text(encoding="utf-8").rstrip("\n"))
+    print(_printable(recipe_file.read_text(encoding="utf-8", errors="replace").rstrip("\n")))
     if lock_file is not None:
         print("\n# inputs, as locked:")
         for name, entry in read_lock(lock_file).get("inputs", {}).items():
             origin = f"commit {entry['commit']}" if entry.get("commit") else "local directory"
-            print(f"#   {name}: {entry.get('ref')} ({origin}, {len(entry.get('files', {}))} file(s))")
+            print(_printable(f"#   {name}: {entry.get('ref')} ({origin}, {len(entry.get('files', {}))} file(s))"))
     return 0
+
+
+def _printable(text: str) -> str:
+    """Untrusted text for the terminal: control and format characters (escape sequences that retitle or clear the
+    terminal, carriage returns, bidirectional overrides) shown as escapes, never sent."""
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100
+                   else f"\\u{ord(c):04x}" for c in text)
 
 
 def _positive(text: str) -> int:

@@ -49,6 +49,18 @@ class ModelSource:
         return sorted({t.file for t in self.tensors.values()})
 
 
+def hub_reading(ref: str, base_dir: Path) -> tuple[str, str] | None:
+    """The Hub repo and revision `ref` names, or None when it names a local path: one that exists, or, without an
+    `@revision`, whose first folder exists (`models/llama-zzz` beside a `models/` folder is a local model that is
+    missing, not a Hub id)."""
+    hub_ref = parse_hub_ref(ref)
+    if hub_ref is None or (base_dir / Path(ref).expanduser()).exists():
+        return None
+    if "@" not in ref and (base_dir / Path(ref).parts[0]).is_dir():
+        return None
+    return hub_ref
+
+
 def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: bool = False) -> ModelSource:
     """Open the model a recipe names; `where` locates the reference in the recipe for errors.
 
@@ -59,9 +71,10 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
         return _open_hub(ref, *hub_ref, where)
     root = (base_dir / Path(ref).expanduser()).resolve()
     if not root.exists():
-        if hub_ref is not None:
+        if hub_reading(ref, base_dir) is not None:
             return _open_hub(ref, *hub_ref, where)
-        raise SourceError(Problem(f"model directory {ref!r} not found (looked in {root})", where))
+        local = f"; {Path(ref).parts[0]}/ exists there, so this names a local model" if hub_ref is not None else ""
+        raise SourceError(Problem(f"model directory {ref!r} not found (looked in {root}{local})", where))
     if not root.is_dir():
         raise SourceError(Problem(f"model {ref!r} is a file; expected a model directory ({root})", where))
 

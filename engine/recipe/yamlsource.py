@@ -27,6 +27,7 @@ _SCALAR_TAGS = {
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"  # kept as the text the user wrote
 _MAX_NODES = 100_000  # aliases can make a tiny file expand exponentially
 _MAX_DEPTH = 64  # levels of nested mappings and lists; a recipe needs about six
+_MAX_EVENTS = 20_000  # parser events (values, mapping and list starts and ends) in the text itself
 
 
 @dataclass
@@ -65,13 +66,20 @@ def load_yaml(text: str | bytes, filename: str = "") -> tuple[Any, Locator]:
     if not text.strip():
         raise RecipeError(Problem("the recipe is empty", filename or None))
     try:
+        _count_events(text, filename)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except RecursionError:
         raise RecipeError(Problem(f"the document is nested more than {_MAX_DEPTH} levels deep: a recipe is a few "
                                   "levels of mappings and lists", filename or None)) from None
     except yaml.MarkedYAMLError as e:
         raise RecipeError(_yaml_problem(e, text, locator)) from None
-    except yaml.YAMLError as e:  # unmarked reader errors
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow: say where it is
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise RecipeError(Problem(f"the control character U+{e.character:04X} is not allowed in a recipe; delete "
+                                  "it (or write it as an escape inside a double-quoted string)",
+                                  locator.fmt((line, col)))) from None
+    except yaml.YAMLError as e:  # other unmarked reader errors
         raise RecipeError(Problem(f"not valid YAML: {e}", filename or None)) from None
     if node is None:
         raise RecipeError(Problem("the recipe is empty", filename or None))
@@ -80,6 +88,16 @@ def load_yaml(text: str | bytes, filename: str = "") -> tuple[Any, Locator]:
     if builder.problems:
         raise RecipeError(builder.problems)
     return data, locator
+
+
+def _count_events(text: str, filename: str) -> None:
+    """Refuse a document with more values than any recipe has before building it: composing a megabyte of list
+    entries takes seconds and hundreds of MB; counting parser events stops at the limit."""
+    for count, _ in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
+        if count > _MAX_EVENTS:
+            raise RecipeError(Problem(f"the document holds more than {_MAX_EVENTS} values: no recipe is this large "
+                                      "(a list of layers is a few ranges, [[4, 28]], not every index)",
+                                      filename or None))
 
 
 def _yaml_problem(e: yaml.MarkedYAMLError, text: str, locator: Locator) -> Problem:
@@ -179,7 +197,7 @@ class _Builder:
         return self.locator.fmt((node.start_mark.line + 1, node.start_mark.column + 1))
 
 
-MAX_RECIPE_BYTES = 4 * 2**20  # a recipe is a page of YAML; anything this large is not one
+MAX_RECIPE_BYTES = 2**20  # a recipe is a page of YAML; a megabyte of it is not one
 
 
 def read_recipe_text(path: Path, *, max_bytes: int | None = None) -> tuple[Any, Locator, str]:

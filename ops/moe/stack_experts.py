@@ -8,7 +8,7 @@ unset, so a zero router is never written by accident.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
@@ -33,6 +33,8 @@ from recipekit.engine.errors import Path_, PlanError, Problem
 if TYPE_CHECKING:
     import torch
 
+# a prompt is a phrase or a few sentences; one of a hundred thousand tokens would need GBs of attention scores
+Prompt = Annotated[str, Field(min_length=1, max_length=4000)]
 LayoutName = Literal["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
@@ -40,8 +42,9 @@ class ExpertSpec(Strict):
     """One expert: the model whose MLPs it takes, and the prompts that should be routed to it."""
 
     model: Ref = Field(description="The model (or step) whose MLP weights become this expert.")
-    positive: list[str] = Field([], description="Prompts that should route to this expert (for prompt gates).")
-    negative: list[str] = Field([], description="Prompts that should not route to this expert.")
+    positive: list[Prompt] = Field([], max_length=256, description="Prompts that should route to this expert (for "
+                                                                   "prompt gates).")
+    negative: list[Prompt] = Field([], max_length=256, description="Prompts that should not route to this expert.")
     noise_scale: float | None = Field(None, ge=0, description="Add seeded normal noise of this standard deviation "
                                                               "to the expert's weights.")
     residual_scale: float | None = Field(None, description="Multiply the expert's down_proj (its contribution to "

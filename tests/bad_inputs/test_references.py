@@ -268,3 +268,14 @@ def test_validate_reports_schema_and_reference_problems_together(work: Path, cap
         line('layers: ^"x"', "steps[1].layers", "list", "'x'"),
     ]
     assert_refused(result, [(ln.prefix(recipe, text), ln.words) for ln in expected])
+
+
+def test_a_missing_local_folder_is_not_taken_for_a_hub_id(work: Path, capsys) -> None:
+    """`models/llama-zzz` next to a `models/` folder is a typo in a local path, not the Hub repo models/llama-zzz."""
+    (work / "models").mkdir()
+    text = "recipe: 1\nmodels: {a: models/llama-zzz}\nsteps:\n  - {op: drop_layers, model: a, layers: [1]}\n"
+    recipe = work / "recipe.yaml"
+    recipe.write_text(text)
+    result = cli(capsys, "validate", recipe)
+    assert_refused(result, [(f"{recipe}:{mark(text, 'a: ^models/llama-zzz')}: models.a: ",
+                             ("model directory 'models/llama-zzz' not found", "models/ exists there"))])

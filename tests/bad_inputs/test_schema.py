@@ -620,3 +620,30 @@ def test_nesting_that_no_recipe_has_is_refused(tmp_path: Path, capsys) -> None:
     recipe = tmp_path / "deep.yaml"
     recipe.write_text("recipe: 1\nmodels: " + "[" * 700 + "]" * 700 + "\n")
     assert_refused(cli(capsys, "validate", recipe), [(f"{recipe}", ("nested more than 64 levels",))])
+
+
+def test_a_control_character_is_one_located_line(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"recipe: 1\nmodels: {a: ./llama}\nsteps:\n  - {op: drop_layers, model: a, layers: [1]}\x07\n")
+    assert_refused(cli(capsys, "validate", recipe), [(f"{recipe}:4:45: ", ("control character U+0007",))])
+
+
+def test_a_recipe_with_more_values_than_any_recipe_is_refused_fast(tmp_path: Path, capsys) -> None:
+    import time
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("recipe: 1\nmodels: {a: ./llama}\nsteps:\n  - {op: drop_layers, model: a, layers: ["
+                      + "1, " * 300_000 + "1]}\n")
+    start = time.perf_counter()
+    result = cli(capsys, "validate", recipe)
+    assert time.perf_counter() - start < 1.0
+    assert_refused(result, [(f"{recipe}: ", ("more than 20000 values",))])
+
+
+def test_an_overlong_prompt_is_refused_before_any_forward(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("recipe: 1\nmodels: {a: ./llama}\nsteps:\n  - {id: m, op: stack_experts, base: a, experts: "
+                      "[{model: a, positive: ['" + "word " * 2000 + "']}, {model: a}]}\n"
+                      "  - {op: init_gates, model: m, mode: hidden}\n")
+    result = cli(capsys, "validate", "--schema-only", recipe)
+    assert_refused(result, [(f"{recipe}:4:", ("steps[0].experts[0].positive[0]", "at most 4000 characters"))])

@@ -363,3 +363,17 @@ def test_a_shared_recipe_may_not_read_local_texts(hub, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("org/reader:recipe.yaml:4:70: steps[0].select.text: '/etc/passwd' is a local file")
     assert not (tmp_path / "out").exists()
+
+
+def test_show_escapes_control_characters_of_a_shared_recipe(hub, tmp_path, capsys):
+    """A shared recipe is untrusted text: escape sequences (a retitled or cleared terminal) are shown, not sent."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "recipe.yaml").write_bytes(b"recipe: 1\n# \x1b]0;pwned\x07\x1b[2J\xe2\x80\xae\n")
+    put_in_cache(hub["cache"], "org/evil", folder, "4" * 40)
+    capsys.readouterr()
+    assert main(["show", "org/evil"]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in shown

@@ -114,3 +114,11 @@ def test_eval_bad_inputs(with_tokenizer, tmp_path, capsys):
     assert "longer than --seq-len" in _eval_error(capsys, with_tokenizer, "--text", text, "--seq-len", "32",
                                                   "--stride", "64")
     assert "not found" in _eval_error(capsys, tmp_path / "missing-model", "--text", text)
+
+
+def test_a_text_too_large_is_refused_without_reading_it(tmp_path, capsys):
+    from recipekit.engine.cli import main
+
+    assert main(["eval", str(DEMO), "--text", "/dev/zero"]) == 2
+    assert capsys.readouterr().err.strip() == ("/dev/zero: the text file is larger than 64 MiB: give an excerpt "
+                                               "(measurements use the first texts or tokens only)")
