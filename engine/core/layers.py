@@ -72,6 +72,32 @@ def decoder_of(model: LazyModel, model_name: str) -> Decoder:
     return Decoder(prefix, tuple(dict(layers[i]) for i in range(count)))
 
 
+def incomplete(model: LazyModel, decoder: Decoder) -> list[str]:
+    """What a model's weights lack that its own structure says they need: a tensor every other decoder layer has
+    (attention and norms always; the MLP too unless the config is a Mixture of Experts, whose dense and sparse
+    layers differ), the embeddings, the final norm, and `lm_head` unless the embeddings are tied."""
+    config = layer_config(model.config)
+    moe = any(k in config for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    names = set().union(*map(set, decoder.layers))
+    if moe:
+        names = {n for n in names if not n.startswith(("mlp.", "block_sparse_moe."))}
+    found = []
+    for i, layer in enumerate(decoder.layers):
+        missing = sorted(names - set(layer))
+        if missing:
+            found.append(f"layer {i} lacks {missing[0]}, which the other layers have"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    parent = decoder.prefix[: -len("layers")]
+    for tensor, what in ((f"{parent}embed_tokens.weight", "the token embeddings"),
+                         (f"{parent}norm.weight", "the final norm")):
+        if tensor not in model.tensors:
+            found.append(f"there is no {tensor} ({what})")
+    tied = config.get("tie_word_embeddings", model.config.get("tie_word_embeddings"))
+    if tied is False and not any(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in model.tensors):
+        found.append("there is no lm_head.weight, and the config says the embeddings are not tied")
+    return found
+
+
 def head_tensors(model: LazyModel, decoder: Decoder) -> list[str]:
     """The tensors after the decoder stack: its final norm (`<parent>.norm.*`, beside `<parent>.layers`) and
     `lm_head.*` (absent when the embeddings are tied)."""

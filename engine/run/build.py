@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from recipekit.engine.core.graph import UNSET_ROUTER, LazyModel, applies, lost_weights, unset_routers
-from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.core.layers import decoder_of, incomplete
 from recipekit.engine.errors import PlanError, Problem, RecipekitError, SourceError
 from recipekit.engine.io.source import ModelSource, open_model
 from recipekit.engine.measure.probe import EngineProbe
@@ -25,7 +25,11 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
             if ref not in opened:
                 opened[ref] = open_model(ref, base_dir=base_dir, where=where, hub_only=hub_only)
             model = LazyModel.from_source(name, opened[ref])
-            count = len(decoder_of(model, name).layers)
+            decoder = decoder_of(model, name)
+            gaps = incomplete(model, decoder)
+            if gaps:
+                raise SourceError([Problem(f"the weights of model {ref!r} are incomplete: {gap}") for gap in gaps[:3]])
+            count = len(decoder.layers)
             models[name] = model.evolve(layer_origins=tuple(f"{name}:{i}" for i in range(count)))
         except RecipekitError as e:
             # a problem found in a model file names that file; the recipe location comes first

@@ -89,6 +89,9 @@ def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Pr
     decoder = decoder_of(base, step.base)
     layers = decoder.layers
     _check_base(step, layout, base_type, layers)
+    if step.shared_expert is not None and layout.shared_prefix is None:
+        raise PlanError(Problem(f"layout {layout.name} has no shared expert; use layout qwen2_moe, or drop "
+                                "shared_expert", path=("shared_expert",)))
 
     experts = [(spec, models[spec.model]) for spec in step.experts]
     if step.experts_per_token > len(experts):

@@ -202,6 +202,15 @@ def _header_nested_deep(m: Path) -> list[str]:
     return ["corrupt safetensors header", "nested absurdly deep"]
 
 
+def _drop_tensor(name: str, words: list[str]) -> Callable[[Path], list[str]]:
+    """A checkpoint whose header silently lacks one tensor (its bytes still there): recipekit must not copy the
+    rest and call it a model."""
+    def corrupt(m: Path) -> list[str]:
+        rewrite_header(m / "model.safetensors", lambda header: header.pop(name))
+        return ["incomplete", *words]
+    return corrupt
+
+
 MODEL_CASES = {
     # id -> (fixture copied to ./model, how to break it; returns words the message must contain)
     "missing-model-directory": ("llama", _missing_directory),
@@ -225,6 +234,11 @@ MODEL_CASES = {
     "config-json-nested-100k-deep": ("llama", _config_nested_deep),
     "index-nested-100k-deep": ("llama_sharded", _index_nested_deep),
     "header-nested-50k-deep": ("llama", _header_nested_deep),
+    "a-layer-lacks-a-tensor": ("llama", _drop_tensor("model.layers.3.mlp.up_proj.weight",
+                                                     ["layer 3 lacks mlp.up_proj.weight"])),
+    "no-embeddings": ("llama", _drop_tensor("model.embed_tokens.weight", ["model.embed_tokens.weight"])),
+    "no-final-norm": ("llama", _drop_tensor("model.norm.weight", ["model.norm.weight", "final norm"])),
+    "no-lm-head-untied": ("llama", _drop_tensor("lm_head.weight", ["no lm_head.weight", "not tied"])),
 }
 
 

@@ -84,6 +84,17 @@ CASES = {
           - {op: init_gates, model: moe, mode: cheap_embed}
         """,
         [line("mode: ^cheap_embed", "steps[1].mode", "needs prompts for the shared expert (b)")]),
+    "shared-expert-in-a-mixtral": (
+        """
+          - id: moe
+            op: stack_experts
+            base: a
+            layout: mixtral
+            shared_expert: {model: b}
+            experts: [{model: a}, {model: b}]
+          - {op: init_gates, model: moe, mode: random}
+        """,
+        [line("shared_expert: ^{model: b}", "steps[0].shared_expert", "mixtral has no shared expert", "qwen2_moe")]),
     "stack-without-init-gates": (
         """
           - id: moe
