@@ -64,18 +64,28 @@ class LlamaSpec:
             sliding = tuple(window if t == "sliding_attention" else None for t in c["layer_types"])
         else:
             sliding = tuple(None for _ in range(layers))
-        return cls(
-            model_type=model_type, hidden=hidden, heads=heads,
-            kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads),
-            eps=float(c.get("rms_norm_eps", 1e-6)),
-            tied=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-            sliding=sliding,
-            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-            rope={**rope, "rope_type": rope_type},
-            experts_per_token=int(c.get("num_experts_per_tok") or 0) if model_type in LAYOUTS else 0,
-            norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
-        )
+        try:
+            spec = cls(
+                model_type=model_type, hidden=hidden, heads=heads,
+                kv_heads=_number(c, "num_key_value_heads", heads, int),
+                head_dim=_number(c, "head_dim", hidden // max(heads, 1), int),
+                eps=_number(c, "rms_norm_eps", 1e-6, float),
+                tied=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+                sliding=sliding,
+                rope_theta=float(rope.get("rope_theta", _number(c, "rope_theta", 10000.0, float))),
+                rope={**rope, "rope_type": rope_type},
+                experts_per_token=_number(c, "num_experts_per_tok", 0, int) if model_type in LAYOUTS else 0,
+                norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
+            )
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"config.json: {e}") from None
+        if min(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim) <= 0:
+            raise PlanError(f"config.json: hidden_size {spec.hidden}, num_attention_heads {spec.heads}, "
+                            f"num_key_value_heads {spec.kv_heads} and head_dim {spec.head_dim} must all be positive")
+        if spec.heads % spec.kv_heads:
+            raise PlanError(f"config.json: num_attention_heads {spec.heads} is not a multiple of "
+                            f"num_key_value_heads {spec.kv_heads}")
+        return spec
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies, [head_dim / 2], as transformers computes them."""
@@ -87,6 +97,17 @@ class LlamaSpec:
         elif kind == "llama3":
             inv = _llama3_inv_freq(inv, self.rope)
         return inv
+
+
+def _number(config: dict, key: str, default: float, kind: type) -> float:
+    """A number of the config (`default` when absent or null); text or a boolean where a number belongs is a
+    ValueError naming the key."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ValueError(f"{key} should be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
 
 
 def _llama3_inv_freq(inv: torch.Tensor, rope: dict) -> torch.Tensor:

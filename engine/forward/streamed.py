@@ -50,6 +50,44 @@ class Activation:
 Observer = Callable[[Activation], None]
 
 
+def _check_shapes(spec: LlamaSpec, model: LazyModel, decoder, embed_name: str) -> None:
+    """The config and the weights must describe the same model before anything is computed: a config that
+    contradicts its tensors would otherwise fail deep inside a matrix product, or worse, not fail."""
+    q, kv, hidden = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.hidden
+
+    def expect(name: str, shape: tuple[int, ...], why: str) -> None:
+        got = model.tensors[name].shape
+        if got != shape:
+            raise PlanError(f"config.json and the weights disagree: {name} has shape {list(got)}, the config "
+                            f"({why}) says {list(shape)}")
+
+    embed = model.tensors[embed_name].shape
+    if len(embed) != 2 or embed[1] != hidden:
+        raise PlanError(f"config.json and the weights disagree: {embed_name} has shape {list(embed)}, the config "
+                        f"says [vocab, {hidden}] (hidden_size)")
+    layout = LAYOUTS.get(spec.model_type)
+    for i, layer in enumerate(decoder.layers):
+        at = f"{decoder.prefix}.{i}."
+        heads = f"num_attention_heads {spec.heads} x head_dim {spec.head_dim}, hidden_size {hidden}"
+        expect(at + "self_attn.q_proj.weight", (q, hidden), heads)
+        for proj in ("k_proj", "v_proj"):
+            expect(at + f"self_attn.{proj}.weight", (kv, hidden),
+                   f"num_key_value_heads {spec.kv_heads} x head_dim {spec.head_dim}, hidden_size {hidden}")
+        expect(at + "self_attn.o_proj.weight", (hidden, q), heads)
+        for norm in NORMS:
+            expect(at + norm, (hidden,), f"hidden_size {hidden}")
+        if layout is not None and layout.router in layer:
+            experts = model.tensors[at + layout.router].shape[0]
+            missing = [layout.expert_tensor(e, t) for e in range(experts) for t in MLP_TENSORS
+                       if layout.expert_tensor(e, t) not in layer]
+            if missing:
+                raise PlanError(f"layer {i} has a router for {experts} experts but no {at}{missing[0]}")
+            if not 0 < spec.experts_per_token <= experts:
+                raise PlanError(f"config.json: num_experts_per_tok {spec.experts_per_token} must lie in 1..{experts}, "
+                                f"the experts of layer {i}")
+
+
+
 class StreamedForward:
     """The forward pass of a Llama-family LazyModel with one layer's weights in memory (two while prefetching)."""
 
@@ -65,11 +103,14 @@ class StreamedForward:
         missing = [n for n in (self.embed_name, self.norm_name) if n not in model.tensors]
         router = LAYOUTS[self.spec.model_type].router if self.spec.model_type in LAYOUTS else ""
         for i, layer in enumerate(self.decoder.layers):
+            if router and router not in layer and any(".experts." in rest for rest in layer):
+                raise PlanError(f"layer {i} has experts but no router ({self.decoder.prefix}.{i}.{router})")
             mlp = () if router in layer else MLP_TENSORS  # an MoE layer, or a dense one
             missing += [f"{self.decoder.prefix}.{i}.{rest}" for rest in LAYER_TENSORS + mlp if rest not in layer]
         if missing:
             raise PlanError(f"the model lacks tensors the forward needs: {', '.join(missing[:4])}"
                             + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+        _check_shapes(self.spec, model, self.decoder, self.embed_name)
         self.weight_bytes_held = 0
         self.peak_weight_bytes = 0  # most weight bytes held at once during `run`, for memory checks
         self._held_lock = threading.Lock()  # the reader thread and the main thread both count

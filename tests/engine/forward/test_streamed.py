@@ -8,7 +8,7 @@ from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.streamed import StreamedForward
 from recipekit.engine.io.source import open_model
-from tests.tiny import load_causal_lm, make_model
+from tests.tiny import add_char_tokenizer, load_causal_lm, make_model
 
 BATCH = [[5, 17, 42, 3, 88, 9, 61, 23, 7, 11], [1, 2, 3, 4, 5, 6], [90, 4]]
 
@@ -115,3 +115,64 @@ def test_capture_maxabs_and_last_token_equal_direct_computation(tmp_path):
     for key, states in last.values.items():
         assert torch.equal(states, torch.stack([kept[key][b, n - 1] for b, n in enumerate(lengths)]))
     assert set(last.values) == {("residual", 0), ("residual", 1), ("residual", 2), ("final", 2)}
+
+
+def _edit_config(path, **changes):
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"num_key_value_heads": 3}, ("num_attention_heads 4 is not a multiple of num_key_value_heads 3",)),
+    ({"num_key_value_heads": 0}, ("must all be positive",)),
+    ({"num_attention_heads": "four"}, ("config.json lacks hidden_size, num_attention_heads",)),
+    ({"head_dim": "8"}, ("head_dim should be an integer", "'8'")),
+    ({"rms_norm_eps": True}, ("rms_norm_eps should be a number", "True")),
+    ({"head_dim": 16}, ("self_attn.q_proj.weight has shape [32, 32]", "[64, 32]")),
+    ({"hidden_size": 48, "head_dim": 8}, ("has shape", "hidden_size")),
+])
+def test_a_config_that_contradicts_the_weights_is_refused_before_computing(tmp_path, capsys, changes, words):
+    from recipekit.engine.cli import main
+
+    model = add_char_tokenizer(make_model(tmp_path / "m", layers=2))
+    _edit_config(model, **changes)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    capsys.readouterr()  # what building the model printed
+    assert main(["eval", str(model), "--text", str(text), "--seq-len", "4"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_an_moe_without_a_router_or_an_expert_is_named_as_such(tmp_path, capsys):
+    import shutil
+
+    from recipekit.engine.cli import main
+    from tests.bad_inputs.test_model_files import rewrite_header
+
+    model = add_char_tokenizer(make_model(tmp_path / "moe", family="mixtral", layers=2, num_local_experts=2,
+                                          num_experts_per_tok=1))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    file = next(model.glob("*.safetensors"))
+    names: dict = {}
+    rewrite_header(file, lambda h: names.update(h))
+    router = next(n for n in names if n.startswith("model.layers.1.") and n.endswith("gate.weight")
+                  and "experts" not in n)
+    expert = next(n for n in names if n.startswith("model.layers.0.") and "experts.1." in n)
+    for kind, victim, words in (("router", router, "layer 1 has experts but no router"),
+                                ("expert", expert, "layer 0 has a router for 2 experts but no")):
+        broken = tmp_path / kind
+        shutil.copytree(model, broken)
+        rewrite_header(next(broken.glob("*.safetensors")), lambda h, victim=victim: h.pop(victim))
+        capsys.readouterr()
+        assert main(["eval", str(broken), "--text", str(text), "--seq-len", "4"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    _edit_config(model, num_experts_per_tok=3)
+    capsys.readouterr()
+    assert main(["eval", str(model), "--text", str(text), "--seq-len", "4"]) == 2
+    assert "num_experts_per_tok 3 must lie in 1..2" in capsys.readouterr().err
