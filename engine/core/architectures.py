@@ -60,6 +60,42 @@ _DERIVED: dict[str, Callable[[dict, int], dict]] = {
 }
 
 
+# keys the rules above read, and what each must be
+_RULE_KEYS = {"sliding_window_pattern": "a positive integer", "max_window_layers": "an integer >= 0",
+              "no_rope_layer_interval": "a positive integer", "sliding_window": "an integer or null",
+              "use_sliding_window": "true or false"}
+
+
+def config_problems(config: dict) -> list[str]:
+    """What in a layer config the per-layer rules cannot use: a per-layer list that is not one entry per layer,
+    an index list that is not layer indices, a rule's key of the wrong kind. Checked when a model is opened, so
+    that no rule divides by zero or compares text with numbers later."""
+    n = config.get("num_hidden_layers")
+    problems = []
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return [f"num_hidden_layers should be a positive integer, got {n!r}"]
+    for key in PER_LAYER_LISTS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != n):
+            got = f"{len(value)} entries" if isinstance(value, list) else repr(value)
+            problems.append(f"{key} should be a list with one entry per layer ({n}), got {got}")
+    for key in INDEX_LISTS:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in value)):
+            problems.append(f"{key} should be a list of layer indices 0..{n - 1}, got {value!r}")
+    for key, kind in _RULE_KEYS.items():
+        if key not in config:
+            continue
+        value = config[key]
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        fits = {"a positive integer": integer and value > 0, "an integer >= 0": integer and value >= 0,
+                "an integer or null": value is None or integer, "true or false": isinstance(value, bool)}[kind]
+        if not fits:
+            problems.append(f"{key} should be {kind}, got {value!r}")
+    return problems
+
+
 def layer_config(config: dict) -> dict:
     """The (sub)config that holds `num_hidden_layers`: the model's, or its `text_config`."""
     if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):

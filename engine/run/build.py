@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from recipekit.engine.core.graph import UNSET_ROUTER, LazyModel, applies, lost_weights, unset_routers
+from recipekit.engine.core.architectures import config_problems, layer_config
 from recipekit.engine.core.layers import decoder_of, incomplete
 from recipekit.engine.errors import PlanError, Problem, RecipekitError, SourceError
 from recipekit.engine.io.source import ModelSource, open_model
@@ -25,6 +26,9 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
             if ref not in opened:
                 opened[ref] = open_model(ref, base_dir=base_dir, where=where, hub_only=hub_only)
             model = LazyModel.from_source(name, opened[ref])
+            wrong = config_problems(layer_config(model.config))
+            if wrong:
+                raise SourceError([Problem(f"config.json of model {ref!r}: {w}") for w in wrong])
             decoder = decoder_of(model, name)
             gaps = incomplete(model, decoder)
             if gaps:

@@ -211,6 +211,16 @@ def _drop_tensor(name: str, words: list[str]) -> Callable[[Path], list[str]]:
     return corrupt
 
 
+def _config_change(words: list[str], **changes) -> Callable[[Path], list[str]]:
+    """A config.json whose per-layer rules cannot be evaluated (text where a number belongs, a zero period)."""
+    def corrupt(m: Path) -> list[str]:
+        config = json.loads((m / "config.json").read_text())
+        config.update(changes)
+        (m / "config.json").write_text(json.dumps(config))
+        return ["config.json of model", *words]
+    return corrupt
+
+
 MODEL_CASES = {
     # id -> (fixture copied to ./model, how to break it; returns words the message must contain)
     "missing-model-directory": ("llama", _missing_directory),
@@ -239,6 +249,14 @@ MODEL_CASES = {
     "no-embeddings": ("llama", _drop_tensor("model.embed_tokens.weight", ["model.embed_tokens.weight"])),
     "no-final-norm": ("llama", _drop_tensor("model.norm.weight", ["model.norm.weight", "final norm"])),
     "no-lm-head-untied": ("llama", _drop_tensor("lm_head.weight", ["no lm_head.weight", "not tied"])),
+    "text-max-window-layers": ("llama", _config_change(["max_window_layers should be an integer >= 0", "'two'"],
+                                                       model_type="qwen2", max_window_layers="two")),
+    "zero-sliding-window-pattern": ("llama", _config_change(["sliding_window_pattern should be a positive integer"],
+                                                            model_type="gemma2", sliding_window_pattern=0)),
+    "layer-types-not-a-list": ("llama", _config_change(["layer_types should be a list with one entry per layer (6)",
+                                                        "got 5"], layer_types=5)),
+    "layer-types-too-short": ("llama", _config_change(["one entry per layer (6), got 1 entries"],
+                                                      layer_types=["full_attention"])),
 }
 
 
