@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from recipekit.engine.core.architectures import layer_config
+from recipekit.engine.core.architectures import config_problems, layer_config
 from recipekit.engine.core.graph import LazyModel, loads_of
 from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.foreign.formats import detect, translate
@@ -30,7 +30,7 @@ from recipekit.engine.run.lock import lock_bytes, lock_problems, make_lock, read
 from recipekit.engine.run.plan import Plan, make_plan
 from recipekit.engine.run.write import RunResult, check_output, write_model
 
-from .errors import PlanError, Problem, RecipeError, RecipekitError
+from .errors import PlanError, Problem, RecipeError, RecipekitError, SourceError
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,11 @@ def model_or_recipe(path: str | Path) -> LazyModel:
         recipe = load_recipe(path)
         plan = recipe.plan()
         return plan.model.evolve(config=plan.config, tensors={t.name: t.node for t in plan.tensors})
-    return LazyModel.from_source(str(path), open_model(str(path), base_dir=Path.cwd()))
+    model = LazyModel.from_source(str(path), open_model(str(path), base_dir=Path.cwd()))
+    wrong = config_problems(layer_config(model.config))
+    if wrong:
+        raise SourceError([Problem(f"config.json: {w}", str(path)) for w in wrong])
+    return model
 
 
 def _check_lock(path: Path, current: dict) -> None:

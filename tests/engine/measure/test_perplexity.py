@@ -122,3 +122,21 @@ def test_a_text_too_large_is_refused_without_reading_it(tmp_path, capsys):
     assert main(["eval", str(DEMO), "--text", "/dev/zero"]) == 2
     assert capsys.readouterr().err.strip() == ("/dev/zero: the text file is larger than 64 MiB: give an excerpt "
                                                "(measurements use the first texts or tokens only)")
+
+
+def test_eval_of_a_model_whose_config_the_rules_cannot_use_is_one_line(tmp_path, capsys):
+    import json
+    import shutil
+
+    from recipekit.engine.cli import main
+
+    model = tmp_path / "m"
+    shutil.copytree(DEMO, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="gemma2", sliding_window_pattern=0)
+    (model / "config.json").write_text(json.dumps(config))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 10)
+    assert main(["eval", str(model), "--text", str(text), "--seq-len", "4"]) == 2
+    assert capsys.readouterr().err.strip() == (f"{model}: config.json: sliding_window_pattern should be a positive "
+                                               "integer, got 0")
