@@ -29,7 +29,7 @@ from recipekit.engine.run.card import layer_runs
 from recipekit.engine.run.plan import Plan
 
 from .api import check_device, convert, inspect_model, load_recipe, load_shared_recipe, model_or_recipe
-from .errors import RecipekitError
+from .errors import RecipekitError, RunFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recipe: interrupted; no output was written", file=sys.stderr)
         return 130
+    except RunFailed as e:
+        print(f"recipe: failed: {e}", file=sys.stderr)
+        return 1
     except _Stopped as e:
         print(f"recipe: stopped by {e.name}; no output was written", file=sys.stderr)
         return 128 + e.signum

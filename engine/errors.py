@@ -66,3 +66,8 @@ class PlanError(RecipekitError):
 
 class WriteError(RecipekitError):
     """The output location cannot be written as asked."""
+
+
+class RunFailed(Exception):
+    """The run failed while writing, through no mistake in the input (the disk filled up): the CLI says so in one
+    line and exits 1; nothing was left behind."""

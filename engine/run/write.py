@@ -20,7 +20,7 @@ from pathlib import Path
 
 from recipekit.engine.core.graph import Apply
 from recipekit.engine.core.sizes import human
-from recipekit.engine.errors import Problem, SourceError, WriteError
+from recipekit.engine.errors import Problem, RunFailed, SourceError, WriteError
 from recipekit.engine.io.inputs import InputFiles
 from recipekit.engine.io.safetensors_header import TensorInfo
 from recipekit.engine.io.source import SIDE_FILES
@@ -91,9 +91,10 @@ def check_output(out: str | Path, input_roots: list[Path], *, overwrite: bool, n
     if problems:
         raise WriteError(problems)
     free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise WriteError(f"not enough free disk for {out}: the output needs {human(needed)}, "
-                         f"{human(free)} is free")
+    margin = needed // 50 + 64 * 2**20  # the side files, the filesystem's own blocks, and error
+    if free < needed + margin:
+        raise WriteError(f"not enough free disk for {out}: the output needs {human(needed)} and recipekit keeps "
+                         f"{human(margin)} of room, {human(free)} is free")
 
 
 def _name_max(folder: Path) -> int:
@@ -185,7 +186,10 @@ def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: 
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(f"no space left while writing {out}") from None
+            free = shutil.disk_usage(out.parent).free
+            raise RunFailed(f"the disk filled up while writing {out}: the output needs {human(plan.output_bytes)}, "
+                            f"{human(free)} is free now (after removing the partial output); free some space and "
+                            "run again") from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,8 +295,8 @@ def _allocate(fd: int, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise WriteError("no space left on the output disk") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # reported with the sizes by write_model
         os.ftruncate(fd, size)  # filesystems without fallocate
 
 

@@ -365,3 +365,42 @@ def test_a_malformed_lock_is_refused_where_it_is(tmp_path: Path, llama: Path, ca
     result = cli(capsys, "run", recipe, "-o", out, "--locked")
     assert_refused(result, [(f"{lock_file}: ", words)])
     assert_no_output(out)
+
+
+def test_a_disk_that_fills_up_mid_write_says_how_much_and_leaves_nothing(tmp_path: Path, llama: Path, capsys,
+                                                                         monkeypatch) -> None:
+    import recipekit.engine.run.write as write
+
+    _, recipe = _model_copy(tmp_path, llama)
+    out = tmp_path / "OUT"
+    real_copy = write._copy_range
+    calls = []
+
+    def copy_range(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # a few tensors in: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(write, "_copy_range", copy_range)
+    before = snapshot(tmp_path)
+    result = cli(capsys, "run", recipe, "-o", out, "-q")
+    assert result.rc == 1, result.err
+    line = result.err.strip()
+    assert line.startswith(f"recipe: failed: the disk filled up while writing {out.resolve()}: the output needs ")
+    assert "is free now" in line and len(result.err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before  # no partial output, no lock, no OUT
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path: Path, llama: Path, capsys, monkeypatch) -> None:
+    import collections
+
+    import recipekit.engine.run.write as write
+
+    _, recipe = _model_copy(tmp_path, llama)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(write.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    before = snapshot(tmp_path)
+    result = cli(capsys, "run", recipe, "-o", tmp_path / "OUT")
+    assert_refused(result, [("", ("not enough free disk", "1.0 KB is free"))])
+    assert snapshot(tmp_path) == before
