@@ -218,3 +218,20 @@ def test_console_script_is_installed(tmp_path):
                             text=True, env={**os.environ})
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+def test_ctrl_c_while_starting_up_is_one_line_not_a_traceback(tmp_path):
+    """SIGINT arrives while the console script is still importing recipekit."""
+    script = ("import builtins, sys\n"
+              "real = builtins.__import__\n"
+              "def slow(name, *args, **kwargs):\n"
+              "    if name == 'recipekit.engine.cli':\n"
+              "        raise KeyboardInterrupt\n"
+              "    return real(name, *args, **kwargs)\n"
+              "builtins.__import__ = slow\n"
+              "sys.argv = ['recipe', 'validate', 'x.yaml']\n"
+              "from recipekit.engine.entry import main\n"
+              "main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "recipe: interrupted; no output was written\n"
