@@ -277,10 +277,13 @@ class MergekitYaml(ConfigTranslator):
         return None if ref is None else self._model(ref, path, None)
 
     def _at(self, path: Path_) -> Any:
+        """The config's value at `path`, or None where there is none."""
         node: Any = self.data
         for part in path:
-            node = node[part] if isinstance(node, (dict, list)) and (
-                (isinstance(node, dict) and part in node) or (isinstance(node, list) and part < len(node))) else None
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                return None
         return node
 
     def _tokenizer(self, base: str | None) -> str | None:

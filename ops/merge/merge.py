@@ -309,7 +309,7 @@ def _check_della(entries: list[Input], merged: list[int], params: list[tuple[str
 
 def _describe(step: Merge) -> str:
     """The parameters as the recipe gave them, for the model card."""
-    given = {key: value for key, value in step.parameters.model_dump(by_alias=True, exclude_none=True).items()}
+    given = step.parameters.model_dump(by_alias=True, exclude_none=True)
     per_model = [f"{m.model}: " + ", ".join(f"{f} {_text(getattr(m, f))}" for f in PER_MODEL
                                             if getattr(m, f) is not None)
                  for m in step.models if any(getattr(m, f) is not None for f in PER_MODEL)]
