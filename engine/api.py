@@ -26,7 +26,7 @@ from recipekit.engine.recipe.shared import MAX_SHARED_RECIPE_BYTES, fetch_shared
 from recipekit.engine.recipe.yamlsource import Locator, load_yaml, read_recipe_text
 from recipekit.engine.run.build import build
 from recipekit.engine.run.card import render_card
-from recipekit.engine.run.lock import lock_bytes, lock_problems, make_lock, read_lock
+from recipekit.engine.run.lock import Hashing, lock_bytes, lock_problems, read_lock
 from recipekit.engine.run.plan import Plan, make_plan
 from recipekit.engine.run.write import RunResult, check_output, write_model
 
@@ -58,10 +58,12 @@ class LoadedRecipe:
         return make_plan(self.build(device=device), self.recipe.output)
 
     def run(self, out: str | Path, *, overwrite: bool = False, progress: bool = False,
-            device: str = "cpu", lock: Path | None = None) -> RunResult:
+            device: str = "cpu", lock: Path | None = None, hash_inputs: bool = True) -> RunResult:
         """Build the model into directory `out`, which appears only when complete.
 
-        With `lock` (a `recipe.lock`), refuse to run unless every input still matches it.
+        With `lock` (a `recipe.lock`), refuse to run unless every input still matches it. The output's own
+        `recipe.lock` is hashed while the shards are written; `hash_inputs=False` writes none (an unlocked build,
+        as the card then says).
         """
         if device != "cpu":
             check_device(device)  # before any step measures the model there
@@ -72,12 +74,18 @@ class LoadedRecipe:
             check_device(device)
         needed = {load.tensor.file for t in plan.tensors for load in loads_of(t.node)}
         downloaded, skipped = hub.fetch_needed([s for _, s in plan.model.sources], needed)
-        current = make_lock(plan)
-        if lock is not None:
-            _check_lock(lock, current)
-        files = {"README.md": render_card(plan, self.text, self.recipe.description).encode(),
-                 "recipe.yaml": self.text.encode(), "recipe.lock": lock_bytes(current)}
-        result = write_model(plan, Path(out), files, overwrite=overwrite, progress=progress, device=device)
+        hashing = Hashing(plan, self.base_dir) if hash_inputs or lock is not None else None
+        try:
+            if lock is not None:
+                _check_lock(lock, hashing.lock())
+            files = {"README.md": render_card(plan, self.text, self.recipe.description, locked=hash_inputs).encode(),
+                     "recipe.yaml": self.text.encode()}
+            late = (lambda: {"recipe.lock": lock_bytes(hashing.lock())}) if hash_inputs else None
+            result = write_model(plan, Path(out), files, late_files=late, overwrite=overwrite, progress=progress,
+                                 device=device)
+        finally:
+            if hashing is not None:
+                hashing.close()
         return replace(result, downloaded=downloaded, skipped=skipped)
 
 

@@ -89,8 +89,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="let a recipe fetched from the Hub read local model paths")
     run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     run.add_argument("--device", default="cpu", help="where tensors are computed: cpu (default) or cuda")
-    run.add_argument("--locked", action="store_true",
-                     help="refuse to run unless the inputs match the recipe's lock file (RECIPE with .lock)")
+    locking = run.add_mutually_exclusive_group()
+    locking.add_argument("--locked", action="store_true",
+                         help="refuse to run unless the inputs match the recipe's lock file (RECIPE with .lock)")
+    locking.add_argument("--no-lock", action="store_true",
+                         help="hash no input and write no recipe.lock (the card says the build is unlocked)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
 
@@ -196,11 +199,13 @@ def _run(args: argparse.Namespace) -> int:
     lock = args.recipe.with_suffix(".lock") if args.locked else None
     if not args.recipe.exists() and parse_hub_ref(str(args.recipe)) is not None:
         loaded, shared_lock = load_shared_recipe(str(args.recipe), allow_local_paths=args.allow_local_paths)
-        lock = shared_lock or lock  # a shared lock means: rebuild exactly those inputs
+        if not args.no_lock:
+            lock = shared_lock  # a shared lock means: rebuild exactly those inputs
     else:
         loaded = load_recipe(args.recipe)
     progress = not args.quiet and sys.stderr.isatty()
-    result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock)
+    result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock,
+                        hash_inputs=not args.no_lock)
     plan = result.plan
     _print_messages(plan.model)
     for warning in result.warnings:

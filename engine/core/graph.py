@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from recipekit.engine.io.safetensors_header import TensorInfo
     from recipekit.engine.io.source import ModelSource
 
@@ -78,7 +80,9 @@ class LazyModel:
     the model; `sources` are all inputs it derives from, by recipe name;
     `layer_origins[j]` says where output layer j comes from (`"a:20"`); `notes`
     and `tags` are the model card's lines about the steps and its Hub tags.
-    `messages` are printed when the recipe is planned or run.
+    `messages` are printed when the recipe is planned or run; `read_files` are
+    the files measurements read to build it (texts, tokenizers, weights), which
+    the lock hashes with the inputs it copies.
     """
 
     config: dict = field(repr=False)
@@ -91,6 +95,7 @@ class LazyModel:
     messages: tuple[str, ...] = ()  # what the user should read now (an inferred choice, a warning)
     moe: MoeInfo | None = None  # set by stack_experts for init_gates; layer surgery drops it
     protected: tuple[ProtectedWeight, ...] = ()  # super weights every later step must keep
+    read_files: tuple[Path, ...] = ()
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:

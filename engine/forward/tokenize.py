@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.io.source import ModelSource
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what `TextTokenizer.of` reads
+
 # tokenizer classes that add BOS unless their config says otherwise
 _BOS_BY_DEFAULT = {"LlamaTokenizer", "LlamaTokenizerFast", "GemmaTokenizer", "GemmaTokenizerFast"}
 

@@ -69,7 +69,7 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
     tokenizer = recipe.output.tokenizer
     if tokenizer is not None:
         model = model.evolve(side_files=results[tokenizer].side_files)
-    return model
+    return model.evolve(read_files=tuple(probe.read))
 
 
 def _check_kernels(model: LazyModel, k: int, locator: Locator) -> None:

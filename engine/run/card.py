@@ -14,7 +14,8 @@ from recipekit.engine.run.plan import Plan
 PROJECT_URL = "https://github.com/recipekit/recipekit"
 
 
-def render_card(plan: Plan, recipe_text: str, description: str | None) -> str:
+def render_card(plan: Plan, recipe_text: str, description: str | None, *, locked: bool = True) -> str:
+    """The card; `locked=False` says the build has no `recipe.lock` (`--no-lock`)."""
     model = plan.model
     hub_ids = [source.hub_id for _, source in model.sources if source.hub_id]
     front = []
@@ -34,6 +35,9 @@ def render_card(plan: Plan, recipe_text: str, description: str | None) -> str:
         kind = f" at commit `{source.commit}`" if source.commit else " (local directory)"
         layers = layer_config(source.config).get("num_hidden_layers", "?")
         lines.append(f"| `{name}` | `{source.ref}`{kind} | {layers} |")
+    if not locked:
+        lines += ["", ("This build is unlocked (`--no-lock`): no `recipe.lock` records the sha256 of its input "
+                       "files, so a rebuild cannot check that it reads the same bytes.")]
     lines += ["", "## Steps", "", *(f"- {note}" for note in model.notes), "", "## Layers", "",
               "| output layers | from |", "| --- | --- |"]
     lines += [f"| {out} | {src} |" for out, src in layer_runs(model.layer_origins)]

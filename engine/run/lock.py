@@ -1,9 +1,10 @@
 """`recipe.lock`: exactly which input bytes built a model, and the check that they still match.
 
-For every input: the reference as written, the resolved Hub commit (none for
-a local directory), and for each file the build read (config and the shards holding used
-tensors) its size and sha256. For Hub files the sha256 is the name of the
-LFS blob in the cache; other files are hashed.
+For every input: the reference as written, the resolved Hub commit (none for a local directory), and for each
+file the build read or copied (config, index, the shards holding used tensors, the side files copied into the
+output, what measurements read) its size and sha256. Files outside every input that a measurement read (a text)
+are under `files`, keyed by their path relative to the recipe's folder. For Hub files the sha256 is the name of
+the LFS blob in the cache; other files are hashed, in threads (`Hashing`), while the writer copies.
 """
 from __future__ import annotations
 
@@ -11,35 +12,121 @@ import hashlib
 import json
 import os
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from recipekit.engine.core.graph import loads_of
 from recipekit.engine.errors import Problem, SourceError
+from recipekit.engine.io.source import INDEX_FILE, SIDE_FILES
 from recipekit.engine.run.plan import Plan
 
-LOCK_VERSION = 1
+LOCK_VERSION = 2  # 1 locked config.json and the shards only
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_READ = 8 * 2**20  # per hashing read: large enough that hashlib releases the GIL for nearly all the work
 
 
-def make_lock(plan: Plan) -> dict:
-    """The lock of everything `plan` reads."""
-    used: dict[Path, set[Path]] = {}
-    for t in plan.tensors:
-        for load in loads_of(t.node):
-            used.setdefault(load.tensor.file.parent, set()).add(load.tensor.file)
-    inputs = {}
-    for name, source in plan.model.sources:
-        files = sorted(used.get(source.root, set()) | {source.root / "config.json"})
-        entry = {"ref": source.ref, "commit": source.commit}  # a local directory has no commit
-        if source.hub_id:
-            entry.update(repo=source.hub_id, revision=source.revision)
-        entry["files"] = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
-        inputs[name] = entry
-    return {"recipekit_lock": LOCK_VERSION, "inputs": inputs}
+def lock_files(plan: Plan, base_dir: Path) -> dict[str | None, dict[str, Path]]:
+    """The files the lock covers: per input name, its files by path relative to its folder; under None, the
+    files a measurement read outside every input, by path relative to `base_dir` (absolute outside it)."""
+    model = plan.model
+    read = {load.tensor.file for t in plan.tensors for load in loads_of(t.node)} | set(model.read_files)
+    covered: set[Path] = set()
+    groups: dict[str | None, dict[str, Path]] = {}
+    for name, source in model.sources:
+        root = source.root
+        files = {root / "config.json", *(p for p in [root / INDEX_FILE] if p.is_file())}
+        files |= {p for p in read if p.parent == root}
+        if source.root == model.side_files.root:  # its tokenizer and generation config are copied into OUT
+            files |= {p for p in map(source.side_file, SIDE_FILES) if p is not None}
+        groups[name] = {p.relative_to(root).as_posix(): p for p in sorted(files)}
+        covered |= files
+    others = {_relative(p, base_dir): p for p in sorted(set(model.read_files) - covered)}
+    if others:
+        groups[None] = others
+    return groups
+
+
+def _relative(path: Path, base_dir: Path) -> str:
+    try:
+        return path.relative_to(base_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+class Hashing:
+    """The lock of `plan`, its files hashed in up to `threads` worker threads from the moment it is created, so
+    that the hashing overlaps whatever the caller does next; `lock()` waits for the hashes and assembles it."""
+
+    def __init__(self, plan: Plan, base_dir: Path, threads: int | None = None):
+        self.plan = plan
+        self.groups = lock_files(plan, base_dir)
+        self._stop = threading.Event()
+        self._known = _hash_cache()
+        self._digests: dict[Path, str | Future] = {}
+        pending = []
+        for path in dict.fromkeys(p for files in self.groups.values() for p in files.values()):
+            digest = _blob_sha256(path) or self._known.get(_stat_key(path))
+            if digest is None:
+                pending.append(path)
+            else:
+                self._digests[path] = digest
+        self._pool = None
+        if pending:
+            self._pool = ThreadPoolExecutor(max_workers=threads or min(len(pending), os.cpu_count() or 1),
+                                            thread_name_prefix="recipekit-hash")
+            # the largest first, so that a small file never waits behind the tail of the work
+            for path in sorted(pending, key=lambda p: -p.stat().st_size):
+                self._digests[path] = self._pool.submit(self._hash, path)
+
+    def _hash(self, path: Path) -> str:
+        try:
+            key = _stat_key(path)
+            digest = sha256_of(path, self._stop)
+        except OSError as e:
+            raise SourceError(Problem(f"cannot read this input to hash it for recipe.lock: {e.strerror or e} "
+                                      "(make it readable, or run with --no-lock)", str(path))) from None
+        self._known[key] = digest
+        return digest
+
+    def lock(self) -> dict:
+        """The lock, once every file is hashed (`SourceError` for a file that could not be read)."""
+        digests = {p: d.result() if isinstance(d, Future) else d for p, d in self._digests.items()}
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+            _save_hash_cache(self._known)
+        inputs: dict[str, dict] = {}
+        for name, source in self.plan.model.sources:
+            entry = {"ref": source.ref, "commit": source.commit}  # a local directory has no commit
+            if source.hub_id:
+                entry.update(repo=source.hub_id, revision=source.revision)
+            entry["files"] = _entries(self.groups[name], digests)
+            inputs[name] = entry
+        lock = {"recipekit_lock": LOCK_VERSION, "inputs": inputs}
+        if None in self.groups:
+            lock["files"] = _entries(self.groups[None], digests)
+        return lock
+
+    def close(self) -> None:
+        """Stop hashing (the run failed): running hashes end at their next read, queued ones never start."""
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+def _entries(files: dict[str, Path], digests: dict[Path, str]) -> dict[str, dict]:
+    return {key: {"size": path.stat().st_size, "sha256": digests[path]} for key, path in files.items()}
 
 
 def lock_problems(lock: dict, current: dict, where: str) -> list[Problem]:
-    """How the inputs of `current` (a fresh `make_lock`) differ from `lock`, one problem per difference."""
+    """How the inputs of `current` (a fresh lock) differ from `lock`, one problem per difference.
+
+    A version-1 lock covered config.json and the shards only: those are compared, and files it never covered are
+    not reported as new.
+    """
+    complete = lock.get("recipekit_lock") == LOCK_VERSION
     problems = []
     for name, locked in lock.get("inputs", {}).items():
         now = current["inputs"].get(name)
@@ -50,16 +137,26 @@ def lock_problems(lock: dict, current: dict, where: str) -> list[Problem]:
             problems.append(Problem(f"input {name!r} ({locked.get('ref')}) now resolves to commit "
                                     f"{now.get('commit')}, the lock has {locked.get('commit')}", where))
             continue
-        for file, entry in locked.get("files", {}).items():
-            got = now["files"].get(file)
-            if got is None:
-                problems.append(Problem(f"input {name!r}: {file} is no longer used or present", where))
-            elif got != entry:
-                problems.append(Problem(f"input {name!r}: {file} changed (sha256 {got['sha256'][:12]}..., "
-                                        f"locked {entry['sha256'][:12]}...)", where))
+        problems += _file_problems(f"input {name!r}: ", locked.get("files", {}), now["files"], complete, where)
     for name in current["inputs"]:
         if name not in lock.get("inputs", {}):
             problems.append(Problem(f"input {name!r} is not in the lock", where))
+    problems += _file_problems("", lock.get("files", {}), current.get("files", {}), complete, where)
+    return problems
+
+
+def _file_problems(label: str, locked: dict, now: dict, complete: bool, where: str) -> list[Problem]:
+    problems = []
+    for file, entry in locked.items():
+        got = now.get(file)
+        if got is None:
+            problems.append(Problem(f"{label}{file} is no longer used or present", where))
+        elif got != entry:
+            problems.append(Problem(f"{label}{file} changed (sha256 {got['sha256'][:12]}..., "
+                                    f"locked {entry['sha256'][:12]}...)", where))
+    if complete:
+        problems += [Problem(f"{label}{file} is read now but not in the lock (a file added since it was written)",
+                             where) for file in now if file not in locked]
     return problems
 
 
@@ -73,14 +170,18 @@ def read_lock(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SourceError(Problem(f"not a readable recipe lock: {e}", str(path))) from None
     inputs = lock.get("inputs") if isinstance(lock, dict) else None
-    if not isinstance(inputs, dict) or not all(_input_entry(v) for v in inputs.values()):
+    if not isinstance(inputs, dict) or not all(_input_entry(v) for v in inputs.values()) \
+            or not _file_entries(lock.get("files", {})):
         raise SourceError(Problem("not a recipe lock: expected a JSON object whose `inputs` maps each input to "
                                   "its commit and files (write one with `recipe run`)", str(path)))
     return lock
 
 
 def _input_entry(entry: object) -> bool:
-    files = entry.get("files", {}) if isinstance(entry, dict) else None
+    return isinstance(entry, dict) and _file_entries(entry.get("files", {}))
+
+
+def _file_entries(files: object) -> bool:
     return isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("sha256"), str)
                                            for f in files.values())
 
@@ -89,26 +190,30 @@ def lock_bytes(lock: dict) -> bytes:
     return (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode()
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file: the cache blob's name when it is one (huggingface_hub stores LFS files by sha256).
+def sha256_of(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of a file's bytes, read in large blocks into one buffer (hashlib releases the GIL while it hashes
+    each). With `stop` set, gives up at the next block (OSError)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_READ)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            if stop is not None and stop.is_set():
+                raise OSError(f"hashing of {path} stopped")
+            digest.update(view[:n])
+    return digest.hexdigest()
 
-    Other files are hashed once and remembered by device, inode, size and mtime
-    (as git's index does), so a rerun does not read every input twice.
-    """
+
+def _blob_sha256(path: Path) -> str | None:
     target = path.resolve()
     if path.is_symlink() and target.parent.name == "blobs" and _SHA256.match(target.name):
         return target.name
-    st = target.stat()
-    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    known = _hash_cache()
-    if key not in known:
-        digest = hashlib.sha256()
-        with open(target, "rb") as f:
-            while chunk := f.read(2**24):
-                digest.update(chunk)
-        known[key] = digest.hexdigest()
-        _save_hash_cache(known)
-    return known[key]
+    return None
+
+
+def _stat_key(path: Path) -> str:
+    st = path.resolve().stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def hash_cache_file() -> Path:
@@ -127,12 +232,14 @@ def _hash_cache() -> dict[str, str]:
 
 
 def _save_hash_cache(known: dict[str, str]) -> None:
-    """Best effort: a cache that cannot be written only costs a rehash next time."""
+    """Best effort: a cache that cannot be written only costs a rehash next time. Entries another run saved since
+    this one read the cache are kept."""
     path = hash_cache_file()
     try:
+        merged = {**_hash_cache(), **known}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(dict(list(known.items())[-10_000:])), encoding="utf-8")
+        tmp.write_text(json.dumps(dict(list(merged.items())[-10_000:])), encoding="utf-8")
         os.replace(tmp, path)
     except OSError:
         pass

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from recipekit.engine.run.plan import INDEX_FILE, Plan, TensorPlan, copy_threads
 _PARTIAL = ".recipekit-partial-"
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 _CHUNK = 16 * 2**20
+LateFiles = Callable[[], dict[str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -115,17 +117,18 @@ def _guarded_folders(recipe_dir: Path | None) -> list[tuple[Path, str]]:
     return folders
 
 
-def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bool = False,
-                progress: bool = True, device: str = "cpu") -> RunResult:
+def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, late_files: LateFiles | None = None,
+                overwrite: bool = False, progress: bool = True, device: str = "cpu") -> RunResult:
     """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically, holding OUT's
-    lock so that no other run writes it at the same time."""
+    lock so that no other run writes it at the same time. `late_files()` gives more files once the shards are
+    written (the lock, hashed meanwhile), before OUT appears."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
         if out.exists() and not overwrite:  # another run finished it since the check
             raise WriteError(Problem(f"{out} already exists; pass --overwrite to replace it"))
-        return _write_locked(plan, out, files, overwrite=overwrite, progress=progress, device=device)
+        return _write_locked(plan, out, files, late_files, overwrite=overwrite, progress=progress, device=device)
     finally:
         _unlock(out, lock)
 
@@ -166,8 +169,8 @@ def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.recipekit-lock"
 
 
-def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: bool, progress: bool,
-                  device: str) -> RunResult:
+def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], late_files: LateFiles | None, *, overwrite: bool,
+                  progress: bool, device: str) -> RunResult:
     start = time.perf_counter()
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}"
@@ -180,6 +183,8 @@ def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], *, overwrite: 
             source = plan.model.side_files.side_file(name)
             if source is not None:
                 shutil.copyfile(source, tmp / name)
+        if late_files is not None:
+            files = {**files, **late_files()}
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         leftover = _replace(tmp, out)

@@ -178,28 +178,6 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_line(hub, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_local_hashes_are_remembered_and_invalidated(tmp_path, monkeypatch):
-    from recipekit.engine.run import lock
-
-    file = tmp_path / "w.safetensors"
-    file.write_bytes(b"abc" * 1000)
-    reads = []
-    real = hashlib.sha256
-
-    def counting_sha256(*args):
-        reads.append(file)
-        return real(*args)
-
-    monkeypatch.setattr(lock.hashlib, "sha256", counting_sha256)
-    first = lock.file_sha256(file)
-    assert first == real(b"abc" * 1000).hexdigest()
-    assert lock.file_sha256(file) == first and len(reads) == 1  # remembered
-    file.write_bytes(b"abd" * 1000)
-    os.utime(file, ns=(1, 1))
-    assert lock.file_sha256(file) == real(b"abd" * 1000).hexdigest() and len(reads) == 2
-    assert lock.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
-
-
 def _share(hub, tmp_path, repo_id: str, models: str) -> Path:
     """Build a model from a recipe and publish its output folder in the cache as `repo_id`."""
     recipe = _recipe(tmp_path, models)
