@@ -10,6 +10,10 @@ A benchmark, not a test: CI never runs it. It
 3. times, alternating, `cp -r MODEL DEST` and `recipe run RECIPE -o DEST -q
    --overwrite` (and `mergekit-yaml` on an equivalent config when it is on PATH),
    with every input file read into the page cache before each timed command;
+   the variant `first` times the copy recipe as a user's first run over a model
+   they just downloaded: the model is copied to a fresh path (new inodes, so no
+   remembered hashes) before each timed run, outside the timing, beside a warm
+   run (hashes remembered) and a `--no-lock` run;
 4. prints median wall time, output bytes/second, throughput against cp and peak
    RSS per command, and with --json FILE writes the numbers as JSON.
 
@@ -341,6 +345,7 @@ class Row:
     argv: list[str]
     runs: list[Run] = field(default_factory=list)
     error: str | None = None
+    fresh: Path | None = None  # copy the model here before each run (untimed): inputs recipekit never hashed
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
@@ -414,9 +419,13 @@ def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: P
             if row.error:
                 continue
             clear(dest)
+            if row.fresh is not None:
+                clear(row.fresh)
+                # cp sets new mtimes (copytree would keep them, and a reused inode could then match a remembered hash)
+                subprocess.run(["cp", "-r", str(MODEL_DIR), str(row.fresh)], check=True)
             subprocess.run(["sync"], check=False)
             time.sleep(settle)  # let the VM take back the freed output pages (see README)
-            warm_cache(inputs)
+            warm_cache(inputs if row.fresh is None else [row.fresh / p.name for p in inputs])
             wall, rss, rc, err = timed(row.argv, workdir)
             if rc != 0:
                 row.error = f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"
@@ -426,9 +435,12 @@ def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: P
             row.runs.append(Run(wall, rss, out))
             log(f"  {row.variant:8} {row.tool:9} round {rnd + 1}/{repeats}: {wall:7.2f}s  "
                 f"{out / wall / 1e6:8.1f} MB/s  RSS {rss:7.1f} MB")
-            if row.tool in ("recipe", "baseline") and rnd == 0:
+            if row.tool in ("recipe", "baseline", "first run") and rnd == 0:
                 check_output(dest, row.variant, log)
     clear(dest)
+    for row in rows:
+        if row.fresh is not None:
+            clear(row.fresh)
 
 
 # --------------------------------------------------------------------------- sanity
@@ -464,7 +476,7 @@ def check_output(out: Path, variant: str, log) -> None:
     a, b = SPEC.drop
     name_out, name_in = f"model.layers.{a}.mlp.down_proj.weight", f"model.layers.{b}.mlp.down_proj.weight"
     dtype, data = _tensor_bytes(out, name_out)
-    if variant == "copy":
+    if variant in ("copy", "first"):
         if dtype != "BF16" or data != _tensor_bytes(MODEL_DIR, name_in)[1]:
             problems.append(f"{name_out} is not a byte copy of input {name_in}")
     elif dtype != "F16":
@@ -481,7 +493,7 @@ def check_output(out: Path, variant: str, log) -> None:
 
 def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict,
            settle: float) -> tuple[str, dict]:
-    limits = {"copy": COPY_RSS_TARGET_MB, "convert": CONVERT_RSS_BASE_MB + 2 * spec.largest_tensor / 1e6}
+    limits = {"copy": COPY_RSS_TARGET_MB, "first": COPY_RSS_TARGET_MB, "convert": CONVERT_RSS_BASE_MB + 2 * spec.largest_tensor / 1e6}
     head = ("variant", "command", "runs", "wall s", "MB/s", "vs cp", "peak RSS MB", "RSS target", "ok")
     table = []
     data: dict = {}
@@ -516,6 +528,12 @@ def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict
                 "runs": [{"wall_s": r.wall_s, "rss_mb": r.rss_mb, "bytes": r.out_bytes} for r in row.runs],
                 "error": row.error,
             }
+    first = data.get("first", {})
+    if "first run" in first and "recipe" in first and "median_wall_s" in first["first run"]:
+        ratio = first["first run"]["median_wall_s"] / first["recipe"]["median_wall_s"]
+        cp = first["first run"]["median_bytes_per_s"] / first["cp"]["median_bytes_per_s"]
+        table.append(("first", "first/warm", "-", f"{ratio:.2f}x", "-", f"{cp:.2f}", "-", "<= 1.3x",
+                      "ok" if ratio <= 1.3 else "SLOW"))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 or i == 8 else str(c).rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -590,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rk-bench",
                    help="where the model (cached), recipes and outputs go (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per variant (default: %(default)s)")
-    p.add_argument("--variants", default="copy,convert", help="comma list of copy, convert (default: both)")
+    p.add_argument("--variants", default="copy,convert,first",
+                   help="comma list of copy, convert, first (default: all three)")
     p.add_argument("--settle", type=float, default=10.0,
                    help="seconds to wait after removing the previous output, before warming the cache and "
                         "timing (default: %(default)s; see README)")
@@ -602,8 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regenerate", action="store_true", help="rebuild the synthetic model even if cached")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or set(variants) - {"copy", "convert"}:
-        p.error("--variants takes copy and/or convert")
+    if not variants or set(variants) - {"copy", "convert", "first"}:
+        p.error("--variants takes copy, convert and/or first")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
 
@@ -645,17 +664,28 @@ def main(argv: list[str] | None = None) -> int:
     if not mergekit and not args.no_mergekit:
         log("mergekit-yaml is not on PATH: no mergekit rows")
 
-    startup = fixed_cost(recipe_bin, recipes[variants[0]], inputs, workdir, baseline_bin=args.baseline)
+    fresh = workdir / "fresh-model"
+    recipes["first"] = workdir / "drop-first.yaml"
+    recipes["first"].write_text(recipes["copy"].read_text().replace(f"base: {os.path.relpath(model, workdir)}",
+                                                                    f"base: {fresh.name}"))
+    startup = fixed_cost(recipe_bin, recipes["copy"], inputs, workdir, baseline_bin=args.baseline)
+    # untimed: remember the hashes of the cached model, so the warm rows are warm from their first round
+    subprocess.run([recipe_bin, "run", str(recipes["copy"]), "-o", str(dest), "-q", "--overwrite"], check=True,
+                   env=CHILD_ENV)
 
     rows_by_variant: dict[str, list[Row]] = {}
     for variant in variants:
+        recipe = recipes["copy" if variant == "first" else variant]
         rows = [Row(variant, "cp", ["cp", "-r", str(model), str(dest)]),
-                Row(variant, "recipe", [recipe_bin, "run", str(recipes[variant]), "-o", str(dest), "-q",
-                                        "--overwrite"])]
+                Row(variant, "recipe", [recipe_bin, "run", str(recipe), "-o", str(dest), "-q", "--overwrite"])]
+        if variant == "first":
+            rows += [Row(variant, "first run", [recipe_bin, "run", str(recipes["first"]), "-o", str(dest), "-q"],
+                         fresh=fresh),
+                     Row(variant, "no-lock", [recipe_bin, "run", str(recipe), "-o", str(dest), "-q", "--no-lock"])]
         if args.baseline:
-            rows.append(Row(variant, "baseline", [args.baseline, "run", str(recipes[variant]), "-o", str(dest), "-q",
+            rows.append(Row(variant, "baseline", [args.baseline, "run", str(recipe), "-o", str(dest), "-q",
                                                   "--overwrite"]))
-        if mergekit:
+        if mergekit and variant in mk_configs:
             rows.append(Row(variant, "mergekit", [mergekit, str(mk_configs[variant]), str(dest),
                                                   "--out-shard-size", "2B", "--lazy-unpickle"]))
         log(f"timing {variant}: {args.repeats} rounds of " + ", ".join(r.tool for r in rows))
