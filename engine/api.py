@@ -58,12 +58,14 @@ class LoadedRecipe:
         return make_plan(self.build(device=device), self.recipe.output)
 
     def run(self, out: str | Path, *, overwrite: bool = False, progress: bool = False,
-            device: str = "cpu", lock: Path | None = None, hash_inputs: bool = True) -> RunResult:
+            device: str = "cpu", lock: Path | None = None, hash_inputs: bool = True,
+            resume: bool = False) -> RunResult:
         """Build the model into directory `out`, which appears only when complete.
 
         With `lock` (a `recipe.lock`), refuse to run unless every input still matches it. The output's own
         `recipe.lock` is hashed while the shards are written; `hash_inputs=False` writes none (an unlocked build,
-        as the card then says).
+        as the card then says). With `resume`, the shards a killed run of the same plan into `out` finished are
+        kept (their sha256 checked again) and only the rest is written.
         """
         if device != "cpu":
             check_device(device)  # before any step measures the model there
@@ -82,7 +84,7 @@ class LoadedRecipe:
                      "recipe.yaml": self.text.encode()}
             late = (lambda: {"recipe.lock": lock_bytes(hashing.lock())}) if hash_inputs else None
             result = write_model(plan, Path(out), files, late_files=late, overwrite=overwrite, progress=progress,
-                                 device=device)
+                                 device=device, resume=resume)
         finally:
             if hashing is not None:
                 hashing.close()

@@ -41,20 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("recipe: interrupted; no output was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"recipe: interrupted; {_what_is_left(e)}", file=sys.stderr)
         return 130
     except RunFailed as e:
         print(f"recipe: failed: {e}", file=sys.stderr)
         return 1
     except _Stopped as e:
-        print(f"recipe: stopped by {e.name}; no output was written", file=sys.stderr)
+        print(f"recipe: stopped by {e.name}; {_what_is_left(e)}", file=sys.stderr)
         return 128 + e.signum
     except Exception as e:  # a failure while running, not a user's mistake
         if args.debug:
             traceback.print_exc()
         print(f"recipe: failed: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _what_is_left(e: BaseException) -> str:
+    """The writer's note on the finished shards it kept for --resume, else that nothing was written."""
+    notes = getattr(e, "__notes__", None)
+    return f"no output was written, but {notes[0]}" if notes else "no output was written"
 
 
 class _Stopped(BaseException):
@@ -88,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-local-paths", action="store_true",
                      help="let a recipe fetched from the Hub read local model paths")
     run.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    run.add_argument("--resume", action="store_true",
+                     help="finish a run of the same recipe and OUT that was killed: keep the shards it completed")
     run.add_argument("--device", default="cpu", help="where tensors are computed: cpu (default) or cuda")
     locking = run.add_mutually_exclusive_group()
     locking.add_argument("--locked", action="store_true",
@@ -205,9 +213,13 @@ def _run(args: argparse.Namespace) -> int:
         loaded = load_recipe(args.recipe)
     progress = not args.quiet and sys.stderr.isatty()
     result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock,
-                        hash_inputs=not args.no_lock)
+                        hash_inputs=not args.no_lock, resume=args.resume)
     plan = result.plan
     _print_messages(plan.model)
+    if args.resume:
+        kept = f"kept {human(result.reused)} of finished shards from the killed run" if result.reused else \
+            "kept nothing"
+        print(f"recipe: --resume: {kept}{f'; {result.resume_note}' if result.resume_note else ''}", file=sys.stderr)
     for warning in result.warnings:
         print(f"recipe: warning: {warning}", file=sys.stderr)
     if result.downloaded or result.skipped:

@@ -1,10 +1,8 @@
-"""Write a plan to disk: shards streamed tensor by tensor, the directory appearing by atomic rename.
+"""Write a plan to disk as a model directory that appears by atomic rename, or not at all.
 
-Every tensor's offset is fixed by the plan, so jobs can run in any order and
-still give the same bytes. Unchanged tensors are copied by the kernel
-(`os.copy_file_range`) and plain dtype casts are streamed in small chunks,
-several streams at once; other computed tensors go through `evaluate.py` one
-at a time in input-file order.
+Where OUT may go (`check_output`), one run per OUT (an advisory lock beside it), the hidden partial directory
+the shards are written into (`shards.py`) with its journal (`journal.py`), which `--resume` finishes, and the
+rename into place.
 """
 from __future__ import annotations
 
@@ -15,22 +13,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipekit.engine.core.graph import Apply
 from recipekit.engine.core.sizes import human
-from recipekit.engine.errors import Problem, RunFailed, SourceError, WriteError
-from recipekit.engine.io.inputs import InputFiles
-from recipekit.engine.io.safetensors_header import TensorInfo
+from recipekit.engine.errors import Problem, RunFailed, WriteError
 from recipekit.engine.io.source import SIDE_FILES
-from recipekit.engine.progress import progress_bar
-from recipekit.engine.run.plan import INDEX_FILE, Plan, TensorPlan, copy_threads
+from recipekit.engine.run.journal import JOURNAL, Journal, fingerprint, reusable
+from recipekit.engine.run.plan import INDEX_FILE, Plan
+from recipekit.engine.run.shards import write_shards
 
-_PARTIAL = ".recipekit-partial-"
-_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
-_CHUNK = 16 * 2**20
+_PARTIAL = ".recipekit-partial"
 LateFiles = Callable[[], dict[str, bytes]]
 
 
@@ -43,6 +36,8 @@ class RunResult:
     downloaded: int = 0  # bytes of Hub shards fetched for this run
     skipped: int = 0  # bytes of Hub shards not fetched because the output uses none of their tensors
     warnings: tuple[str, ...] = ()  # what the user must know although the run succeeded
+    reused: int = 0  # bytes of shards a resumed run kept from the partial output
+    resume_note: str | None = None  # why --resume kept nothing, or not all it found
 
     @property
     def shards(self) -> int:
@@ -84,7 +79,7 @@ def check_output(out: str | Path, input_roots: list[Path], *, overwrite: bool, n
         problems.append(Problem(f"cannot create {out}: {existing} is not writable"))
     elif existing == out and overwrite and not os.access(out.parent, os.W_OK):
         problems.append(Problem(f"cannot replace {out}: its folder {out.parent} is not writable"))
-    longest = len(os.fsencode(f".{out.name}{_PARTIAL}{os.getpid()}"))  # the hidden name written beside OUT
+    longest = len(os.fsencode(f".{out.name}.recipekit-old-{os.getpid()}"))  # the longest hidden name beside OUT
     limit = _name_max(existing if existing.is_dir() else existing.parent)
     if longest > limit:
         problems.append(Problem(f"the output name {out.name[:40]}... is too long: recipekit writes it first under "
@@ -118,17 +113,19 @@ def _guarded_folders(recipe_dir: Path | None) -> list[tuple[Path, str]]:
 
 
 def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, late_files: LateFiles | None = None,
-                overwrite: bool = False, progress: bool = True, device: str = "cpu") -> RunResult:
+                overwrite: bool = False, progress: bool = True, device: str = "cpu", resume: bool = False) -> RunResult:
     """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically, holding OUT's
     lock so that no other run writes it at the same time. `late_files()` gives more files once the shards are
-    written (the lock, hashed meanwhile), before OUT appears."""
+    written (the lock, hashed meanwhile), before OUT appears. With `resume`, the shards a killed run of the same
+    plan finished (journaled, and their sha256 checked again) are kept."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
         if out.exists() and not overwrite:  # another run finished it since the check
             raise WriteError(Problem(f"{out} already exists; pass --overwrite to replace it"))
-        return _write_locked(plan, out, files, late_files, overwrite=overwrite, progress=progress, device=device)
+        return _write_locked(plan, out, files, late_files, overwrite=overwrite, progress=progress, device=device,
+                             resume=resume)
     finally:
         _unlock(out, lock)
 
@@ -170,37 +167,63 @@ def _lock_path(out: Path) -> Path:
 
 
 def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], late_files: LateFiles | None, *, overwrite: bool,
-                  progress: bool, device: str) -> RunResult:
+                  progress: bool, device: str, resume: bool) -> RunResult:
     start = time.perf_counter()
-    _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}"
-    tmp.mkdir()
+    partial = partial_path(out)
+    print_id = fingerprint(plan, device, _version())
+    kept, note = reusable(partial, plan, print_id) if resume else ({}, None)
+    _clear_partials(out, keep=kept)
+    journal = Journal(partial, print_id, kept)
     try:
-        _write_shards(plan, tmp, progress=progress, device=device)
-        _write_json(tmp / INDEX_FILE, plan.index())
-        _write_json(tmp / "config.json", plan.config)
+        write_shards(plan, partial, progress=progress, device=device, keep=frozenset(kept), journal=journal)
+        journal.close()
+        (partial / JOURNAL).unlink()
+        _write_json(partial / INDEX_FILE, plan.index())
+        _write_json(partial / "config.json", plan.config)
         for name in SIDE_FILES:
             source = plan.model.side_files.side_file(name)
             if source is not None:
-                shutil.copyfile(source, tmp / name)
+                shutil.copyfile(source, partial / name)
         if late_files is not None:
             files = {**files, **late_files()}
         for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        leftover = _replace(tmp, out)
+            (partial / name).write_bytes(data)
+        leftover = _replace(partial, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        journal.close()
+        shutil.rmtree(partial, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(out.parent).free
             raise RunFailed(f"the disk filled up while writing {out}: the output needs {human(plan.output_bytes)}, "
                             f"{human(free)} is free now (after removing the partial output); free some space and "
                             "run again") from None
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:
+        journal.close()
+        shutil.rmtree(partial, ignore_errors=True)
         raise
-    return RunResult(out, plan.output_bytes, time.perf_counter() - start, plan, warnings=() if leftover is None
-                     else (leftover,))
+    except BaseException as e:  # Ctrl-C or a signal: what is finished may be resumed
+        journal.close()
+        if journal.recorded:
+            e.add_note(f"{journal.recorded} finished shard(s) of {len(plan.shards)} are kept in {partial}: the same "
+                       "command with --resume finishes the run")
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    reused = sum(shard.size for shard in plan.shards if shard.filename in kept)
+    return RunResult(out, plan.output_bytes, time.perf_counter() - start, plan, reused=reused, resume_note=note,
+                     warnings=() if leftover is None else (leftover,))
+
+
+def partial_path(out: Path) -> Path:
+    """The hidden directory OUT is written into: one name per OUT, so that --resume finds it."""
+    return out.parent / f".{out.name}{_PARTIAL}"
+
+
+def _version() -> str:
+    from recipekit.engine import __version__
+
+    return __version__
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -228,110 +251,16 @@ def _replace(tmp: Path, out: Path) -> str | None:
     return None
 
 
-def _remove_stale_partials(out: Path) -> None:
-    """Remove the partial outputs earlier runs of the same OUT left behind (killed ones): this run holds OUT's
-    lock, so no live run is writing any of them."""
-    for path in out.parent.glob(f".{out.name}{_PARTIAL}*"):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_shards(plan: Plan, tmp: Path, *, progress: bool, device: str) -> None:
-    inputs, outputs = InputFiles(), []
-    bar = progress_bar(plan.output_bytes, progress, unit="B", desc="writing")
-    try:
-        streamed: list[tuple[TensorPlan, int, int]] = []  # byte copies and chunked casts
-        computes: list[tuple[TensorPlan, int, int]] = []
-        for shard in plan.shards:
-            fd = os.open(tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            outputs.append(fd)
-            _allocate(fd, shard.size)
-            os.pwrite(fd, shard.header, 0)
-            base = len(shard.header)
-            for t in shard.tensors:
-                stream = t.is_copy or t.cast_source or (t.is_rowwise and device == "cpu")
-                (streamed if stream else computes).append((t, fd, base + t.offset))
-            bar.update(len(shard.header))
-        # read every input file front to back
-        streamed.sort(key=lambda job: _first_input(job[0]))
-        computes.sort(key=lambda job: _first_input(job[0]))
-        evaluate = None
-        if computes or any(not t.is_copy for t, _, _ in streamed):
-            from recipekit.engine.run import evaluate  # torch is imported here, only when a tensor must be computed
-
-        def stream(job: tuple[TensorPlan, int, int]) -> None:
-            t, fd, offset = job
-            if t.is_copy:
-                info = t.node.tensor
-                _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
-            elif t.is_rowwise:
-                evaluate.rowwise_stream(t.node, inputs.fd, fd, offset)
-            else:
-                info = t.cast_source.tensor
-                evaluate.cast_stream(info, inputs.fd(info), fd, offset, t.dtype)
-            bar.update(t.nbytes)
-
-        with ThreadPoolExecutor(max_workers=copy_threads()) as pool:
-            pending = pool.map(stream, streamed)
-            if computes:
-                evaluator = evaluate.Evaluator([t.node for t, _, _ in computes], inputs.fd, device)
-                for t, fd, offset in computes:
-                    evaluate.write_tensor(evaluator.value(t.node), fd, offset)
-                    bar.update(t.nbytes)
-            for _ in pending:
-                pass  # re-raise the first failed job
-    finally:
-        for fd in outputs:
-            os.close(fd)
-        inputs.close()
-        bar.close()
-
-
-def _first_input(t: TensorPlan) -> tuple[Path, int]:
-    """Where the first tensor a computed output reads lies, to order reads front to back."""
-    node = t.node
-    while isinstance(node, Apply):
-        if not node.inputs:
-            return (Path(), 0)
-        node = node.inputs[0]
-    return (node.tensor.file, node.tensor.offset)
-
-
-def _allocate(fd: int, size: int) -> None:
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise  # reported with the sizes by write_model
-        os.ftruncate(fd, size)  # filesystems without fallocate
-
-
-def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int, info: TensorInfo) -> None:
-    """Copy bytes between files inside the kernel; plain reads and writes where it refuses."""
-    while count > 0:
-        try:
-            done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
-        except OSError as e:
-            if e.errno not in _FALLBACK_ERRNOS:
-                raise
-            _copy_chunks(src, dst, src_offset, dst_offset, count, info)
-            return
-        if done == 0:
-            raise SourceError(Problem(f"file ended before tensor {info.name!r}: was it truncated while running?",
-                                      str(info.file)))
-        count -= done
-        src_offset += done
-        dst_offset += done
-
-
-def _copy_chunks(src: int, dst: int, src_offset: int, dst_offset: int, count: int, info: TensorInfo) -> None:
-    while count > 0:
-        data = os.pread(src, min(count, _CHUNK), src_offset)
-        if not data:
-            raise SourceError(Problem(f"file ended before tensor {info.name!r}: was it truncated while running?",
-                                      str(info.file)))
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(dst, view, dst_offset)
-            view, dst_offset = view[written:], dst_offset + written
-        src_offset += len(data)
-        count -= len(data)
+def _clear_partials(out: Path, keep: dict[str, str]) -> None:
+    """Remove what earlier runs of the same OUT left behind (killed ones), except the shards `keep` names, which
+    a resumed run reuses: this run holds OUT's lock, so no live run is writing any of it. The partial directory
+    exists afterwards."""
+    partial = partial_path(out)
+    for path in out.parent.glob(f".{out.name}{_PARTIAL}*"):  # also the `-<pid>` names of recipekit before 0.2
+        if path == partial and keep:
+            for item in path.iterdir():
+                if item.name not in keep:
+                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    partial.mkdir(exist_ok=True)

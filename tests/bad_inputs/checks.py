@@ -4,7 +4,7 @@ The CLI runs in-process. Each stderr line is the promised one-liner:
 `recipe.yaml:LINE:COL: path: message` where the mistake is in the recipe (the
 line and column are computed from the recipe text with `mark`), or the model
 file / output path named for problems outside the recipe; and nothing was
-written: no OUT, no hidden `.OUT.recipekit-partial-*` sibling, no other change
+written: no OUT, no hidden `.OUT.recipekit-partial*` sibling, no other change
 under tmp_path.
 """
 from __future__ import annotations

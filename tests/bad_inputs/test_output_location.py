@@ -170,7 +170,7 @@ def test_overwrite_puts_the_old_output_back_when_the_new_one_cannot_take_its_pla
     real_rename = os.rename
 
     def rename(src, dst):
-        if ".recipekit-partial-" in str(src):
+        if ".recipekit-partial" in str(src):
             raise OSError(errno.EIO, "Input/output error", str(src))
         return real_rename(src, dst)
 
@@ -290,7 +290,7 @@ def test_a_second_run_to_the_same_out_is_refused_naming_the_first(tmp_path: Path
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = cli(capsys, "run", recipe, "-o", out)
     assert_refused(result, [("", ("another recipe run (pid 4242) is writing", str(out.resolve())))])
-    assert not out.exists() and not list(tmp_path.glob(".OUT.recipekit-partial-*"))
+    assert not out.exists() and not list(tmp_path.glob(".OUT.recipekit-partial*"))
 
 
 def test_a_run_leaves_no_lock_and_clears_partials_of_killed_runs(tmp_path: Path, llama: Path, capsys) -> None:
@@ -327,7 +327,7 @@ def test_sigterm_and_sighup_remove_the_partial_output(tmp_path: Path, llama: Pat
 
 def test_an_out_name_too_long_for_the_hidden_partial_name_is_refused(tmp_path: Path, llama: Path, capsys) -> None:
     _, recipe = _model_copy(tmp_path, llama)
-    out = tmp_path / ("x" * 240)  # a legal name, but not with ".<name>.recipekit-partial-<pid>" around it
+    out = tmp_path / ("x" * 240)  # a legal name, but not with ".<name>.recipekit-old-<pid>" around it
     before = snapshot(tmp_path)
     result = cli(capsys, "run", recipe, "-o", out)
     assert_refused(result, [("", ("is too long", "hidden name", "at most 255 bytes"))])
@@ -369,11 +369,11 @@ def test_a_malformed_lock_is_refused_where_it_is(tmp_path: Path, llama: Path, ca
 
 def test_a_disk_that_fills_up_mid_write_says_how_much_and_leaves_nothing(tmp_path: Path, llama: Path, capsys,
                                                                          monkeypatch) -> None:
-    import recipekit.engine.run.write as write
+    import recipekit.engine.run.shards as shards
 
     _, recipe = _model_copy(tmp_path, llama)
     out = tmp_path / "OUT"
-    real_copy = write._copy_range
+    real_copy = shards._copy_range
     calls = []
 
     def copy_range(*args, **kwargs):
@@ -382,7 +382,7 @@ def test_a_disk_that_fills_up_mid_write_says_how_much_and_leaves_nothing(tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_copy(*args, **kwargs)
 
-    monkeypatch.setattr(write, "_copy_range", copy_range)
+    monkeypatch.setattr(shards, "_copy_range", copy_range)
     before = snapshot(tmp_path)
     result = cli(capsys, "run", recipe, "-o", out, "-q")
     assert result.rc == 1, result.err

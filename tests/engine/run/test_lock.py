@@ -12,7 +12,7 @@ import pytest
 
 from recipekit.engine.api import load_recipe
 from recipekit.engine.cli import main
-from recipekit.engine.run import lock, write
+from recipekit.engine.run import lock, shards
 from tests.tiny import add_char_tokenizer, make_model, write_recipe
 
 TEXT = "The cat sat on the mat.\n\nA second paragraph of text, for the measurement.\n"
@@ -135,7 +135,7 @@ def test_hashing_runs_while_the_shards_are_copied(project, monkeypatch):
     time out here."""
     tmp_path, recipe = project
     copying = threading.Event()
-    copy_range, sha256_of = write._copy_range, lock.sha256_of
+    copy_range, sha256_of = shards._copy_range, lock.sha256_of
 
     def copy_and_signal(*args):
         copying.set()
@@ -145,7 +145,7 @@ def test_hashing_runs_while_the_shards_are_copied(project, monkeypatch):
         assert copying.wait(timeout=20), "the lock was hashed before the writer copied anything"
         return sha256_of(path, stop)
 
-    monkeypatch.setattr(write, "_copy_range", copy_and_signal)
+    monkeypatch.setattr(shards, "_copy_range", copy_and_signal)
     monkeypatch.setattr(lock, "sha256_of", hash_after_a_copy)
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     got = json.loads((tmp_path / "out" / "recipe.lock").read_text())

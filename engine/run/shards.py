@@ -1,0 +1,158 @@
+"""The executor: every output tensor is a job that writes its bytes at the offset the plan fixed, so jobs run in
+any order and still give the same file.
+
+Unchanged tensors are copied by the kernel (`os.copy_file_range`), plain dtype casts and row-wise merges are
+streamed in small chunks, several streams at once; other computed tensors go through `evaluate.py` one at a time
+in input-file order. Shards a resumed run keeps are skipped, and each shard that is complete is reported to the
+journal.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from recipekit.engine.core.graph import Apply
+from recipekit.engine.errors import Problem, SourceError
+from recipekit.engine.io.inputs import InputFiles
+from recipekit.engine.io.safetensors_header import TensorInfo
+from recipekit.engine.progress import progress_bar
+from recipekit.engine.run.journal import Journal
+from recipekit.engine.run.plan import Plan, TensorPlan, copy_threads
+
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+_CHUNK = 16 * 2**20
+
+
+class _Completion:
+    """Counts the jobs left in each shard and tells the journal of each shard that completes, except the last:
+    when that one is done, so is the run."""
+
+    def __init__(self, jobs: dict[str, int], journal: Journal | None):
+        self._left = dict(jobs)
+        self._open = len(jobs)
+        self._journal = journal
+        self._lock = threading.Lock()
+
+    def done(self, shard: str) -> None:
+        with self._lock:
+            self._left[shard] -= 1
+            if self._left[shard]:
+                return
+            self._open -= 1
+            last = self._open == 0
+        if self._journal is not None and not last:
+            self._journal.finished(shard)
+
+
+def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep: frozenset[str] = frozenset(),
+                 journal: Journal | None = None) -> None:
+    """Write every shard of `plan` into `folder`, except those named in `keep` (already there, verified)."""
+    inputs, outputs = InputFiles(), []
+    bar = progress_bar(plan.output_bytes, progress, unit="B", desc="writing")
+    try:
+        streamed: list[tuple[TensorPlan, int, int, str]] = []  # byte copies and chunked casts
+        computes: list[tuple[TensorPlan, int, int, str]] = []
+        for shard in plan.shards:
+            if shard.filename in keep:
+                bar.update(shard.size)
+                continue
+            fd = os.open(folder / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            outputs.append(fd)
+            _allocate(fd, shard.size)
+            os.pwrite(fd, shard.header, 0)
+            base = len(shard.header)
+            for t in shard.tensors:
+                stream = t.is_copy or t.cast_source or (t.is_rowwise and device == "cpu")
+                (streamed if stream else computes).append((t, fd, base + t.offset, shard.filename))
+            bar.update(len(shard.header))
+        completion = _Completion({s.filename: len(s.tensors) for s in plan.shards if s.filename not in keep},
+                                 journal)
+        # read every input file front to back
+        streamed.sort(key=lambda job: _first_input(job[0]))
+        computes.sort(key=lambda job: _first_input(job[0]))
+        evaluate = None
+        if computes or any(not t.is_copy for t, _, _, _ in streamed):
+            from recipekit.engine.run import evaluate  # torch is imported here, only when a tensor must be computed
+
+        def stream(job: tuple[TensorPlan, int, int, str]) -> None:
+            t, fd, offset, shard = job
+            if t.is_copy:
+                info = t.node.tensor
+                _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
+            elif t.is_rowwise:
+                evaluate.rowwise_stream(t.node, inputs.fd, fd, offset)
+            else:
+                info = t.cast_source.tensor
+                evaluate.cast_stream(info, inputs.fd(info), fd, offset, t.dtype)
+            bar.update(t.nbytes)
+            completion.done(shard)
+
+        with ThreadPoolExecutor(max_workers=copy_threads()) as pool:
+            pending = pool.map(stream, streamed)
+            if computes:
+                evaluator = evaluate.Evaluator([t.node for t, _, _, _ in computes], inputs.fd, device)
+                for t, fd, offset, shard in computes:
+                    evaluate.write_tensor(evaluator.value(t.node), fd, offset)
+                    bar.update(t.nbytes)
+                    completion.done(shard)
+            for _ in pending:
+                pass  # re-raise the first failed job
+    finally:
+        for fd in outputs:
+            os.close(fd)
+        inputs.close()
+        bar.close()
+
+
+def _first_input(t: TensorPlan) -> tuple[Path, int]:
+    """Where the first tensor a computed output reads lies, to order reads front to back."""
+    node = t.node
+    while isinstance(node, Apply):
+        if not node.inputs:
+            return (Path(), 0)
+        node = node.inputs[0]
+    return (node.tensor.file, node.tensor.offset)
+
+
+def _allocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # reported with the sizes by write_model
+        os.ftruncate(fd, size)  # filesystems without fallocate
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int, info: TensorInfo) -> None:
+    """Copy bytes between files inside the kernel; plain reads and writes where it refuses."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
+        except OSError as e:
+            if e.errno not in _FALLBACK_ERRNOS:
+                raise
+            _copy_chunks(src, dst, src_offset, dst_offset, count, info)
+            return
+        if done == 0:
+            raise SourceError(Problem(f"file ended before tensor {info.name!r}: was it truncated while running?",
+                                      str(info.file)))
+        count -= done
+        src_offset += done
+        dst_offset += done
+
+
+def _copy_chunks(src: int, dst: int, src_offset: int, dst_offset: int, count: int, info: TensorInfo) -> None:
+    while count > 0:
+        data = os.pread(src, min(count, _CHUNK), src_offset)
+        if not data:
+            raise SourceError(Problem(f"file ended before tensor {info.name!r}: was it truncated while running?",
+                                      str(info.file)))
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(dst, view, dst_offset)
+            view, dst_offset = view[written:], dst_offset + written
+        src_offset += len(data)
+        count -= len(data)
