@@ -70,9 +70,10 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
             bar.update(len(shard.header))
         completion = _Completion({s.filename: len(s.tensors) for s in plan.shards if s.filename not in keep},
                                  journal)
-        # read every input file front to back
-        streamed.sort(key=lambda job: _first_input(job[0]))
-        computes.sort(key=lambda job: _first_input(job[0]))
+        # shard after shard, so that each completes early and is journaled while later ones are written; inside
+        # a shard, the inputs are read front to back
+        streamed.sort(key=lambda job: (job[3], _first_input(job[0])))
+        computes.sort(key=lambda job: (job[3], _first_input(job[0])))
         evaluate = None
         if computes or any(not t.is_copy for t, _, _, _ in streamed):
             from recipekit.engine.run import evaluate  # torch is imported here, only when a tensor must be computed
