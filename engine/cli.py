@@ -490,6 +490,9 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
               f"({result.windows} window(s) of {result.seq_len}, stride {result.stride})")
+    if result.text_tokens > args.max_tokens:
+        print(f"recipe: --max-tokens {args.max_tokens} cut the text: scored the first {args.max_tokens} of its "
+              f"{result.text_tokens} tokens", file=sys.stderr)
     return 0
 
 

@@ -31,10 +31,12 @@ class Perplexity:
     windows: int
     seq_len: int
     stride: int
+    text_tokens: int  # tokens in the whole text, before `max_tokens` cut it
 
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "tokens": self.tokens,
-                "windows": self.windows, "seq_len": self.seq_len, "stride": self.stride}
+                "windows": self.windows, "seq_len": self.seq_len, "stride": self.stride,
+                "text_tokens": self.text_tokens}
 
 
 def windows(ids: list[int], bos: int | None, seq_len: int, stride: int) -> list[tuple[list[int], int]]:
@@ -58,6 +60,7 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
     """exp(mean negative log-likelihood) of the text's tokens under `model`."""
     tokenizer = TextTokenizer.of(model.side_files)
     ids = tokenizer.encode_plain(text)
+    text_tokens = len(ids)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     body = seq_len - (tokenizer.bos_id is not None)
@@ -83,4 +86,4 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
             total += float(F.cross_entropy(logits, targets[at:at + LOGIT_CHUNK], reduction="sum"))
         count += len(targets)
     mean = total / count
-    return Perplexity(math.exp(mean), mean, count, len(parts), seq_len, stride)
+    return Perplexity(math.exp(mean), mean, count, len(parts), seq_len, stride, text_tokens)

@@ -1,6 +1,7 @@
 """Perplexity with the streamed forward equals the same computation with transformers."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -76,7 +77,6 @@ def test_eval_of_a_recipe_equals_eval_of_its_output(with_tokenizer, tmp_path, ca
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "out"), "--text", str(text), "--seq-len", "64", "--json"]) == 0
-    import json
 
     assert json.loads(planned)["perplexity"] == json.loads(capsys.readouterr().out)["perplexity"]
 
@@ -140,3 +140,19 @@ def test_eval_of_a_model_whose_config_the_rules_cannot_use_is_one_line(tmp_path,
     assert main(["eval", str(model), "--text", str(text), "--seq-len", "4"]) == 2
     assert capsys.readouterr().err.strip() == (f"{model}: config.json: sliding_window_pattern should be a positive "
                                                "integer, got 0")
+
+
+def test_eval_says_when_max_tokens_cut_the_text(with_tokenizer, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    whole = len(TEXT.encode())  # the byte-level tokenizer: one token per byte
+
+    assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--max-tokens", "200"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("perplexity ") and " over 200 tokens " in printed.out
+    assert printed.err == f"recipe: --max-tokens 200 cut the text: scored the first 200 of its {whole} tokens\n"
+
+    assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""  # nothing was cut
+    assert json.loads(printed.out)["text_tokens"] == json.loads(printed.out)["tokens"] == whole
