@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text to score")
     evaluate.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     evaluate.add_argument("--stride", type=_positive, default=None,
-                          help="tokens between window starts (default: the window, no overlap)")
+                          help="text tokens between window starts; at most and by default --seq-len - 1: "
+                               "windows back to back after BOS, or overlapping by one token without BOS")
     evaluate.add_argument("--max-tokens", type=_positive, default=16384,
                           help="score at most this many tokens of the text (bounds memory; default 16384)")
     evaluate.add_argument("--device", default="cpu", help="cpu (default) or cuda")

@@ -1,11 +1,14 @@
 """Perplexity of a text under a model, with the streamed forward.
 
-The text is tokenised once and cut into windows of `seq_len` tokens (each
-starting with BOS when the model uses one). Windows start every `stride`
-tokens (default: back to back, or overlapping by one token without BOS, so
-that each window's first token is predicted by the previous one); a window
-scores only the tokens no earlier window scored. The last window is aligned to the end
-of the text so every token is scored once.
+The text is tokenised once and cut into windows of `seq_len` tokens. When
+the tokenizer adds BOS, a window is BOS and `seq_len - 1` text tokens, and
+every text token is scored (the first one predicted from BOS). Without BOS a
+window is `seq_len` text tokens, and the text's first token is never scored:
+nothing before it predicts it. Windows start every `stride` text tokens, at
+most and by default `seq_len - 1` either way: back to back after BOS, and
+overlapping by one token without it, the token that predicts the next
+window's first scored one. A window scores only the tokens no earlier window
+scored; the last window is aligned to the end of the text.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from recipekit.engine.cli import main
 from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.errors import SourceError
 from recipekit.engine.forward.tokenize import TextTokenizer
 from recipekit.engine.io.source import open_model
 from recipekit.engine.measure.perplexity import perplexity, windows
@@ -44,6 +45,23 @@ def test_windows_score_every_token_once(bos, length, seq_len, stride):
         assert bos is None or tokens[0] == bos
         scored += tokens[first:]
     assert scored == ids[(0 if bos is not None else 1):]
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_default_stride_and_what_is_scored_are_as_documented(with_tokenizer, tmp_path, add_bos):
+    """docs/cli.md: the stride is at most and by default --seq-len - 1; without BOS the first token is not scored."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(with_tokenizer, model_dir)
+    (model_dir / "tokenizer_config.json").write_text(f'{{"bos_token": "<s>", "add_bos_token": {json.dumps(add_bos)}}}')
+    model = LazyModel.from_source("m", open_model(str(model_dir), base_dir=Path("/")))
+    ids = TextTokenizer.of(model.side_files).encode_plain(TEXT)
+
+    result = perplexity(model, TEXT, text_name="t", seq_len=48)
+    assert result.stride == 47
+    assert result.tokens == (len(ids) if add_bos else len(ids) - 1)
+    assert perplexity(model, TEXT, text_name="t", seq_len=48, stride=47).perplexity == result.perplexity
+    with pytest.raises(SourceError, match="at most 47 with --seq-len 48"):
+        perplexity(model, TEXT, text_name="t", seq_len=48, stride=48)
 
 
 def test_perplexity_equals_transformers(with_tokenizer):
