@@ -329,9 +329,10 @@ def _analyze(args: argparse.Namespace) -> int:
         print(json.dumps({"model": str(args.model), "metric": "snr", "rows": [r.to_dict() for r in rows]}, indent=2))
         return 0
     print("SNR (random-matrix signal/noise; inf = no singular value at or below the noise edge)")
-    print("layer  " + "  ".join(f"{m:>16}" for m in modules))
-    for layer, values in by_layer.items():
-        print(f"{layer:>5}  " + "  ".join(f"{values[m]:>16.4g}" for m in modules))
+    table = [["layer", *modules]] + [[str(layer), *(f"{values[m]:.4g}" for m in modules)]
+                                     for layer, values in by_layer.items()]
+    for line in _columns(table):
+        print(line)
     return 0
 
 
@@ -386,36 +387,51 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
     text = read_text(args.text) if args.text is not None else None
     model = model_or_recipe(args.model)
     progress = not args.quiet and sys.stderr.isatty()
-    found = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
-                               rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts, device=args.device,
-                               progress=progress)
+    search = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
+                                rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts,
+                                device=args.device, progress=progress)
+    found = search.weights
     baseline = None
     if args.verify:
         baseline, found = verify(model, str(args.model), found, text, seq_len=args.seq_len, device=args.device)
     if args.plot:
         from recipekit.engine.measure.plot import curve
 
-        by_layer = {w.layer: max(w.out_ratio, 0) for w in found}
+        out_ratios = {peaks.layer: peaks.out_ratio for peaks in search.layers}
         layers = range(len(decoder_of(model, str(args.model)).layers))
-        curve(args.plot, list(layers), [by_layer.get(i, 0.0) for i in layers], title=f"super weights of {args.model}",
-              xlabel="layer", ylabel="largest down_proj output / median")
+        # a layer without a single down_proj (Mixture of Experts) is a gap in the curve
+        curve(args.plot, list(layers), [out_ratios.get(i, math.nan) for i in layers],
+              title=f"super weights of {args.model}", xlabel="layer", ylabel="largest down_proj output / median")
     if args.json:
         print(json.dumps({"model": str(args.model), "metric": "super-weights", "threshold": args.threshold,
                           "prompt": DEFAULT_PROMPT, "baseline_perplexity": baseline,
-                          "weights": [w.to_dict() for w in found]}, indent=2))
+                          "weights": [w.to_dict() for w in found],
+                          "layers": [peaks.to_dict() for peaks in search.layers]}, indent=2))
         return 0
     if not found:
         print(f"no super weight: no layer's largest down_proj input and output both exceed {args.threshold:g}x "
               "its median")
         return 0
     print(f"super weights (down_proj input and output both above {args.threshold:g}x the layer's median)")
-    print("layer  tensor" + " " * 28 + "row  column        value  out/median  in/median"
-          + ("  perplexity zeroed" if baseline is not None else ""))
-    for w in found:
-        zeroed = f"  {w.perplexity_zeroed:.4f} (was {baseline:.4f})" if baseline is not None else ""
-        print(f"{w.layer:>5}  {w.tensor:<32} {w.row:>5} {w.column:>7} {w.value:>12.5g} {w.out_ratio:>11.1f} "
-              f"{w.in_ratio:>10.1f}{zeroed}")
+    header = ["layer", "tensor", "row", "column", "value", "out/median", "in/median"]
+    rows = [[str(w.layer), w.tensor, str(w.row), str(w.column), f"{w.value:.5g}", f"{w.out_ratio:.1f}",
+             f"{w.in_ratio:.1f}"] for w in found]
+    if baseline is not None:
+        header.append("perplexity zeroed")
+        for row, w in zip(rows, found):
+            row.append(f"{w.perplexity_zeroed:.4f} (was {baseline:.4f})")
+    for line in _columns([header, *rows], left=(1, 7)):
+        print(line)
     return 0
+
+
+def _columns(rows: list[list[str]], *, left: tuple[int, ...] = ()) -> list[str]:
+    """Rows of cells as lines, two spaces between columns, each column as wide as its widest cell (a long tensor
+    name widens its column instead of pushing the rest of its row out of line): right-aligned, as numbers are,
+    but for the columns in `left`."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) if c in left else cell.rjust(width)
+                      for c, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
 def _analyze_routing(args: argparse.Namespace) -> int:
