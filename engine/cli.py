@@ -131,7 +131,9 @@ def _parser() -> argparse.ArgumentParser:
                               "bi: block influence of each layer (both over --text); super-weights: single "
                               "down_proj entries behind massive activations (a default prompt, plus --text)")
     analyze.add_argument("--text", type=Path, metavar="FILE",
-                         help="texts for angular and bi: the file's blank-line separated paragraphs")
+                         help="texts for angular, bi and super-weights: the file's blank-line separated "
+                              "paragraphs (super-weights runs them after its default prompt, and --verify scores "
+                              "the file's perplexity)")
     analyze.add_argument("--n", type=_positive, default=1, help="block size for angular (default 1)")
     analyze.add_argument("--token", choices=["last", "mean"], default="last",
                          help="angular: compare at each text's last token (default), or average over all tokens")

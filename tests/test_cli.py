@@ -204,6 +204,20 @@ def test_analyze_takes_a_device_like_eval(capsys, monkeypatch, metric):
     assert capsys.readouterr().err.strip() == "--device cuda: no CUDA device is available here"
 
 
+def _help(capsys, monkeypatch, *command: str) -> str:
+    """What `recipe COMMAND --help` prints, each option's help on one line (argparse wraps to $COLUMNS)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_analyze_help_names_every_metric_that_reads_text(capsys, monkeypatch):
+    text_help = next(line for line in _help(capsys, monkeypatch, "analyze").splitlines()
+                     if line.lstrip().startswith("--text"))
+    assert all(metric in text_help for metric in ("angular", "bi", "super-weights")), text_help
+
+
 def test_version_comes_from_package_metadata(capsys):
     from importlib.metadata import version
 
