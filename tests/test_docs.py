@@ -32,3 +32,19 @@ def test_a_documented_recipe_that_names_its_file_is_that_file():
                 shown.append(named[1])
                 assert yaml.safe_load(block) == yaml.safe_load((ROOT / named[1]).read_text()), (doc.name, named[1])
     assert "recipes/demo/mergekit-passthrough.yaml" in shown
+
+
+def test_documented_commands_write_nothing_untracked_into_the_repo():
+    """Run from the repository root, as the demo is, a documented command writes outside the repository or under
+    out/, which git ignores (`-o OUT` and other capitals are placeholders)."""
+    assert "/out/" in (ROOT / ".gitignore").read_text().split()
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "recipes").rglob("*.yaml"))]
+    written = []
+    for path in texts:
+        for line in path.read_text().splitlines():
+            command = line.lstrip("# ")
+            if command.startswith("recipe "):
+                written += [(path.name, target) for target in re.findall(r"(?:>|-o|--plot)\s+(\S+)", command)]
+    assert ("README.md", "~/recipe.schema.json") in written
+    for name, target in written:
+        assert target.split(".")[0].isupper() or target.startswith(("/", "~", "out/")), (name, target)
