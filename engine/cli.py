@@ -23,6 +23,7 @@ from recipekit.engine.core.architectures import layer_config
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.core.sizes import human
+from recipekit.engine.core.words import counted
 from recipekit.engine.io.hub import parse_hub_ref
 from recipekit.engine.recipe.document import recipe_json_schema
 from recipekit.engine.run.card import layer_runs
@@ -348,20 +349,22 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
     texts = paragraphs(read_text(args.text))
     mean_n = args.n if args.metric == "angular" and args.token == "mean" else None
     if mean_n is not None and mean_n > len(decoder_of(model, str(args.model)).layers):
-        raise RecipekitError(f"--n {args.n} is more than the model's {len(decoder_of(model, str(args.model)).layers)} "
-                             "layers")
+        layers = len(decoder_of(model, str(args.model)).layers)
+        raise RecipekitError(f"--n {args.n} is more than the model's {counted(layers, 'layer')}")
     result = similarity(model, str(args.model), texts, seq_len=args.seq_len, max_texts=args.max_texts,
                         mean_n=mean_n, device=args.device, progress=not args.quiet and sys.stderr.isatty())
     if args.metric == "angular":
         if args.n > result.layers:
-            raise RecipekitError(f"--n {args.n} is more than the model's {result.layers} layers")
+            raise RecipekitError(f"--n {args.n} is more than the model's {counted(result.layers, 'layer')}")
         values = result.angular(args.n, args.token)
         rows = [{"start": l, "end": l + args.n, "distance": d} for l, d in enumerate(values)]
-        where = "last token" if args.token == "last" else f"mean over {result.tokens} tokens"
-        header = f"angular distance between the inputs of layer l and l+{args.n} ({where}, {result.texts} texts)"
+        where = "last token" if args.token == "last" else f"mean over {counted(result.tokens, 'token')}"
+        header = (f"angular distance between the inputs of layer l and l+{args.n} ({where}, "
+                  f"{counted(result.texts, 'text')})")
     else:
         rows = [{"layer": i, "bi": v} for i, v in enumerate(result.bi)]
-        header = f"block influence 1 - cos(layer input, layer output) over {result.tokens} tokens of {result.texts} texts"
+        header = (f"block influence 1 - cos(layer input, layer output) over {counted(result.tokens, 'token')} of "
+                  f"{counted(result.texts, 'text')}")
     if args.plot:
         from recipekit.engine.measure.plot import curve
 
@@ -455,7 +458,8 @@ def _analyze_routing(args: argparse.Namespace) -> int:
         print(json.dumps({"model": str(args.model), **result.to_dict()}, indent=2))
         return 0
     print(f"share of routing slots per expert (top-{result.experts_per_token} of {result.experts}, "
-          f"{result.tokens} tokens of {result.texts} texts; a fair share is {100 / result.experts:.1f}%)")
+          f"{counted(result.tokens, 'token')} of {counted(result.texts, 'text')}; a fair share is "
+          f"{100 / result.experts:.1f}%)")
     print("layer  " + " ".join(f"{e:>6}" for e in range(result.experts)))
     for layer, row in zip(result.layers, shares):
         print(f"{layer:>5}  " + " ".join(f"{100 * v:>5.1f}%" for v in row))
@@ -507,8 +511,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": str(args.model), "text": str(args.text), **result.to_dict()}, indent=2))
     else:
-        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
-              f"({result.windows} window(s) of {result.seq_len}, stride {result.stride})")
+        print(f"perplexity {result.perplexity:.4f} over {counted(result.tokens, 'token')} "
+              f"({counted(result.windows, 'window')} of {result.seq_len}, stride {result.stride})")
     if result.text_tokens > args.max_tokens:
         print(f"recipe: --max-tokens {args.max_tokens} cut the text: scored the first {args.max_tokens} of its "
               f"{result.text_tokens} tokens", file=sys.stderr)

@@ -224,7 +224,7 @@ OPTION = re.compile(r"(?<![\w-])--?[a-z][a-z-]*")  # -q, --max-tokens; not the h
 
 def _documented_options() -> dict[str, set[str]]:
     """The options that docs/cli.md's synopsis block names, by command ("" for lines of `recipe` itself)."""
-    block = re.search(r"^```\n(recipe .*?)^```", (ROOT / "docs" / "cli.md").read_text(), re.S | re.M)[1]
+    block = re.search(r"^```\n(recipe .*?)^```", (ROOT / "docs" / "cli.md").read_text(), re.DOTALL | re.MULTILINE)[1]
     documented: dict[str, set[str]] = {}
     for line in block.splitlines():
         word = line.split()[1]
@@ -235,7 +235,7 @@ def _documented_options() -> dict[str, set[str]]:
 def test_cli_md_synopses_name_exactly_each_commands_options(capsys, monkeypatch):
     documented = _documented_options()
     top = _help(capsys, monkeypatch)
-    commands = re.findall(r"^    (\S+)", top, re.M)  # the subcommands, as `recipe --help` lists them
+    commands = re.findall(r"^    (\S+)", top, re.MULTILINE)  # the subcommands, as `recipe --help` lists them
     assert sorted(set(documented) - {""}) == sorted(commands)
     for command in commands:
         usage = _help(capsys, monkeypatch, command).split("\n\n")[0]

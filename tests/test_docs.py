@@ -26,7 +26,7 @@ def test_a_documented_recipe_that_names_its_file_is_that_file():
     runs the file, so the block is checked too)."""
     shown = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"^```yaml\n(.*?)^```", doc.read_text(), re.S | re.M):
+        for block in re.findall(r"^```yaml\n(.*?)^```", doc.read_text(), re.DOTALL | re.MULTILINE):
             named = re.match(r"# recipe run (recipes/\S+\.ya?ml)", block)
             if named:
                 shown.append(named[1])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.forward.streamed import StreamedForward
 from recipekit.engine.forward.tokenize import TextTokenizer
@@ -74,8 +75,8 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
                                   f"--seq-len {seq_len} for this tokenizer"))
     stride = stride or longest
     if len(ids) < body or longest < 1:
-        raise SourceError(Problem(f"the text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}: "
-                                  f"use a longer text or a smaller --seq-len", text_name))
+        raise SourceError(Problem(f"the text has {counted(len(ids), 'token')}, fewer than one window of --seq-len "
+                                  f"{seq_len}: use a longer text or a smaller --seq-len", text_name))
     parts = windows(ids, tokenizer.bos_id, seq_len, stride)
     forward = StreamedForward(model, device=device)
     final, _ = forward.run([tokens for tokens, _ in parts], progress=progress)

@@ -167,10 +167,13 @@ def test_eval_says_when_max_tokens_cut_the_text(with_tokenizer, tmp_path, capsys
 
     assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--max-tokens", "200"]) == 0
     printed = capsys.readouterr()
-    assert printed.out.startswith("perplexity ") and " over 200 tokens " in printed.out
+    assert printed.out.startswith("perplexity ") and " over 200 tokens (4 windows of 64, stride 63)" in printed.out
     assert printed.err == f"recipe: --max-tokens 200 cut the text: scored the first 200 of its {whole} tokens\n"
 
     assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--json"]) == 0
     printed = capsys.readouterr()
     assert printed.err == ""  # nothing was cut
     assert json.loads(printed.out)["text_tokens"] == json.loads(printed.out)["tokens"] == whole
+
+    assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--max-tokens", "63"]) == 0
+    assert " over 63 tokens (1 window of 64, stride 63)" in capsys.readouterr().out
