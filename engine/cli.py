@@ -23,6 +23,7 @@ from recipekit.engine.core.architectures import layer_config
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.core.sizes import human
+from recipekit.engine.core.words import counted
 from recipekit.engine.io.hub import parse_hub_ref
 from recipekit.engine.recipe.document import recipe_json_schema
 from recipekit.engine.run.card import layer_runs
@@ -125,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text to score")
     evaluate.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     evaluate.add_argument("--stride", type=_positive, default=None,
-                          help="tokens between window starts (default: the window, no overlap)")
+                          help="text tokens between window starts; at most and by default --seq-len - 1: "
+                               "windows back to back after BOS, or overlapping by one token without BOS")
     evaluate.add_argument("--max-tokens", type=_positive, default=16384,
                           help="score at most this many tokens of the text (bounds memory; default 16384)")
     evaluate.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -141,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
                               "bi: block influence of each layer (both over --text); super-weights: single "
                               "down_proj entries behind massive activations (a default prompt, plus --text)")
     analyze.add_argument("--text", type=Path, metavar="FILE",
-                         help="texts for angular and bi: the file's blank-line separated paragraphs")
+                         help="texts for angular, bi and super-weights: the file's blank-line separated "
+                              "paragraphs (super-weights runs them after its default prompt, and --verify scores "
+                              "the file's perplexity)")
     analyze.add_argument("--n", type=_positive, default=1, help="block size for angular (default 1)")
     analyze.add_argument("--token", choices=["last", "mean"], default="last",
                          help="angular: compare at each text's last token (default), or average over all tokens")
@@ -345,9 +349,10 @@ def _analyze(args: argparse.Namespace) -> int:
         print(json.dumps({"model": str(args.model), "metric": "snr", "rows": [r.to_dict() for r in rows]}, indent=2))
         return 0
     print("SNR (random-matrix signal/noise; inf = no singular value at or below the noise edge)")
-    print("layer  " + "  ".join(f"{m:>16}" for m in modules))
-    for layer, values in by_layer.items():
-        print(f"{layer:>5}  " + "  ".join(f"{values[m]:>16.4g}" for m in modules))
+    table = [["layer", *modules]] + [[str(layer), *(f"{values[m]:.4g}" for m in modules)]
+                                     for layer, values in by_layer.items()]
+    for line in _columns(table):
+        print(line)
     return 0
 
 
@@ -361,20 +366,22 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
     texts = paragraphs(read_text(args.text))
     mean_n = args.n if args.metric == "angular" and args.token == "mean" else None
     if mean_n is not None and mean_n > len(decoder_of(model, str(args.model)).layers):
-        raise RecipekitError(f"--n {args.n} is more than the model's {len(decoder_of(model, str(args.model)).layers)} "
-                             "layers")
+        layers = len(decoder_of(model, str(args.model)).layers)
+        raise RecipekitError(f"--n {args.n} is more than the model's {counted(layers, 'layer')}")
     result = similarity(model, str(args.model), texts, seq_len=args.seq_len, max_texts=args.max_texts,
                         mean_n=mean_n, device=args.device, progress=not args.quiet and sys.stderr.isatty())
     if args.metric == "angular":
         if args.n > result.layers:
-            raise RecipekitError(f"--n {args.n} is more than the model's {result.layers} layers")
+            raise RecipekitError(f"--n {args.n} is more than the model's {counted(result.layers, 'layer')}")
         values = result.angular(args.n, args.token)
         rows = [{"start": l, "end": l + args.n, "distance": d} for l, d in enumerate(values)]
-        where = "last token" if args.token == "last" else f"mean over {result.tokens} tokens"
-        header = f"angular distance between the inputs of layer l and l+{args.n} ({where}, {result.texts} texts)"
+        where = "last token" if args.token == "last" else f"mean over {counted(result.tokens, 'token')}"
+        header = (f"angular distance between the inputs of layer l and l+{args.n} ({where}, "
+                  f"{counted(result.texts, 'text')})")
     else:
         rows = [{"layer": i, "bi": v} for i, v in enumerate(result.bi)]
-        header = f"block influence 1 - cos(layer input, layer output) over {result.tokens} tokens of {result.texts} texts"
+        header = (f"block influence 1 - cos(layer input, layer output) over {counted(result.tokens, 'token')} of "
+                  f"{counted(result.texts, 'text')}")
     if args.plot:
         from recipekit.engine.measure.plot import curve
 
@@ -402,36 +409,51 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
     text = read_text(args.text) if args.text is not None else None
     model = model_or_recipe(args.model)
     progress = not args.quiet and sys.stderr.isatty()
-    found = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
-                               rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts, device=args.device,
-                               progress=progress)
+    search = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
+                                rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts,
+                                device=args.device, progress=progress)
+    found = search.weights
     baseline = None
     if args.verify:
         baseline, found = verify(model, str(args.model), found, text, seq_len=args.seq_len, device=args.device)
     if args.plot:
         from recipekit.engine.measure.plot import curve
 
-        by_layer = {w.layer: max(w.out_ratio, 0) for w in found}
+        out_ratios = {peaks.layer: peaks.out_ratio for peaks in search.layers}
         layers = range(len(decoder_of(model, str(args.model)).layers))
-        curve(args.plot, list(layers), [by_layer.get(i, 0.0) for i in layers], title=f"super weights of {args.model}",
-              xlabel="layer", ylabel="largest down_proj output / median")
+        # a layer without a single down_proj (Mixture of Experts) is a gap in the curve
+        curve(args.plot, list(layers), [out_ratios.get(i, math.nan) for i in layers],
+              title=f"super weights of {args.model}", xlabel="layer", ylabel="largest down_proj output / median")
     if args.json:
         print(json.dumps({"model": str(args.model), "metric": "super-weights", "threshold": args.threshold,
                           "prompt": DEFAULT_PROMPT, "baseline_perplexity": baseline,
-                          "weights": [w.to_dict() for w in found]}, indent=2))
+                          "weights": [w.to_dict() for w in found],
+                          "layers": [peaks.to_dict() for peaks in search.layers]}, indent=2))
         return 0
     if not found:
         print(f"no super weight: no layer's largest down_proj input and output both exceed {args.threshold:g}x "
               "its median")
         return 0
     print(f"super weights (down_proj input and output both above {args.threshold:g}x the layer's median)")
-    print("layer  tensor" + " " * 28 + "row  column        value  out/median  in/median"
-          + ("  perplexity zeroed" if baseline is not None else ""))
-    for w in found:
-        zeroed = f"  {w.perplexity_zeroed:.4f} (was {baseline:.4f})" if baseline is not None else ""
-        print(f"{w.layer:>5}  {w.tensor:<32} {w.row:>5} {w.column:>7} {w.value:>12.5g} {w.out_ratio:>11.1f} "
-              f"{w.in_ratio:>10.1f}{zeroed}")
+    header = ["layer", "tensor", "row", "column", "value", "out/median", "in/median"]
+    rows = [[str(w.layer), w.tensor, str(w.row), str(w.column), f"{w.value:.5g}", f"{w.out_ratio:.1f}",
+             f"{w.in_ratio:.1f}"] for w in found]
+    if baseline is not None:
+        header.append("perplexity zeroed")
+        for row, w in zip(rows, found):
+            row.append(f"{w.perplexity_zeroed:.4f} (was {baseline:.4f})")
+    for line in _columns([header, *rows], left=(1, 7)):
+        print(line)
     return 0
+
+
+def _columns(rows: list[list[str]], *, left: tuple[int, ...] = ()) -> list[str]:
+    """Rows of cells as lines, two spaces between columns, each column as wide as its widest cell (a long tensor
+    name widens its column instead of pushing the rest of its row out of line): right-aligned, as numbers are,
+    but for the columns in `left`."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) if c in left else cell.rjust(width)
+                      for c, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
 def _analyze_routing(args: argparse.Namespace) -> int:
@@ -453,7 +475,8 @@ def _analyze_routing(args: argparse.Namespace) -> int:
         print(json.dumps({"model": str(args.model), **result.to_dict()}, indent=2))
         return 0
     print(f"share of routing slots per expert (top-{result.experts_per_token} of {result.experts}, "
-          f"{result.tokens} tokens of {result.texts} texts; a fair share is {100 / result.experts:.1f}%)")
+          f"{counted(result.tokens, 'token')} of {counted(result.texts, 'text')}; a fair share is "
+          f"{100 / result.experts:.1f}%)")
     print("layer  " + " ".join(f"{e:>6}" for e in range(result.experts)))
     for layer, row in zip(result.layers, shares):
         print(f"{layer:>5}  " + " ".join(f"{100 * v:>5.1f}%" for v in row))
@@ -505,8 +528,11 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": str(args.model), "text": str(args.text), **result.to_dict()}, indent=2))
     else:
-        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
-              f"({result.windows} window(s) of {result.seq_len}, stride {result.stride})")
+        print(f"perplexity {result.perplexity:.4f} over {counted(result.tokens, 'token')} "
+              f"({counted(result.windows, 'window')} of {result.seq_len}, stride {result.stride})")
+    if result.text_tokens > args.max_tokens:
+        print(f"recipe: --max-tokens {args.max_tokens} cut the text: scored the first {args.max_tokens} of its "
+              f"{result.text_tokens} tokens", file=sys.stderr)
     return 0
 
 

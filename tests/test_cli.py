@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,44 @@ def test_analyze_takes_a_device_like_eval(capsys, monkeypatch, metric):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(args + ["--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == "--device cuda: no CUDA device is available here"
+
+
+def _help(capsys, monkeypatch, *command: str) -> str:
+    """What `recipe COMMAND --help` prints, each option's help on one line (argparse wraps to $COLUMNS)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_analyze_help_names_every_metric_that_reads_text(capsys, monkeypatch):
+    text_help = next(line for line in _help(capsys, monkeypatch, "analyze").splitlines()
+                     if line.lstrip().startswith("--text"))
+    assert all(metric in text_help for metric in ("angular", "bi", "super-weights")), text_help
+
+
+OPTION = re.compile(r"(?<![\w-])--?[a-z][a-z-]*")  # -q, --max-tokens; not the hyphen inside super-weights
+
+
+def _documented_options() -> dict[str, set[str]]:
+    """The options that docs/cli.md's synopsis block names, by command ("" for lines of `recipe` itself)."""
+    block = re.search(r"^```\n(recipe .*?)^```", (ROOT / "docs" / "cli.md").read_text(), re.DOTALL | re.MULTILINE)[1]
+    documented: dict[str, set[str]] = {}
+    for line in block.splitlines():
+        word = line.split()[1]
+        documented.setdefault("" if word.startswith("-") else word, set()).update(OPTION.findall(line))
+    return documented
+
+
+def test_cli_md_synopses_name_exactly_each_commands_options(capsys, monkeypatch):
+    documented = _documented_options()
+    top = _help(capsys, monkeypatch)
+    commands = re.findall(r"^    (\S+)", top, re.MULTILINE)  # the subcommands, as `recipe --help` lists them
+    assert sorted(set(documented) - {""}) == sorted(commands)
+    for command in commands:
+        usage = _help(capsys, monkeypatch, command).split("\n\n")[0]
+        assert documented[command] == set(OPTION.findall(usage)) - {"-h"}, command
+    assert documented[""] <= set(OPTION.findall(top.split("\n\n")[0]))
 
 
 def test_version_comes_from_package_metadata(capsys):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from recipekit.engine.core.words import counted
+
 # Keys holding one value per layer, re-indexed with the layer picks.
 PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
 # Keys holding a list of layer indices, remapped through the picks.
@@ -77,7 +79,7 @@ def config_problems(config: dict) -> list[str]:
     for key in PER_LAYER_LISTS:
         value = config.get(key)
         if value is not None and (not isinstance(value, list) or len(value) != n):
-            got = f"{len(value)} entries" if isinstance(value, list) else repr(value)
+            got = counted(len(value), "entry", "entries") if isinstance(value, list) else repr(value)
             problems.append(f"{key} should be a list with one entry per layer ({n}), got {got}")
     for key in INDEX_LISTS:
         value = config.get(key)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from recipekit.engine.core.architectures import layer_config, materialise, rewrite_layers
 from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*?\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -68,7 +69,7 @@ def decoder_of(model: LazyModel, model_name: str) -> Decoder:
         raise PlanError(f"model {model_name!r}: layer indices under {prefix!r} are not 0..{count - 1}")
     if expected != count:
         raise PlanError(f"model {model_name!r}: config.json says num_hidden_layers = {expected!r} "
-                        f"but the weights hold {count} layers")
+                        f"but the weights hold {counted(count, 'layer')}")
     return Decoder(prefix, tuple(dict(layers[i]) for i in range(count)))
 
 
@@ -158,6 +159,6 @@ def out_of_range(spans: list[tuple[Path_, tuple[int, int]]], count: int, model_n
         if end > count:
             what, limit = ((f"layer {start}", f"0..{count - 1}") if end == start + 1
                            else (f"range [{start}, {end}]", f"end may be at most {count}"))
-            problems.append(Problem(f"{what} is out of range: {model_name!r} has {count} layers ({limit})",
+            problems.append(Problem(f"{what} is out of range: {model_name!r} has {counted(count, 'layer')} ({limit})",
                                     path=path))
     return problems

@@ -19,6 +19,7 @@ from recipekit.engine.core.kernels import cast
 from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.core.moe_layouts import LAYOUTS
 from recipekit.engine.core.names import ATTENTION_WEIGHTS, MLP_TENSORS, NORMS
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.llama import LlamaSpec, attention_mask, decoder_layer, rms_norm, rope_tables
 from recipekit.engine.io.inputs import InputFiles
@@ -81,7 +82,7 @@ def _check_shapes(spec: LlamaSpec, model: LazyModel, decoder, embed_name: str) -
             missing = [layout.expert_tensor(e, t) for e in range(experts) for t in MLP_TENSORS
                        if layout.expert_tensor(e, t) not in layer]
             if missing:
-                raise PlanError(f"layer {i} has a router for {experts} experts but no {at}{missing[0]}")
+                raise PlanError(f"layer {i} has a router for {counted(experts, 'expert')} but no {at}{missing[0]}")
             if not 0 < spec.experts_per_token <= experts:
                 raise PlanError(f"config.json: num_experts_per_tok {spec.experts_per_token} must lie in 1..{experts}, "
                                 f"the experts of layer {i}")

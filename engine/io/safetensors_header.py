@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Problem, SourceError
 
 # safetensors dtype name -> bytes per element
@@ -59,7 +60,7 @@ def header_length(head: bytes, size: int, where: str) -> int:
     (n,) = struct.unpack("<Q", head)
     if n > _MAX_HEADER or 8 + n > size:
         raise SourceError(Problem(
-            f"not a safetensors file or truncated: header length {n} does not fit in {size} bytes", where))
+            f"not a safetensors file or truncated: header length {n} does not fit in {counted(size, 'byte')}", where))
     return n
 
 
@@ -82,12 +83,14 @@ def parse_header(raw: bytes, size: int, file: Path, where: str) -> tuple[dict[st
         begin, end, dtype, shape = _entry(name, entry, where)
         if end > data_size:
             raise SourceError(Problem(
-                f"tensor {name!r} ends at byte {end} but the data is only {data_size} bytes: truncated or lying header",
+                f"tensor {name!r} ends at byte {end} but the data is only {counted(data_size, 'byte')}: truncated or "
+                "lying header",
                 where))
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected:
             raise SourceError(Problem(
-                f"tensor {name!r}: shape {list(shape)} in {dtype} needs {expected} bytes, the header gives {end - begin}",
+                f"tensor {name!r}: shape {list(shape)} in {dtype} needs {counted(expected, 'byte')}, the header "
+                f"gives {end - begin}",
                 where))
         spans.append((begin, end, name))
         tensors[name] = TensorInfo(name, dtype, shape, file, data_start + begin, end - begin)

@@ -1,11 +1,14 @@
 """Perplexity of a text under a model, with the streamed forward.
 
-The text is tokenised once and cut into windows of `seq_len` tokens (each
-starting with BOS when the model uses one). Windows start every `stride`
-tokens (default: back to back, or overlapping by one token without BOS, so
-that each window's first token is predicted by the previous one); a window
-scores only the tokens no earlier window scored. The last window is aligned to the end
-of the text so every token is scored once.
+The text is tokenised once and cut into windows of `seq_len` tokens. When
+the tokenizer adds BOS, a window is BOS and `seq_len - 1` text tokens, and
+every text token is scored (the first one predicted from BOS). Without BOS a
+window is `seq_len` text tokens, and the text's first token is never scored:
+nothing before it predicts it. Windows start every `stride` text tokens, at
+most and by default `seq_len - 1` either way: back to back after BOS, and
+overlapping by one token without it, the token that predicts the next
+window's first scored one. A window scores only the tokens no earlier window
+scored; the last window is aligned to the end of the text.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.forward.streamed import StreamedForward
 from recipekit.engine.forward.tokenize import TextTokenizer
@@ -31,10 +35,12 @@ class Perplexity:
     windows: int
     seq_len: int
     stride: int
+    text_tokens: int  # tokens in the whole text, before `max_tokens` cut it
 
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "tokens": self.tokens,
-                "windows": self.windows, "seq_len": self.seq_len, "stride": self.stride}
+                "windows": self.windows, "seq_len": self.seq_len, "stride": self.stride,
+                "text_tokens": self.text_tokens}
 
 
 def windows(ids: list[int], bos: int | None, seq_len: int, stride: int) -> list[tuple[list[int], int]]:
@@ -58,6 +64,7 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
     """exp(mean negative log-likelihood) of the text's tokens under `model`."""
     tokenizer = TextTokenizer.of(model.side_files)
     ids = tokenizer.encode_plain(text)
+    text_tokens = len(ids)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     body = seq_len - (tokenizer.bos_id is not None)
@@ -68,8 +75,8 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
                                   f"--seq-len {seq_len} for this tokenizer"))
     stride = stride or longest
     if len(ids) < body or longest < 1:
-        raise SourceError(Problem(f"the text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}: "
-                                  f"use a longer text or a smaller --seq-len", text_name))
+        raise SourceError(Problem(f"the text has {counted(len(ids), 'token')}, fewer than one window of --seq-len "
+                                  f"{seq_len}: use a longer text or a smaller --seq-len", text_name))
     parts = windows(ids, tokenizer.bos_id, seq_len, stride)
     forward = StreamedForward(model, device=device)
     final, _ = forward.run([tokens for tokens, _ in parts], progress=progress)
@@ -83,4 +90,4 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
             total += float(F.cross_entropy(logits, targets[at:at + LOGIT_CHUNK], reduction="sum"))
         count += len(targets)
     mean = total / count
-    return Perplexity(math.exp(mean), mean, count, len(parts), seq_len, stride)
+    return Perplexity(math.exp(mean), mean, count, len(parts), seq_len, stride, text_tokens)

@@ -76,7 +76,7 @@ class EngineProbe:
         self._reads(model, tokenizer=model.side_files, text=path)
         texts = paragraphs(read_text(path)) if path is not None else []
         return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
-                                  max_texts=max_texts, device=self.device)
+                                  max_texts=max_texts, device=self.device).weights
 
     def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
         """How alike two models' norm weights are (Pearson); None when they cannot be compared."""

@@ -7,6 +7,7 @@ import torch
 
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.moe_layouts import LAYOUTS
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.streamed import Activation, StreamedForward
 from recipekit.engine.forward.tokenize import TextTokenizer
@@ -38,7 +39,7 @@ class Routing:
                 if share < STARVED / self.experts:
                     by_expert.setdefault(e, []).append(layer)
         return [f"expert {e} receives under {100 * STARVED / self.experts:.2g}% of the routing in "
-                f"{len(layers)} of {len(self.layers)} MoE layers ({', '.join(map(str, layers[:12]))}"
+                f"{len(layers)} of {counted(len(self.layers), 'MoE layer')} ({', '.join(map(str, layers[:12]))}"
                 f"{', ...' if len(layers) > 12 else ''})" for e, layers in by_expert.items()]
 
     def to_dict(self) -> dict:

@@ -42,14 +42,34 @@ class SuperWeight:
                 "perplexity_zeroed": self.perplexity_zeroed}
 
 
+@dataclass(frozen=True)
+class LayerPeaks:
+    """A layer's largest down_proj |output| and |input| over their medians, in the model as it is (first round)."""
+
+    layer: int
+    out_ratio: float
+    in_ratio: float
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "out_ratio": self.out_ratio, "in_ratio": self.in_ratio}
+
+
+@dataclass(frozen=True)
+class Search:
+    """What `find_super_weights` found, and what it measured in every layer."""
+
+    weights: list[SuperWeight]  # in the order found
+    layers: list[LayerPeaks]  # every layer with a single down_proj (a Mixture-of-Experts layer has none)
+
+
 def find_super_weights(model: LazyModel, name: str, texts: list[str], *, threshold: float = 50.0, rounds: int = 10,
-                       seq_len: int = 256, max_texts: int = 64, device: str = "cpu",
-                       progress: bool = False) -> list[SuperWeight]:
-    """Every super weight the default prompt and `texts` reveal, in the order found."""
+                       seq_len: int = 256, max_texts: int = 64, device: str = "cpu", progress: bool = False) -> Search:
+    """Every super weight the default prompt and `texts` reveal, and every layer's peaks."""
     tokenizer = TextTokenizer.of(model.side_files)
     sequences = [ids for ids in (tokenizer.encode(t)[:seq_len] for t in [DEFAULT_PROMPT, *texts[:max_texts]]) if ids]
     decoder = StreamedForward(model, name=name).decoder
     found: list[SuperWeight] = []
+    layers: list[LayerPeaks] = []
     for round_ in range(1, rounds + 1):
         forward = StreamedForward(zeroed(model, name, found), device=device, name=name)
         peaks = MaxAbs(("down_in", "down_out"))
@@ -60,6 +80,8 @@ def find_super_weights(model: LazyModel, name: str, texts: list[str], *, thresho
                 continue  # a Mixture-of-Experts layer has no single down_proj
             out, inp = peaks.values[("down_out", layer)].float(), peaks.values[("down_in", layer)].float()
             out_ratio, in_ratio = _ratio(out), _ratio(inp)
+            if round_ == 1:
+                layers.append(LayerPeaks(layer, out_ratio, in_ratio))
             if out_ratio > threshold and in_ratio > threshold:
                 row, column = int(out.argmax()), int(inp.argmax())
                 if not any((w.layer, w.row, w.column) == (layer, row, column) for w in found + new):
@@ -68,7 +90,7 @@ def find_super_weights(model: LazyModel, name: str, texts: list[str], *, thresho
         if not new:
             break
         found += _with_values(model, new)
-    return found
+    return Search(found, layers)
 
 
 def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *, seq_len: int = 256,

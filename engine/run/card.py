@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from recipekit.engine.core.architectures import layer_config
+from recipekit.engine.core.words import counted
 from recipekit.engine.run.plan import Plan
 
 PROJECT_URL = "https://github.com/recipekit/recipekit"
@@ -42,8 +43,9 @@ def render_card(plan: Plan, recipe_text: str, description: str | None, *, locked
               "| output layers | from |", "| --- | --- |"]
     lines += [f"| {out} | {src} |" for out, src in layer_runs(model.layer_origins)]
     dtype = plan.config.get("dtype") or plan.config.get("torch_dtype") or "as in the inputs"
-    lines += ["", f"{len(model.layer_origins)} decoder layers, {len(plan.tensors)} tensors in {len(plan.shards)} "
-              f"shard(s), dtype {dtype}.", "", "## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
+    sizes = (f"{counted(len(model.layer_origins), 'decoder layer')}, {counted(len(plan.tensors), 'tensor')} in "
+             f"{counted(len(plan.shards), 'shard')}, dtype {dtype}.")
+    lines += ["", sizes, "", "## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
     return "\n".join(lines)
 
 

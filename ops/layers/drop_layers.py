@@ -15,6 +15,7 @@ from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import Pick, compose_layers, decoder_of, out_of_range
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import LayerSpan, Ref, StepBase, Strict
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 
@@ -140,10 +141,11 @@ def drop_layers(step: DropLayers, models: Mapping[str, LazyModel], probe: Probe)
         dropped, why = {i for start, end in step.layers for i in range(start, end)}, ""
     keep = [i for i in range(count) if i not in dropped]
     if not keep:
-        raise PlanError(Problem(f"dropping these layers leaves none of the {count} layers of {step.model!r}",
+        raise PlanError(Problem(f"dropping these layers leaves no layer of {step.model!r} (it has "
+                                f"{counted(count, 'layer')})",
                                 path=("layers",)))
     note = (f"`drop_layers` removed layers {_compact(sorted(dropped))} of `{step.model}` "
-            f"({count} -> {len(keep)} layers){why}")
+            f"({count} -> {counted(len(keep), 'layer')}){why}")
     return compose_layers([Pick(step.model, model, i) for i in keep], step.model, model, note, "pruned")
 
 
@@ -152,7 +154,7 @@ def _selected(step: DropLayers, model: LazyModel, count: int, probe: Probe) -> t
     values = step.select.measure(step.model, model, probe)
     chosen = set(step.select.choose(values)) if values else set()
     if not chosen or len(chosen) >= count:
-        what = "no layer" if not chosen else f"all {count} layers"
+        what = "no layer" if not chosen else "its only layer" if count == 1 else f"all {count} layers"
         raise PlanError(Problem(f"{step.select.describe()} selects {what} of {step.model!r} "
                                 f"(values: {_values(values)})", path=("select",)))
     return chosen, f", selected by {step.select.describe()} (values: {_values(values)})"

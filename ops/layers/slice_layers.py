@@ -14,6 +14,7 @@ from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import Pick, compose_layers, decoder_of, head_tensors, out_of_range
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import LayerRange, Ref, StepBase, Strict
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 
@@ -52,7 +53,7 @@ def slice_layers(step: SliceLayers, models: Mapping[str, LazyModel], probe: Prob
     head_name = step.head if step.head not in (None, base_name) else None
     parts = ", ".join(f"`{s.model}` [{s.range[0]}, {s.range[1]})" for s in step.slices)
     others = f"final norm and lm_head from `{head_name}`, other tensors" if head_name else "other tensors"
-    note = f"`slice_layers` stacked {parts} ({len(picks)} layers; {others} from `{base_name}`)"
+    note = f"`slice_layers` stacked {parts} ({counted(len(picks), 'layer')}; {others} from `{base_name}`)"
     if len({s.model for s in step.slices} | {head_name} - {None}) > 1:
         tag = "merge"
     else:

@@ -13,6 +13,7 @@ from pydantic import Field
 from recipekit.engine.core.graph import LazyModel, created
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import Ref, StepBase
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 
@@ -59,7 +60,7 @@ def init_gates(step: InitGates, models: Mapping[str, LazyModel], probe: Probe) -
                 tensors[name] = created("constant", node.dtype, node.shape, data=data)
         messages += rows.messages
         how = (f"{step.mode} ({step.hidden_state}, " if step.mode == "hidden" else f"{step.mode} (") + \
-            f"{step.token} token) over {rows.prompts} prompts"
+            f"{step.token} token) over {counted(rows.prompts, 'prompt')}"
     else:
         for name in info.routers + info.shared_gates:
             node = tensors[name]
@@ -77,4 +78,4 @@ def init_gates(step: InitGates, models: Mapping[str, LazyModel], probe: Probe) -
         how = {"random": f"random (seed {step.seed}, std {step.std:g})",
                "uniform_random": f"uniform_random (seed {step.seed})", "uniform": "uniform (all zero)"}[step.mode]
     return model.evolve(tensors=tensors).absorb(
-        note=f"init_gates: routers of {len(info.routers)} layers set by {how}", messages=tuple(messages))
+        note=f"init_gates: routers of {counted(len(info.routers), 'layer')} set by {how}", messages=tuple(messages))

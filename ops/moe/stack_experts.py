@@ -28,6 +28,7 @@ from recipekit.engine.core.moe_layouts import LAYOUTS, infer_layout
 from recipekit.engine.core.names import ATTENTION_BIASES, DOWN, GATE, MLP_TENSORS
 from recipekit.engine.core.probe import RELATED, Probe
 from recipekit.engine.core.schema import Ref, StepBase, Strict
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 if TYPE_CHECKING:
@@ -95,8 +96,8 @@ def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Pr
 
     experts = [(spec, models[spec.model]) for spec in step.experts]
     if step.experts_per_token > len(experts):
-        raise PlanError(Problem(f"experts_per_token is {step.experts_per_token}, but there are only "
-                                f"{len(experts)} experts", path=("experts_per_token",)))
+        raise PlanError(Problem(f"experts_per_token is {step.experts_per_token}, but the step lists only "
+                                f"{counted(len(experts), 'expert')}", path=("experts_per_token",)))
     if layout.name == "mixtral" and not step.norm_topk_prob:
         raise PlanError(Problem("mixtral always renormalises the top-k routing weights; norm_topk_prob: false "
                                 "needs a qwen layout", path=("norm_topk_prob",)))
@@ -159,7 +160,8 @@ def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Pr
                               tuple(step.shared_expert.negative)) if step.shared_expert else None),
         routers=tuple(routers), shared_gates=tuple(shared_gates) if shared_mlp else ())
     others = [m for _, m in experts] + ([models[step.shared_expert.model]] if step.shared_expert else [])
-    note = (f"stack_experts: {layout.name} with {len(experts)} experts ({names}), attention from {step.base}, "
+    note = (f"stack_experts: {layout.name} with {counted(len(experts), 'expert')} ({names}), "
+            f"attention from {step.base}, "
             f"{step.experts_per_token} per token"
             + (f", shared expert {step.shared_expert.model}" if step.shared_expert else ""))
     stacked = base.evolve(config=config, tensors=tensors, moe=info)
@@ -186,7 +188,8 @@ def _expert_mlp(name: str, model: LazyModel, path: Path_, base_mlp: list[dict[st
     """The MLP nodes of every layer of an expert model, checked against the base's shapes."""
     layers = decoder_of(model, name).layers
     if len(layers) != len(base_mlp):
-        raise PlanError(Problem(f"expert {name!r} has {len(layers)} layers, the base has {len(base_mlp)}", path=path))
+        raise PlanError(Problem(f"expert {name!r} has {counted(len(layers), 'layer')}, the base has {len(base_mlp)}",
+                                path=path))
     mlp = []
     for i, layer in enumerate(layers):
         nodes = {}

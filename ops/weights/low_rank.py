@@ -17,6 +17,7 @@ from recipekit.engine.core.layers import decoder_of, out_of_range
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.rmt import noise_edge
 from recipekit.engine.core.schema import LayerSpan, Ref, StepBase
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def low_rank(step: LowRank, models: Mapping[str, LazyModel], probe: Probe) -> La
         kept += [w.label for w in model.protected if keeps(node, w)]
         tensors[name] = elementwise("low_rank", node, rank=step.rank, keep=keep)
     how = f"rank {step.rank}" if step.rank is not None else "the singular values above the noise edge"
-    note = (f"low_rank: {len(chosen)} matrices to {how}{note_snr}"
+    note = (f"low_rank: {counted(len(chosen), 'matrix', 'matrices')} to {how}{note_snr}"
             + (f"; super weights kept exactly: {', '.join(kept)}" if kept else ""))
     return model.evolve(tensors=tensors, notes=model.notes + (note,))
 

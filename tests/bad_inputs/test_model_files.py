@@ -255,7 +255,7 @@ MODEL_CASES = {
                                                             model_type="gemma2", sliding_window_pattern=0)),
     "layer-types-not-a-list": ("llama", _config_change(["layer_types should be a list with one entry per layer (6)",
                                                         "got 5"], layer_types=5)),
-    "layer-types-too-short": ("llama", _config_change(["one entry per layer (6), got 1 entries"],
+    "layer-types-too-short": ("llama", _config_change(["one entry per layer (6), got 1 entry"],
                                                       layer_types=["full_attention"])),
 }
 

@@ -60,7 +60,7 @@ REFERENCE_CASES: dict[str, tuple[str, list[Line]]] = {
             model: a
             layers: [[0, 6]]
         """,
-        [line("layers: ^[[0, 6]]", "steps[0].layers", "leaves none", "6 layers")],
+        [line("layers: ^[[0, 6]]", "steps[0].layers", "leaves no layer", "it has 6 layers")],
     ),
     "slice-beyond-the-model": (
         """

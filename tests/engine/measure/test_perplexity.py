@@ -1,6 +1,7 @@
 """Perplexity with the streamed forward equals the same computation with transformers."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from recipekit.engine.cli import main
 from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.errors import SourceError
 from recipekit.engine.forward.tokenize import TextTokenizer
 from recipekit.engine.io.source import open_model
 from recipekit.engine.measure.perplexity import perplexity, windows
@@ -45,6 +47,23 @@ def test_windows_score_every_token_once(bos, length, seq_len, stride):
     assert scored == ids[(0 if bos is not None else 1):]
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_default_stride_and_what_is_scored_are_as_documented(with_tokenizer, tmp_path, add_bos):
+    """docs/cli.md: the stride is at most and by default --seq-len - 1; without BOS the first token is not scored."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(with_tokenizer, model_dir)
+    (model_dir / "tokenizer_config.json").write_text(f'{{"bos_token": "<s>", "add_bos_token": {json.dumps(add_bos)}}}')
+    model = LazyModel.from_source("m", open_model(str(model_dir), base_dir=Path("/")))
+    ids = TextTokenizer.of(model.side_files).encode_plain(TEXT)
+
+    result = perplexity(model, TEXT, text_name="t", seq_len=48)
+    assert result.stride == 47
+    assert result.tokens == (len(ids) if add_bos else len(ids) - 1)
+    assert perplexity(model, TEXT, text_name="t", seq_len=48, stride=47).perplexity == result.perplexity
+    with pytest.raises(SourceError, match="at most 47 with --seq-len 48"):
+        perplexity(model, TEXT, text_name="t", seq_len=48, stride=48)
+
+
 def test_perplexity_equals_transformers(with_tokenizer):
     model = LazyModel.from_source("m", open_model(str(with_tokenizer), base_dir=Path("/")))
     tokenizer = TextTokenizer.of(model.side_files)
@@ -76,7 +95,6 @@ def test_eval_of_a_recipe_equals_eval_of_its_output(with_tokenizer, tmp_path, ca
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "out"), "--text", str(text), "--seq-len", "64", "--json"]) == 0
-    import json
 
     assert json.loads(planned)["perplexity"] == json.loads(capsys.readouterr().out)["perplexity"]
 
@@ -140,3 +158,22 @@ def test_eval_of_a_model_whose_config_the_rules_cannot_use_is_one_line(tmp_path,
     assert main(["eval", str(model), "--text", str(text), "--seq-len", "4"]) == 2
     assert capsys.readouterr().err.strip() == (f"{model}: config.json: sliding_window_pattern should be a positive "
                                                "integer, got 0")
+
+
+def test_eval_says_when_max_tokens_cut_the_text(with_tokenizer, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    whole = len(TEXT.encode())  # the byte-level tokenizer: one token per byte
+
+    assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--max-tokens", "200"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("perplexity ") and " over 200 tokens (4 windows of 64, stride 63)" in printed.out
+    assert printed.err == f"recipe: --max-tokens 200 cut the text: scored the first 200 of its {whole} tokens\n"
+
+    assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""  # nothing was cut
+    assert json.loads(printed.out)["text_tokens"] == json.loads(printed.out)["tokens"] == whole
+
+    assert main(["eval", str(with_tokenizer), "--text", str(text), "--seq-len", "64", "--max-tokens", "63"]) == 0
+    assert " over 63 tokens (1 window of 64, stride 63)" in capsys.readouterr().out
