@@ -1,11 +1,12 @@
-"""The journal of a partial output: which shards are completely written, and their sha256, so that a run killed
+"""The journal of a partial output: which shards are completely written, and their digest, so that a run killed
 at any moment (SIGKILL, power loss) can be finished by `recipe run ... --resume` without rewriting them.
 
 The journal (`.recipekit-journal` in the partial directory) is JSON lines: first the plan's fingerprint, then one
-line per finished shard. A shard's line is appended only after the shard is hashed, and the hash is taken only
+line per finished shard with its sha256-tree (`digest.py`). A shard's line is appended only after the shard is
+hashed, and the hash is taken only
 once every tensor of it is written, so at any moment every line describes a complete shard. Nothing is fsynced:
 after a hard kill the page cache still holds the bytes, and after a power loss a shard that did not reach the
-disk fails the sha256 check on resume and is written again. The shard that completes last is never hashed: when
+disk fails the digest check on resume and is written again. The shard that completes last is never hashed: when
 it is done, so is the run.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recipekit.engine.core.graph import loads_of
-from recipekit.engine.run.lock import sha256_of
+from recipekit.engine.run.digest import tree_sha256
 from recipekit.engine.run.plan import Plan
 
 JOURNAL = ".recipekit-journal"
@@ -41,7 +42,7 @@ def fingerprint(plan: Plan, device: str, version: str) -> str:
 
 
 def reusable(partial: Path, plan: Plan, print_id: str) -> tuple[dict[str, str], str | None]:
-    """The shards of `partial` a resumed run keeps (name -> sha256), each rehashed and found as journaled, and
+    """The shards of `partial` a resumed run keeps (name -> digest), each rehashed and found as journaled, and
     why nothing (or not everything journaled) is kept, for the user."""
     try:
         lines = (partial / JOURNAL).read_text(encoding="utf-8").splitlines()
@@ -52,14 +53,15 @@ def reusable(partial: Path, plan: Plan, print_id: str) -> tuple[dict[str, str], 
         return {}, ("the partial output was written for other inputs, another recipe or another recipekit: "
                     "writing from the start")
     sizes = {shard.filename: shard.size for shard in plan.shards}
-    claimed = {e["shard"]: e["sha256"] for e in entries[1:] if e and sizes.get(e.get("shard")) == e.get("size")}
+    claimed = {e["shard"]: e["sha256_tree"] for e in entries[1:]
+               if e and sizes.get(e.get("shard")) == e.get("size") and "sha256_tree" in e}
     files = {name: partial / name for name in claimed if (partial / name).is_file()
              and (partial / name).stat().st_size == sizes[name]}
     with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
-        found = dict(zip(files, pool.map(sha256_of, files.values())))
+        found = dict(zip(files, pool.map(tree_sha256, files.values())))
     kept = {name: digest for name, digest in found.items() if digest == claimed[name]}
     bad = len(claimed) - len(kept)
-    return kept, (f"{bad} journaled shard(s) no longer match their sha256 and are written again" if bad else None)
+    return kept, (f"{bad} journaled shard(s) no longer match their digest and are written again" if bad else None)
 
 
 def _parse(line: str) -> dict | None:
@@ -77,7 +79,7 @@ class Journal:
         self._fd = os.open(partial / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         self._append({"fingerprint": print_id})
         for name, digest in kept.items():
-            self._append({"shard": name, "size": (partial / name).stat().st_size, "sha256": digest})
+            self._append({"shard": name, "size": (partial / name).stat().st_size, "sha256_tree": digest})
         self._partial = partial
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipekit-journal")
@@ -93,10 +95,10 @@ class Journal:
     def _record(self, name: str) -> None:
         path = self._partial / name
         try:
-            digest = sha256_of(path, self._stop)
+            digest = tree_sha256(path, self._stop)
         except OSError:  # stopped: the run completed or failed
             return
-        self._append({"shard": name, "size": path.stat().st_size, "sha256": digest})
+        self._append({"shard": name, "size": path.stat().st_size, "sha256_tree": digest})
         self.recorded += 1
 
     def close(self) -> None:

@@ -3,12 +3,12 @@
 For every input: the reference as written, the resolved Hub commit (none for a local directory), and for each
 file the build read or copied (config, index, the shards holding used tensors, the side files copied into the
 output, what measurements read) its size and sha256. Files outside every input that a measurement read (a text)
-are under `files`, keyed by their path relative to the recipe's folder. For Hub files the sha256 is the name of
-the LFS blob in the cache; other files are hashed, in threads (`Hashing`), while the writer copies.
+are under `files`, keyed by their path relative to the recipe's folder. For Hub LFS files the sha256 is the name
+of the blob in the cache; other files get a sha256-tree (`digest.py`), hashed in threads (`Hashing`) while the
+writer copies.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,11 +19,12 @@ from pathlib import Path
 from recipekit.engine.core.graph import loads_of
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.io.source import INDEX_FILE, SIDE_FILES
+from recipekit.engine.run.digest import block_digest, blocks, combine
 from recipekit.engine.run.plan import Plan
 
-LOCK_VERSION = 2  # 1 locked config.json and the shards only
+LOCK_VERSION = 2  # 1 locked config.json and the shards only, by plain sha256
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_READ = 8 * 2**20  # per hashing read: large enough that hashlib releases the GIL for nearly all the work
+_DIGESTS = ("sha256", "sha256_tree")  # a file entry holds one: Hub blobs' plain sha256, else a sha256-tree
 
 
 def lock_files(plan: Plan, base_dir: Path) -> dict[str | None, dict[str, Path]]:
@@ -56,57 +57,73 @@ def _relative(path: Path, base_dir: Path) -> str:
 
 class Hashing:
     """The lock of `plan`, its files hashed in up to `threads` worker threads from the moment it is created, so
-    that the hashing overlaps whatever the caller does next; `lock()` waits for the hashes and assembles it."""
+    that the hashing overlaps whatever the caller does next; `lock()` waits for the hashes and assembles it.
+
+    Hub blobs keep their plain sha256 (the blob's name, free); other files get a sha256-tree (`digest.py`), whose
+    64 MiB blocks the threads hash in parallel, so even one large shard is spread over every core.
+    """
 
     def __init__(self, plan: Plan, base_dir: Path, threads: int | None = None):
         self.plan = plan
         self.groups = lock_files(plan, base_dir)
         self._stop = threading.Event()
         self._known = _hash_cache()
-        self._digests: dict[Path, str | Future] = {}
-        pending = []
+        self._digests: dict[Path, tuple[str, str]] = {}  # path -> (kind, hex digest), once known
+        self._pending: dict[Path, tuple[str, list[Future]]] = {}  # path -> (cache key, one future per block)
+        todo = []
         for path in dict.fromkeys(p for files in self.groups.values() for p in files.values()):
-            digest = _blob_sha256(path) or self._known.get(_stat_key(path))
-            if digest is None:
-                pending.append(path)
+            blob = _blob_sha256(path)
+            try:
+                key = _stat_key(path)
+            except OSError as e:
+                raise _unreadable(path, e) from None
+            if blob is not None:
+                self._digests[path] = ("sha256", blob)
+            elif key in self._known:
+                self._digests[path] = ("sha256_tree", self._known[key])
             else:
-                self._digests[path] = digest
+                todo.append((path, key))
         self._pool = None
-        if pending:
-            self._pool = ThreadPoolExecutor(max_workers=threads or min(len(pending), os.cpu_count() or 1),
+        if todo:
+            self._pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1,
                                             thread_name_prefix="recipekit-hash")
             # the largest first, so that a small file never waits behind the tail of the work
-            for path in sorted(pending, key=lambda p: -p.stat().st_size):
-                self._digests[path] = self._pool.submit(self._hash, path)
+            for path, key in sorted(todo, key=lambda item: -item[0].stat().st_size):
+                count = blocks(path.stat().st_size)
+                self._pending[path] = (key, [self._pool.submit(self._block, path, i) for i in range(count)])
 
-    def _hash(self, path: Path) -> str:
+    def _block(self, path: Path, index: int) -> bytes:
         try:
-            key = _stat_key(path)
-            digest = sha256_of(path, self._stop)
+            return block_digest(path, index, self._stop)
         except OSError as e:
-            raise SourceError(Problem(f"cannot read this input to hash it for recipe.lock: {e.strerror or e} "
-                                      "(make it readable, or run with --no-lock)", str(path))) from None
-        self._known[key] = digest
-        return digest
+            raise _unreadable(path, e) from None
 
     def lock(self) -> dict:
         """The lock, once every file is hashed (`SourceError` for a file that could not be read)."""
-        digests = {p: d.result() if isinstance(d, Future) else d for p, d in self._digests.items()}
+        for path, (key, futures) in self._pending.items():
+            digest = combine([f.result() for f in futures])
+            self._known[key] = digest
+            self._digests[path] = ("sha256_tree", digest)
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
             _save_hash_cache(self._known)
+        self._pending = {}
         inputs: dict[str, dict] = {}
         for name, source in self.plan.model.sources:
             entry = {"ref": source.ref, "commit": source.commit}  # a local directory has no commit
             if source.hub_id:
                 entry.update(repo=source.hub_id, revision=source.revision)
-            entry["files"] = _entries(self.groups[name], digests)
+            entry["files"] = self._entries(self.groups[name])
             inputs[name] = entry
         lock = {"recipekit_lock": LOCK_VERSION, "inputs": inputs}
         if None in self.groups:
-            lock["files"] = _entries(self.groups[None], digests)
+            lock["files"] = self._entries(self.groups[None])
         return lock
+
+    def _entries(self, files: dict[str, Path]) -> dict[str, dict]:
+        return {key: {"size": path.stat().st_size, self._digests[path][0]: self._digests[path][1]}
+                for key, path in files.items()}
 
     def close(self) -> None:
         """Stop hashing (the run failed): running hashes end at their next read, queued ones never start."""
@@ -116,17 +133,18 @@ class Hashing:
             self._pool = None
 
 
-def _entries(files: dict[str, Path], digests: dict[Path, str]) -> dict[str, dict]:
-    return {key: {"size": path.stat().st_size, "sha256": digests[path]} for key, path in files.items()}
+def _unreadable(path: Path, e: OSError) -> SourceError:
+    return SourceError(Problem(f"cannot read this input to hash it for recipe.lock: {e.strerror or e} "
+                               "(make it readable, or run with --no-lock)", str(path)))
 
 
 def lock_problems(lock: dict, current: dict, where: str) -> list[Problem]:
-    """How the inputs of `current` (a fresh lock) differ from `lock`, one problem per difference.
-
-    A version-1 lock covered config.json and the shards only: those are compared, and files it never covered are
-    not reported as new.
-    """
-    complete = lock.get("recipekit_lock") == LOCK_VERSION
+    """How the inputs of `current` (a fresh lock) differ from `lock`, one problem per difference."""
+    if lock.get("recipekit_lock") != LOCK_VERSION:
+        return [Problem(f"this lock was written by another recipekit (lock version {lock.get('recipekit_lock')}; "
+                        f"this one writes and checks version {LOCK_VERSION}, which covers every file a build reads "
+                        "and hashes local files by sha256-tree): run once without --locked (or with --no-lock for "
+                        "a shared recipe) and lock with the recipe.lock that run writes", where)]
     problems = []
     for name, locked in lock.get("inputs", {}).items():
         now = current["inputs"].get(name)
@@ -137,27 +155,30 @@ def lock_problems(lock: dict, current: dict, where: str) -> list[Problem]:
             problems.append(Problem(f"input {name!r} ({locked.get('ref')}) now resolves to commit "
                                     f"{now.get('commit')}, the lock has {locked.get('commit')}", where))
             continue
-        problems += _file_problems(f"input {name!r}: ", locked.get("files", {}), now["files"], complete, where)
+        problems += _file_problems(f"input {name!r}: ", locked.get("files", {}), now["files"], where)
     for name in current["inputs"]:
         if name not in lock.get("inputs", {}):
             problems.append(Problem(f"input {name!r} is not in the lock", where))
-    problems += _file_problems("", lock.get("files", {}), current.get("files", {}), complete, where)
+    problems += _file_problems("", lock.get("files", {}), current.get("files", {}), where)
     return problems
 
 
-def _file_problems(label: str, locked: dict, now: dict, complete: bool, where: str) -> list[Problem]:
+def _file_problems(label: str, locked: dict, now: dict, where: str) -> list[Problem]:
     problems = []
     for file, entry in locked.items():
         got = now.get(file)
         if got is None:
             problems.append(Problem(f"{label}{file} is no longer used or present", where))
         elif got != entry:
-            problems.append(Problem(f"{label}{file} changed (sha256 {got['sha256'][:12]}..., "
-                                    f"locked {entry['sha256'][:12]}...)", where))
-    if complete:
-        problems += [Problem(f"{label}{file} is read now but not in the lock (a file added since it was written)",
-                             where) for file in now if file not in locked]
+            problems.append(Problem(f"{label}{file} changed ({_digest(got)}, locked {_digest(entry)})", where))
+    problems += [Problem(f"{label}{file} is read now but not in the lock (a file added since it was written)",
+                         where) for file in now if file not in locked]
     return problems
+
+
+def _digest(entry: dict) -> str:
+    kind = next((k for k in _DIGESTS if k in entry), "sha256")
+    return f"{kind} {str(entry.get(kind))[:12]}..."
 
 
 def read_lock(path: Path) -> dict:
@@ -182,26 +203,12 @@ def _input_entry(entry: object) -> bool:
 
 
 def _file_entries(files: object) -> bool:
-    return isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("sha256"), str)
+    return isinstance(files, dict) and all(isinstance(f, dict) and any(isinstance(f.get(k), str) for k in _DIGESTS)
                                            for f in files.values())
 
 
 def lock_bytes(lock: dict) -> bytes:
     return (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode()
-
-
-def sha256_of(path: Path, stop: threading.Event | None = None) -> str:
-    """sha256 of a file's bytes, read in large blocks into one buffer (hashlib releases the GIL while it hashes
-    each). With `stop` set, gives up at the next block (OSError)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_READ)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            if stop is not None and stop.is_set():
-                raise OSError(f"hashing of {path} stopped")
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _blob_sha256(path: Path) -> str | None:
@@ -212,8 +219,9 @@ def _blob_sha256(path: Path) -> str | None:
 
 
 def _stat_key(path: Path) -> str:
+    """What the remembered-hash cache knows a file by; `tree1:` since its digests are sha256-trees."""
     st = path.resolve().stat()
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"tree1:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def hash_cache_file() -> Path:

@@ -129,7 +129,7 @@ def test_a_journaled_shard_that_changed_is_written_again(tmp_path, model, capsys
     (partial / first).write_bytes(bytes(data))
     capsys.readouterr()
     assert main(["run", str(recipe), "-o", str(out), "-q", "--resume"]) == 0
-    assert "1 journaled shard(s) no longer match their sha256 and are written again" in capsys.readouterr().err
+    assert "1 journaled shard(s) no longer match their digest and are written again" in capsys.readouterr().err
     assert _files(out) == _files(reference)
 
 

@@ -1,0 +1,57 @@
+"""sha256-tree: a digest of a file that several threads compute at once, for the files recipekit hashes itself.
+
+A plain sha256 is one sequential stream, about 1.3 GB/s on one core here: a 1.7 GB shard takes longer to hash
+than to copy. sha256-tree hashes each 64 MiB block on its own and then the list of block digests:
+
+    sha256(b"recipekit sha256-tree v1\\n" + block_size as 8 bytes little-endian + sha256(block 0) + sha256(block 1) ...)
+
+It is as collision-resistant as sha256 (a collision of the tree is a collision of sha256 at one of its levels),
+and any tool can recompute it from that definition. Hub files keep their plain sha256 (their blob name).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+BLOCK = 64 * 2**20
+_PREFIX = b"recipekit sha256-tree v1\n"
+_READ = 8 * 2**20  # per read: large enough that hashlib releases the GIL for nearly all the work
+
+
+def blocks(size: int) -> int:
+    """How many blocks a file of `size` bytes has (an empty file has none)."""
+    return -(-size // BLOCK)
+
+
+def block_digest(path: Path, index: int, stop: threading.Event | None = None) -> bytes:
+    """sha256 of block `index` of `path`, read in large reads into one buffer. With `stop` set, gives up at the
+    next read (OSError)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_READ)
+    view = memoryview(buffer)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset, end = index * BLOCK, (index + 1) * BLOCK
+        while offset < end:
+            if stop is not None and stop.is_set():
+                raise OSError(f"hashing of {path} stopped")
+            n = os.preadv(fd, [view[:min(_READ, end - offset)]], offset)
+            if n == 0:
+                break
+            digest.update(view[:n])
+            offset += n
+    finally:
+        os.close(fd)
+    return digest.digest()
+
+
+def combine(block_digests: list[bytes]) -> str:
+    """The sha256-tree of a file from the sha256 of each of its blocks, in order."""
+    return hashlib.sha256(_PREFIX + BLOCK.to_bytes(8, "little") + b"".join(block_digests)).hexdigest()
+
+
+def tree_sha256(path: Path, stop: threading.Event | None = None) -> str:
+    """The sha256-tree of a file, block after block in this thread."""
+    return combine([block_digest(path, i, stop) for i in range(blocks(path.stat().st_size))])
