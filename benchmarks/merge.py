@@ -11,8 +11,8 @@ A benchmark, not a test: CI never runs it. It
    tensor's largest |value| (target 1e-5); for seeded ones (dare_*, della*), whose masks come from different
    generators, the fraction of entries that moved off the base and the mean and spread of the moves;
 3. speed: generates models of about `--size` bytes and times, alternating, linear (two models) and ties (base
-   plus one) in bfloat16 through both tools, reading the inputs into the page cache before each timed run,
-   with peak RSS from `/usr/bin/time -v`;
+   plus one) with `dtype: bfloat16` (both tools compute and write in bf16) through both tools, reading the inputs
+   into the page cache before each timed run, with peak RSS from `/usr/bin/time -v`;
 4. prints the table and the ratios recipekit / mergekit (`--json FILE` too).
 
     python benchmarks/merge.py --size 1.7GB --repeats 3 --torch torch==2.13.0

@@ -2,7 +2,9 @@
 
 A kernel is a pure function of torch tensors and keyword parameters (the `params` of its `Apply` node). torch is
 imported inside each function, so that ops can name and register kernels without importing it: the executor
-calls a kernel only when a tensor has to be computed.
+calls a kernel only when a tensor has to be computed, and casts its result to the node's dtype. A kernel that
+computes in a dtype the recipe chooses (a merge) takes it as the parameter `compute_dtype` and returns its result
+in it, so that the output is rounded once; the planner and the executor size its working copies by it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ def torch_dtype(name: str) -> torch.dtype:
         "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
         "U32": torch.uint32, "U64": torch.uint64,
     }[name]
+
+
+def compute_dtype(params: tuple[tuple[str, object], ...]) -> str:
+    """The safetensors name of the dtype an `Apply` with these params computes in: its `compute_dtype`, else
+    float32 (what the planner assumes of a kernel that does not say)."""
+    return str(dict(params).get("compute_dtype", "F32"))
 
 
 def generator(seed: int, name: str) -> torch.Generator:

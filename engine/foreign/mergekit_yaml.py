@@ -8,6 +8,8 @@
   slices stacked, the embeddings from the first slice's merge and the final norm and `lm_head` from the last's,
   which is where mergekit takes them from too. A slice's own `parameters` are tried before the global ones, a
   source's before both, as in mergekit.
+- mergekit's `dtype` is the dtype it computes in: every merge step's `compute_dtype`. The output is written in
+  `out_dtype`, or else in `dtype`, as mergekit writes it.
 
 The tokenizer comes from `tokenizer_source` or else the base. A field recipekit does not compute is refused,
 located in the config; nothing is silently ignored. Which methods exist is the recipe schema's business: an
@@ -204,6 +206,9 @@ class MergekitYaml(ConfigTranslator):
         if self.data.get("random_seed") is not None:
             step["seed"] = self.data["random_seed"]
             self.paths[path + ("seed",)] = ("random_seed",)
+        if self.data.get("dtype") is not None:
+            step["compute_dtype"] = self.data["dtype"]
+            self.paths[path + ("compute_dtype",)] = ("dtype",)
         return step
 
     def _parameters(self, path: Path_, levels: list[Path_]) -> dict:

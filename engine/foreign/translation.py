@@ -38,8 +38,16 @@ class MappedLocator(Locator):
         return ()
 
     def problems(self, error: RecipekitError) -> RecipekitError:
-        """The same error with every problem's path in the config's terms."""
-        return type(error)([Problem(p.message, p.where, self.original(p.path) if p.path else ()) for p in error.problems])
+        """The same error with every problem's path in the config's terms, and a config field named once: one field
+        may feed several recipe fields (mergekit's `dtype` is every merge's compute_dtype and the output's dtype)."""
+        problems, named = [], set()
+        for p in error.problems:
+            path = self.original(p.path) if p.path else ()
+            if path and (p.where, path) in named:
+                continue
+            named.add((p.where, path))
+            problems.append(Problem(p.message, p.where, path))
+        return type(error)(problems)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from recipekit.engine.core.graph import Apply, Load, Node
-from recipekit.engine.core.kernels import torch_dtype
+from recipekit.engine.core.kernels import compute_dtype, torch_dtype
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, TensorInfo
 from recipekit.ops.registry import KERNELS
 
@@ -121,8 +121,9 @@ def rowwise_stream(node: Apply, open_input: Callable[[TensorInfo], int], dst_fd:
     keep = params.pop("keep", ())
     rows, row_elems = node.shape[0], math.prod(node.shape[1:])
     out_dtype = torch_dtype(node.dtype)
-    # inputs in their dtype, their float32 copies and the float32 result: about CAST_CHUNK_BYTES in all
-    per_row = row_elems * (sum(DTYPE_SIZES[i.dtype] + 4 for i in node.inputs) + 8)
+    work = DTYPE_SIZES[compute_dtype(node.params)]
+    # inputs in their dtype and their copies in the compute dtype, the result and its cast: about CAST_CHUNK_BYTES
+    per_row = row_elems * (sum(DTYPE_SIZES[i.dtype] + work for i in node.inputs) + work + out_dtype.itemsize)
     step = max(1, CAST_CHUNK_BYTES // per_row)
     out_row = row_elems * out_dtype.itemsize
     for start in range(0, rows, step):
@@ -174,4 +175,4 @@ class Evaluator:
         inputs = [self.value(child) for child in node.inputs]
         result = KERNELS[node.kernel](*inputs, **dict(node.params))
         dtype = torch_dtype(node.dtype)
-        return result if result.dtype == dtype else result.to(dtype)  # kernels that compute in float32
+        return result if result.dtype == dtype else result.to(dtype)  # a kernel's result is in its compute dtype

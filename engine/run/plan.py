@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from recipekit.engine.core.graph import Apply, LazyModel, Load, Node, cast_source, loads_of
+from recipekit.engine.core.kernels import compute_dtype
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 from recipekit.engine.recipe.document import OUTPUT_DTYPES, Output
 from recipekit.ops.registry import ROWWISE
@@ -105,8 +106,8 @@ def make_plan(model: LazyModel, output: Output) -> Plan:
     nodes: dict[str, Node] = {}
     for name, node in model.tensors.items():
         if target and node.dtype in FLOAT_DTYPES and node.dtype != target:
-            # a computed tensor is computed straight into the output dtype (a merge rounds once, from float32);
-            # a loaded one is cast
+            # a computed tensor is computed straight into the output dtype (a merge rounds once, from its compute
+            # dtype); a loaded one is cast
             node = (replace(node, dtype=target) if isinstance(node, Apply)
                     else Apply("cast", (node,), (("dtype", target),), target, node.shape))
         nodes[name] = node
@@ -167,10 +168,11 @@ def copy_threads() -> int:
 
 
 def _working_set(node: Node) -> int:
-    """The tensor, its inputs, and the float32 copies a kernel makes of each (merges compute in float32)."""
+    """The tensor, its inputs, and the copies in its compute dtype a kernel makes of each, and of its result."""
     if isinstance(node, Load):
         return _nbytes(node)
-    working = 4 * math.prod(node.shape) * (len(node.inputs) + 1) if node.kernel != "cast" else 0
+    element = DTYPE_SIZES[compute_dtype(node.params)]
+    working = element * math.prod(node.shape) * (len(node.inputs) + 1) if node.kernel != "cast" else 0
     return _nbytes(node) + working + sum(_working_set(i) for i in node.inputs)
 
 

@@ -1,5 +1,5 @@
-"""Merges that interpolate between whole models, in float32: linear (a weighted mean), SLERP, NearSwap, and
-Model Stock (the mean of the fine-tunes, pulled towards the base).
+"""Merges that interpolate between whole models: linear (a weighted mean), SLERP, NearSwap, and Model Stock (the
+mean of the fine-tunes, pulled towards the base), each in its `compute_dtype` (see `precision`).
 
 SLERP follows the sphere between the base and the other model by `t` (0: the base, 1: the other), treating each
 tensor as one vector; when the two are nearly parallel (|cos| > 0.9995) it interpolates linearly, as mergekit
@@ -10,38 +10,39 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .precision import dtypes, restore
+
 if TYPE_CHECKING:
     import torch
 
 
-def restore(result: torch.Tensor, inputs: tuple[torch.Tensor, ...], keep: tuple[tuple[int, int, int], ...]):
-    for row, column, source in keep:
-        result[row, column] = inputs[source][row, column].float()
-    return result
-
-
-def linear(*tensors: torch.Tensor, weights: tuple[float, ...], normalize: bool,
+def linear(*tensors: torch.Tensor, weights: tuple[float, ...], normalize: bool, compute_dtype: str = "F32",
            keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
-    """sum_k w_k x_k (divided by sum_k w_k when `normalize`)."""
+    """sum_k w_k x_k (divided by sum_k w_k when `normalize`); with one model, passthrough's `scale`."""
     import torch
 
-    result = tensors[0].to(torch.float32, copy=True).mul_(weights[0])
+    dtype, _ = dtypes(compute_dtype)
+    result = tensors[0].to(dtype, copy=True).mul_(weights[0])
     for w, x in zip(weights[1:], tensors[1:]):
-        result.add_(x, alpha=w)  # upcast on the fly: one pass per model, no temporary
+        # an input that widens exactly into the compute dtype (bf16 into float32) is converted on the fly, one pass
+        # per model and no temporary; a wider one is rounded to it first, like every input
+        result.add_(x if torch.promote_types(x.dtype, dtype) == dtype else x.to(dtype), alpha=w)
     if normalize:
         result.div_(sum(weights))
     return restore(result, tensors, keep)
 
 
-def slerp(base: torch.Tensor, other: torch.Tensor, *, t: float,
+def slerp(base: torch.Tensor, other: torch.Tensor, *, t: float, compute_dtype: str = "F32",
           keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
+    """The norms and the dot product accumulate in float32 at least, so the parallel test sees the cosine."""
     import torch
 
-    a, b = base.float(), other.float()
-    a_norm, b_norm = a.norm(), b.norm()
+    dtype, accumulate = dtypes(compute_dtype)
+    a, b = base.to(dtype), other.to(dtype)
+    a_norm, b_norm = a.norm(dtype=accumulate), b.norm(dtype=accumulate)
     unit_a = a / a_norm if a_norm > 1e-8 else a
     unit_b = b / b_norm if b_norm > 1e-8 else b
-    dot = float((unit_a * unit_b).sum())
+    dot = float((unit_a * unit_b).sum(dtype=accumulate))
     if abs(dot) > 0.9995:
         result = (1 - t) * a + t * b
     else:
@@ -53,16 +54,17 @@ def slerp(base: torch.Tensor, other: torch.Tensor, *, t: float,
     return restore(result, (base, other), keep)
 
 
-def nearswap(base: torch.Tensor, other: torch.Tensor, *, t: float,
+def nearswap(base: torch.Tensor, other: torch.Tensor, *, t: float, compute_dtype: str = "F32",
              keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
     import torch
 
-    a, b = base.float(), other.float()
+    dtype, _ = dtypes(compute_dtype)
+    a, b = base.to(dtype), other.to(dtype)
     weight = torch.nan_to_num(t / (a - b).abs(), nan=1.0, posinf=1.0, neginf=1.0).clamp(0, 1)
     return restore(weight * b + (1 - weight) * a, (base, other), keep)
 
 
-def model_stock(base: torch.Tensor, *others: torch.Tensor, filter_wise: bool,
+def model_stock(base: torch.Tensor, *others: torch.Tensor, filter_wise: bool, compute_dtype: str = "F32",
                 keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
     """Model Stock: the average of the fine-tunes, pulled towards the base by how much their task vectors agree.
 
@@ -71,23 +73,25 @@ def model_stock(base: torch.Tensor, *others: torch.Tensor, filter_wise: bool,
     """
     import torch
 
+    dtype, accumulate = dtypes(compute_dtype)
     shape = base.shape
-    origin = base.float()
+    origin = base.to(dtype)
     if filter_wise:
         origin = origin.reshape(1, -1) if origin.dim() < 2 else origin
-        xs = [x.float().reshape(origin.shape) for x in others]
+        xs = [x.to(dtype).reshape(origin.shape) for x in others]
     else:
         origin = origin.reshape(-1)
-        xs = [x.float().reshape(-1) for x in others]
+        xs = [x.to(dtype).reshape(-1) for x in others]
     offsets = [x - origin for x in xs]
     cosines = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
-            norms = (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)
-            cosines.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms).clamp(-1, 1))
+            a, b = offsets[i], offsets[j]
+            norms = (a.norm(dim=-1, dtype=accumulate) * b.norm(dim=-1, dtype=accumulate)).clamp(min=1e-6)
+            cosines.append(((a * b).sum(dim=-1, dtype=accumulate) / norms).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(xs)
-    t = n * cos / (1 + (n - 1) * cos)
+    t = (n * cos / (1 + (n - 1) * cos)).to(dtype)  # per row (or one for the tensor), as the weights are
     result = (t * (sum(xs) / n) + (1 - t) * origin).reshape(shape)
     return restore(result, (base, *others), keep)
 

@@ -4,7 +4,8 @@ The rewrite checks everything a merge needs before anything is read (method and 
 parameter's range at every tensor, matching layer counts, tensor names and shapes) and gives each output tensor
 one `Apply` of the method's kernel over the same tensor of every model, with that tensor's parameters resolved
 (gradients over the layers, filters by name; a model's own value wins over the global one, which wins over the
-method's default). Tensors that are not floating point (integer buffers) come from the base.
+method's default), and the step's `compute_dtype`. Tensors that are not floating point (integer buffers) come
+from the base.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import Field, StrictBool
 
-from recipekit.engine.core.graph import Apply, LazyModel, Node, elementwise, keeps
+from recipekit.engine.core.graph import Apply, LazyModel, Node, keeps
 from recipekit.engine.core.layers import decoder_of, head_tensors, split_layer_name
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import Ref, StepBase, Strict
@@ -24,6 +25,8 @@ from .values import Filtered, Gradient, Value, resolve
 
 FLOATS = ("F16", "BF16", "F32", "F64")
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+COMPUTE_DTYPES = {"float32": "F32", "float64": "F64", "bfloat16": "BF16", "float16": "F16"}  # -> safetensors name
+ComputeDtype = Literal[tuple(COMPUTE_DTYPES)]  # type: ignore[valid-type]
 
 
 class MergeModel(Strict):
@@ -88,6 +91,10 @@ class Merge(StepBase):
     parameters: MergeParameters = Field(default_factory=MergeParameters, description="Global parameters.")
     seed: int = Field(0, ge=0, strict=True, description="Seed of the random masks (dare_*, della*) and samples "
                                                         "(arcee_fusion).")
+    compute_dtype: ComputeDtype = Field("float32", description=(
+        "The dtype the method computes in (a mergekit config's `dtype`): the inputs are converted to it and each "
+        "operation rounds to it; norms and sums accumulate in float32 at least and random draws stay float32. The "
+        "result is rounded once into output.dtype."))
 
     def references(self) -> list[tuple[Path_, str]]:
         refs: list[tuple[Path_, str]] = [(("models", k, "model"), m.model) for k, m in enumerate(self.models)]
@@ -106,6 +113,7 @@ def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyMod
     head = set(head_tensors(base, decoder))
     count = len(decoder.layers)
     merged = [k for k, e in enumerate(entries) if e.entry is not None]  # the inputs with parameters of their own
+    compute = ("compute_dtype", COMPUTE_DTYPES[step.compute_dtype])
 
     tensors: dict[str, Node] = {}
     for name, node in base.tensors.items():
@@ -115,11 +123,12 @@ def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyMod
         parts = split_layer_name(name)
         position = (parts[1] / (count - 1) if count > 1 else 1.0) if parts and parts[0] == decoder.prefix \
             else 1.0 if name in head else 0.0
-        if method.name == "passthrough":  # one model, each tensor as it is or scaled: no kernel of its own
+        if method.name == "passthrough":  # one model, each tensor as it is or scaled: a linear merge of one
             factor = resolve(entries[0].entry.scale, name, position)
             if factor is None:
                 factor = resolve(step.parameters.scale, name, position)
-            tensors[name] = node if factor is None or factor == 1 else elementwise("scale", node, factor=factor)
+            tensors[name] = node if factor is None or factor == 1 else Apply(
+                "linear", (node,), (("weights", (factor,)), ("normalize", False), compute), node.dtype, node.shape)
             continue
         params = _tensor_params(step, method, entries, merged, name, position)
         nodes = tuple(model.tensors[name] for model in inputs)
@@ -131,6 +140,7 @@ def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyMod
             params.append(("base", entries[0].entry is None))
         if method.seeded:
             params += [("seed", step.seed), ("name", name)]
+        params.append(compute)
         tensors[name] = Apply(method.kernel, nodes, tuple(params), node.dtype, node.shape)
 
     names = ", ".join(f"`{e.name}`" for e in entries)
@@ -308,7 +318,7 @@ def _check_della(entries: list[Input], merged: list[int], params: list[tuple[str
 
 
 def _describe(step: Merge) -> str:
-    """The parameters as the recipe gave them, for the model card."""
+    """The parameters as the recipe gave them, the seed and the compute dtype, for the model card."""
     given = step.parameters.model_dump(by_alias=True, exclude_none=True)
     per_model = [f"{m.model}: " + ", ".join(f"{f} {_text(getattr(m, f))}" for f in PER_MODEL
                                             if getattr(m, f) is not None)
@@ -317,7 +327,8 @@ def _describe(step: Merge) -> str:
     parts += per_model
     if METHODS[step.method].seeded:
         parts.append(f"seed {step.seed}")
-    return f"; {'; '.join(parts)}" if parts else ""
+    parts.append(f"compute_dtype {step.compute_dtype}")
+    return f"; {'; '.join(parts)}"
 
 
 def _text(value: object) -> str:

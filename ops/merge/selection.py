@@ -1,6 +1,6 @@
 """Merges that choose, entry by entry, which task vectors count: SCE, RAM, RAM+ (tensor-local), Arcee Fusion.
 
-All compute in float32, task vectors d_k = x_k - base:
+All compute in their `compute_dtype` (see `precision`), task vectors d_k = x_k - base:
 - SCE keeps the `select_topk` fraction of entries where the models disagree most (variance across models),
   erases the entries whose sign disagrees with the sum's, and weights each model by its task vector's mean
   square (normalised over the models).
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from recipekit.engine.core.kernels import generator
 
-from .interpolate import restore
+from .precision import dtypes, restore
 
 if TYPE_CHECKING:
     import torch
@@ -25,18 +25,20 @@ if TYPE_CHECKING:
 QUANTILE_SAMPLE = 1_000_000
 
 
-def _task_vectors(base: torch.Tensor, others: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _task_vectors(base: torch.Tensor, others: tuple[torch.Tensor, ...],
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
-    origin = base.float()
-    return origin, torch.stack([x.float() - origin for x in others])
+    origin = base.to(dtype)
+    return origin, torch.stack([x.to(dtype) - origin for x in others])
 
 
 def sce(base: torch.Tensor, *others: torch.Tensor, select_topk: float, int8_mask: bool = False,
-        keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
+        compute_dtype: str = "F32", keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
     import torch
 
-    origin, tvs = _task_vectors(base, others)
+    dtype, accumulate = dtypes(compute_dtype)
+    origin, tvs = _task_vectors(base, others, dtype)
     if select_topk < 1:
         variance = tvs.var(dim=0, unbiased=False).reshape(-1)
         k = int(int(torch.count_nonzero(variance)) * select_topk) if select_topk > 0 else 0
@@ -46,10 +48,10 @@ def sce(base: torch.Tensor, *others: torch.Tensor, select_topk: float, int8_mask
         tvs = tvs * chosen.view(tvs.shape[1:])
     positive = tvs.sum(dim=0) >= 0
     agrees = torch.where(positive, tvs > 0, tvs < 0)
-    energy = tvs.square().reshape(len(others), -1).mean(dim=1)
+    energy = tvs.square().reshape(len(others), -1).mean(dim=1, dtype=accumulate)
     total = float(energy.sum())
     weights = torch.full_like(energy, 1 / len(others)) if abs(total) < 1e-6 else energy / total
-    erased = weights.view(-1, *[1] * (tvs.dim() - 1)) * agrees
+    erased = weights.to(dtype).view(-1, *[1] * (tvs.dim() - 1)) * agrees
     merged = (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
     return restore(origin + merged, (base, *others), keep)
 
@@ -61,9 +63,9 @@ def _ram_masks(tvs: torch.Tensor, epsilon: float):
     return flat, changed, counts, counts > 1, counts == 1
 
 
-def ram(base: torch.Tensor, *others: torch.Tensor, epsilon: float,
+def ram(base: torch.Tensor, *others: torch.Tensor, epsilon: float, compute_dtype: str = "F32",
         keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
-    origin, tvs = _task_vectors(base, others)
+    origin, tvs = _task_vectors(base, others, dtypes(compute_dtype)[0])
     flat, changed, counts, shared, unique = _ram_masks(tvs, epsilon)
     kept = flat * changed
     merged = (kept * unique + kept * shared / counts.clamp(min=1)).sum(dim=0)
@@ -71,25 +73,31 @@ def ram(base: torch.Tensor, *others: torch.Tensor, epsilon: float,
 
 
 def ramplus_tl(base: torch.Tensor, *others: torch.Tensor, r: float, alpha: float, epsilon: float,
-               keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
-    origin, tvs = _task_vectors(base, others)
+               compute_dtype: str = "F32", keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
+    dtype, _ = dtypes(compute_dtype)
+    origin, tvs = _task_vectors(base, others, dtype)
     flat, changed, counts, shared, unique = _ram_masks(tvs, epsilon)
-    rho = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
-    boost = 1 + r * rho.clamp(min=0, max=alpha)
+    rho = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)  # a ratio of counts
+    boost = (1 + r * rho.clamp(min=0, max=alpha)).to(dtype)
     kept = flat * changed
     merged = (kept * unique * boost.unsqueeze(-1) + kept * shared / counts.clamp(min=1)).sum(dim=0)
     return restore(origin + merged.view(origin.shape), (base, *others), keep)
 
 
-def arcee_fusion(base: torch.Tensor, other: torch.Tensor, *, seed: int, name: str,
+def arcee_fusion(base: torch.Tensor, other: torch.Tensor, *, seed: int, name: str, compute_dtype: str = "F32",
                  keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
+    """The KL divergence of the rows is a reduction: computed in float32 at least (in float16 the softmax of a
+    wide row underflows, and 0 * log 0 is nan)."""
     import torch
     import torch.nn.functional as F
 
-    origin, x = base.float(), other.float()
-    p = F.softmax(x, dim=-1) + 1e-8
-    q = F.softmax(origin, dim=-1) + 1e-8
-    importance = (x - origin).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    dtype, accumulate = dtypes(compute_dtype)
+    origin, x = base.to(dtype), other.to(dtype)
+    p = F.softmax(x, dim=-1, dtype=accumulate) + 1e-8
+    q = F.softmax(origin, dim=-1, dtype=accumulate) + 1e-8
+    divergence = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    del p, q
+    importance = (x - origin).abs() * divergence.to(dtype)
     flat = importance.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE:
         picks = torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator(seed, name))

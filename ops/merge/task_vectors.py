@@ -1,11 +1,11 @@
 """Task-vector merges: task arithmetic, TIES, DARE, Model Breadcrumbs and DELLA, one kernel each.
 
-Every one computes in float32: task vectors d_k = x_k - base, each sparsified (TIES: keep the largest
-`density` of |d_k|; DARE: keep each entry with probability `density`; breadcrumbs: drop the largest `gamma` and
-the smallest, keeping `density`; DELLA: keep with a probability that grows with the entry's magnitude rank within
-its row, density +- epsilon), then weighted, optionally sign-elected (the `_ties` forms and TIES and DELLA: an
-entry counts only where its sign agrees with the sign of the weighted sum), summed, divided by the weights that
-took part (`normalize`), scaled by `lambda` and added to the base.
+Every one computes in its `compute_dtype` (see `precision`): task vectors d_k = x_k - base, each sparsified
+(TIES: keep the largest `density` of |d_k|; DARE: keep each entry with probability `density`; breadcrumbs: drop
+the largest `gamma` and the smallest, keeping `density`; DELLA: keep with a probability that grows with the
+entry's magnitude rank within its row, density +- epsilon), then weighted, optionally sign-elected (the `_ties`
+forms and TIES and DELLA: an entry counts only where its sign agrees with the sign of the weighted sum), summed,
+divided by the weights that took part (`normalize`), scaled by `lambda` and added to the base.
 
 Differences from mergekit, on purpose:
 - breadcrumbs: when `gamma` cuts no top entry (small tensors, or gamma 0), mergekit before 0.1.5 kept nothing,
@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from recipekit.engine.core.kernels import generator
+
+from .precision import dtypes, restore
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +100,7 @@ def _outliers(delta: torch.Tensor, density: float, gamma: float, **_) -> torch.T
 
 
 def _random(delta: torch.Tensor, density: float, rng: torch.Generator, **_) -> torch.Tensor:
-    """Keep each entry with probability `density` (DARE)."""
+    """Keep each entry with probability `density` (DARE), drawn in float32 whatever the compute dtype."""
     import torch
 
     if density >= 1:
@@ -109,7 +111,8 @@ def _random(delta: torch.Tensor, density: float, rng: torch.Generator, **_) -> t
 
 def _rank_sampled(delta: torch.Tensor, density: float, epsilon: float, rng: torch.Generator,
                   **_) -> torch.Tensor:
-    """Keep each entry with probability density - epsilon + 2 epsilon * (its magnitude rank in its row, 0..1)."""
+    """Keep each entry with probability density - epsilon + 2 epsilon * (its magnitude rank in its row, 0..1).
+    Ranks, probabilities and draws are float32 whatever the compute dtype (bfloat16 cannot count past 256)."""
     import torch
 
     if density >= 1:
@@ -122,11 +125,12 @@ def _rank_sampled(delta: torch.Tensor, density: float, epsilon: float, rng: torc
     return (rows * (draws < probability)).reshape(delta.shape)
 
 
-def _rescaled(kept: torch.Tensor, before: float, density: float, rescale_by: str) -> torch.Tensor:
+def _rescaled(kept: torch.Tensor, before: float, density: float, rescale_by: str,
+              accumulate: torch.dtype) -> torch.Tensor:
     """What sparsifying kept, scaled back up: by 1 / density, or so that its L1 norm is `before` again."""
     if rescale_by == "density":
         return kept.div_(density) if 0 < density < 1 else kept
-    after = float(kept.abs().sum())
+    after = float(kept.abs().sum(dtype=accumulate))
     if before < 1e-7 or after < 1e-7:
         return kept
     return kept.mul_(before / after)
@@ -141,28 +145,27 @@ CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
 def task_vector_merge(method: str, base: torch.Tensor, *others: torch.Tensor, weights: tuple[float, ...],
                       densities: tuple[float, ...], gammas: tuple[float, ...] = (), epsilons: tuple[float, ...] = (),
                       normalize: bool, lambda_: float = 1.0, rescale: bool = False, rescale_by: str = "l1",
-                      int8_mask: bool = False, seed: int = 0, name: str = "",
+                      int8_mask: bool = False, seed: int = 0, name: str = "", compute_dtype: str = "F32",
                       keep: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
-    """[*shape] x (1 + models) -> [*shape] float32. `int8_mask` only saves memory in mergekit; here the sign mask
-    is boolean, so it changes nothing.
+    """[*shape] x (1 + models) -> [*shape] in `compute_dtype`. `int8_mask` only saves memory in mergekit; here the
+    sign mask is boolean, so it changes nothing.
 
-    Works in place where it can: besides the inputs it holds one float32 task vector per model, the base in
-    float32 and, for sign election, one float32 sum and boolean masks.
+    Works in place where it can: besides the inputs it holds, in the compute dtype, one task vector per model, the
+    base and, for sign election, one sum; and boolean masks.
     """
-    import torch
-
+    dtype, accumulate = dtypes(compute_dtype)
     sparsify = SPARSIFY[method]
+    origin = base.to(dtype, copy=True)  # the result's buffer; inputs are never changed in place
     deltas = []
     for k, x in enumerate(others):
-        delta = x.to(torch.float32, copy=True).sub_(base)  # the base is upcast on the fly, not copied
+        delta = x.to(dtype, copy=True).sub_(origin)
         if sparsify is not None:
-            before = float(delta.abs().sum()) if rescale and rescale_by == "l1" else 0.0
+            before = float(delta.abs().sum(dtype=accumulate)) if rescale and rescale_by == "l1" else 0.0
             delta = sparsify(delta, densities[k], gamma=gammas[k] if gammas else 0.0,
                              epsilon=epsilons[k] if epsilons else 0.0, rng=generator(seed, f"{name}\0{k}"))
             if rescale:
-                delta = _rescaled(delta, before, densities[k], rescale_by)
+                delta = _rescaled(delta, before, densities[k], rescale_by, accumulate)
         deltas.append(delta.mul_(weights[k]))
-    origin = base.to(torch.float32, copy=True)  # the result's buffer; inputs are never changed in place
     if method in CONSENSUS and len(deltas) == 1 and weights[0] != 0:
         # one model agrees with itself wherever it changed something: the same arithmetic as the election
         # (weighted change divided by the weight that counted), without its masks
@@ -178,11 +181,7 @@ def task_vector_merge(method: str, base: torch.Tensor, *others: torch.Tensor, we
             mixed.div_(total if abs(total) >= 1e-8 else 1.0)
         origin.add_(mixed, alpha=lambda_)
     del deltas
-    result = origin
-    inputs = (base, *others)
-    for row, column, source in keep:
-        result[row, column] = inputs[source][row, column].float()
-    return result
+    return restore(origin, (base, *others), keep)
 
 
 ELECT_BLOCK = 2**22  # entries per block of the sign election: its temporaries stay a few tens of MB

@@ -474,6 +474,32 @@ SCHEMA_CASES: dict[str, tuple[str, list[Line]]] = {
         """,
         [line("dtype: ^bf16", "output.dtype", "'bf16'", "did you mean 'bfloat16'?")],
     ),
+    "unknown-compute-dtype": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: merge
+            method: linear
+            models: [{model: a, weight: 1}]
+            compute_dtype: bf16
+        """,
+        [line("compute_dtype: ^bf16", "steps[0].compute_dtype", "'bf16'", "did you mean 'bfloat16'?", "float64")],
+    ),
+    "compute-dtype-not-a-name": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: merge
+            method: linear
+            models: [{model: a, weight: 1}]
+            compute_dtype: 16
+        """,
+        [line("compute_dtype: ^16", "steps[0].compute_dtype", "'float32'", "got 16")],
+    ),
     "unparsable-shard-size": (
         """
         recipe: 1
@@ -514,7 +540,7 @@ def test_schema_mistake(work: Path, capsys, case: str, command: str) -> None:
 
 @pytest.mark.parametrize("case", ["yaml-syntax-error", "tab-indenting-a-model", "python-object-tag", "unknown-op",
                                   "misspelt-step-key", "layers-wrong-type", "unsupported-version",
-                                  "unknown-output-dtype"])
+                                  "unknown-output-dtype", "unknown-compute-dtype"])
 def test_schema_mistake_schema_only(tmp_path: Path, capsys, case: str) -> None:
     """`validate --schema-only` opens no model, so the recipe text alone must be refused the same way."""
     template, lines = SCHEMA_CASES[case]

@@ -66,8 +66,8 @@ def test_a_models_form_ties_config_is_one_merge_step(work: Path, capsys) -> None
     assert recipe["steps"] == [{"op": "merge", "method": "ties", "models": [
         {"model": "base"}, {"model": "ft1", "weight": 0.6, "density": 0.5},
         {"model": "ft2", "weight": [0.2, 0.8], "density": 0.7}], "base": "base",
-        "parameters": {"normalize": True, "int8_mask": True}}]
-    assert recipe["output"] == {"dtype": "float32", "tokenizer": "base"}
+        "parameters": {"normalize": True, "int8_mask": True}, "compute_dtype": "float32"}]
+    assert recipe["output"] == {"dtype": "float32", "tokenizer": "base"}  # no out_dtype: written in dtype
     assert load_causal_lm(out).config.num_hidden_layers == LAYERS
 
 
@@ -150,6 +150,39 @@ def test_each_slice_is_merged_on_its_own_then_stacked(work: Path, capsys) -> Non
     assert load_causal_lm(out).config.num_hidden_layers == LAYERS
 
 
+LINEAR_IN_BF16 = """
+models:
+  - model: ./ft1
+    parameters: {weight: 0.3}
+  - model: ./ft2
+    parameters: {weight: 0.7}
+merge_method: linear
+dtype: bfloat16
+out_dtype: float32
+"""
+
+
+def test_dtype_is_what_a_merge_computes_in_and_out_dtype_what_it_writes(work: Path, capsys) -> None:
+    out, recipe = _run_and_convert(work, "linear-bf16", LINEAR_IN_BF16, capsys)
+    assert recipe["steps"][0]["compute_dtype"] == "bfloat16"
+    assert recipe["output"] == {"dtype": "float32"}
+    got, ft1, ft2 = tensors_of(out), tensors_of(work / "ft1"), tensors_of(work / "ft2")
+    for name in got:
+        by_hand = torch.add(ft1[name].bfloat16() * 0.3, ft2[name].bfloat16(), alpha=0.7) / (0.3 + 0.7)
+        assert torch.equal(got[name], by_hand.float()), name
+
+
+def test_every_merge_of_a_slices_config_computes_in_its_dtype(work: Path, capsys) -> None:
+    config = work / "two-bf16.yml"
+    config.write_text(textwrap.dedent(TWO_SLICES).lstrip() + "dtype: bfloat16\n")
+    assert main(["convert", str(config)]) == 0
+    recipe = yaml.safe_load(capsys.readouterr().out)
+    merges = [s for s in recipe["steps"] if s["op"] == "merge"]
+    assert len(merges) == 2 and all(s["compute_dtype"] == "bfloat16" for s in merges)
+    assert all("compute_dtype" not in s for s in recipe["steps"] if s["op"] != "merge")
+    assert recipe["output"] == {"dtype": "bfloat16"}  # no out_dtype: written in dtype, as mergekit does
+
+
 UNSUPPORTED = """
 models:
   - model: ./base
@@ -174,6 +207,30 @@ def test_what_a_merge_config_asks_that_recipekit_does_not_compute_is_named(work:
     ])
 
 
+# one config field feeds three recipe fields (two merges' compute_dtype, output.dtype): named once
+MISSPELT_DTYPE = """\
+slices:
+  - sources:
+      - {model: ./base, layer_range: [0, 2]}
+      - {model: ./ft1, layer_range: [0, 2]}
+  - sources:
+      - {model: ./base, layer_range: [2, 4]}
+      - {model: ./ft1, layer_range: [2, 4]}
+merge_method: slerp
+base_model: ./base
+parameters: {t: 0.5}
+dtype: fp16
+"""
+# float64 is a dtype to compute in, not one recipekit writes: without out_dtype it is refused as the output's
+FLOAT64_OUTPUT = """\
+models:
+  - {model: ./ft1, parameters: {weight: 1}}
+  - {model: ./ft2, parameters: {weight: 1}}
+merge_method: linear
+dtype: float64
+"""
+
+
 @pytest.mark.parametrize("text, marker, path, words", [
     ("models:\n  - model: ./base\n  - model: ./ft1\n    parameters: {weight: 1, density: 2}\n"
      "merge_method: ties\nbase_model: ./base\n", "density: ^2", "models[1].parameters.density",
@@ -183,6 +240,8 @@ def test_what_a_merge_config_asks_that_recipekit_does_not_compute_is_named(work:
     ("slices:\n  - sources:\n      - {model: ./base, layer_range: [0, 4]}\n      - {model: ./ft1, layer_range: [0, 3]}\n"
      "merge_method: slerp\nbase_model: ./base\nparameters: {t: 0.5}\n", "{model: ^./ft1",
      "slices[0].sources[1].model", ("'ft1-layers-0-3' has 3 layers", "'base-layers-0-4' has 4")),
+    (MISSPELT_DTYPE, "dtype: ^fp16", "dtype", ("'fp16'", "'float16'")),
+    (FLOAT64_OUTPUT, "dtype: ^float64", "dtype", ("'float64'", "'float32'")),
 ])
 def test_problems_of_a_merge_config_are_located_in_it(work: Path, capsys, text: str, marker: str, path: str,
                                                       words: tuple[str, ...]) -> None:

@@ -241,3 +241,96 @@ def test_ties_of_one_model_takes_the_shortcut_with_the_same_bits(normalize: bool
     trimmed = tv._magnitude(A.float() - origin, 0.5).mul_(0.6)
     tv._elect(origin, [trimmed], (0.6,), normalize=normalize, lambda_=1.0)
     assert torch.equal(fast, origin)
+
+
+# --------------------------------------------------------------------------- compute dtypes
+
+
+def _continuous(method: str, compute_dtype: str) -> torch.Tensor:
+    """Methods without selections or draws, whose result moves smoothly with rounding."""
+    from recipekit.ops.merge.sphere import karcher, multislerp, nuslerp
+
+    c = {"compute_dtype": compute_dtype}
+    return {
+        "linear": lambda: linear(BASE, A, B, weights=(0.2, 0.3, 0.5), normalize=True, **c),
+        "slerp": lambda: slerp(A, B, t=0.3, **c),
+        "nearswap": lambda: nearswap(BASE, A, t=0.05, **c),
+        "model_stock": lambda: model_stock(BASE, A, B, filter_wise=True, **c),
+        "nuslerp": lambda: nuslerp(BASE, A, B, weights=(0.4, 0.6), nuslerp_flatten=False, nuslerp_row_wise=False,
+                                   base=True, **c),
+        "multislerp": lambda: multislerp(BASE, A, B, weights=(1.0, 2.0), normalize_weights=True, eps=1e-8,
+                                         base=True, **c),
+        "karcher": lambda: karcher(A, B, BASE, max_iter=10, tol=1e-5, **c),
+        "task_arithmetic": lambda: _merge("task_arithmetic", A, B, weights=(0.5, 0.7), **c),
+    }[method]()
+
+
+@pytest.mark.parametrize("compute_dtype, eps", [("F32", 2**-23), ("BF16", 2**-8), ("F16", 2**-10)])
+@pytest.mark.parametrize("method", ["linear", "slerp", "nearswap", "model_stock", "nuslerp", "multislerp", "karcher",
+                                    "task_arithmetic"])
+def test_a_kernel_computes_in_its_dtype_within_its_rounding(method: str, compute_dtype: str, eps: float) -> None:
+    from recipekit.engine.core.kernels import torch_dtype
+
+    got = _continuous(method, compute_dtype)
+    exact = _continuous(method, "F64")
+    assert got.dtype == torch_dtype(compute_dtype) and exact.dtype == torch.float64
+    assert float((got.double() - exact).abs().max()) <= 16 * eps * float(exact.abs().max())
+
+
+def test_linear_in_bfloat16_rounds_every_operation_to_bfloat16() -> None:
+    a, b = A.bfloat16(), B.bfloat16()
+    got = linear(A, B, weights=(0.3, 0.7), normalize=False, compute_dtype="BF16")
+    assert torch.equal(got, torch.add(a * 0.3, b, alpha=0.7))
+    assert not torch.equal(got, linear(A, B, weights=(0.3, 0.7), normalize=False).bfloat16())  # rounded once
+
+
+def test_slerp_in_bfloat16_still_sees_nearly_parallel_tensors() -> None:
+    """The cosine accumulates in float32, where bfloat16 could not tell 0.9995 from 1."""
+    a, near = A.bfloat16(), (A * 1.5 + 1e-6).bfloat16()
+    assert torch.equal(slerp(a, near, t=0.4, compute_dtype="BF16"), 0.6 * a + 0.4 * near)
+
+
+@pytest.mark.parametrize("compute_dtype", ["F32", "F64", "BF16", "F16"])
+def test_dare_masks_are_the_seeded_float32_draws_in_every_compute_dtype(compute_dtype: str) -> None:
+    """DARE is its formula in the compute dtype, over masks drawn in float32 from the generator of (seed, tensor
+    name, model) whatever that dtype; in float32 these are the bytes DARE gave before compute_dtype existed."""
+    from recipekit.engine.core.kernels import generator, torch_dtype
+
+    dtype = torch_dtype(compute_dtype)
+    got = _merge("dare_linear", A, B, weights=(0.4, 0.6), densities=(0.5, 0.7), rescale=True, rescale_by="density",
+                 seed=3, name="w", compute_dtype=compute_dtype)
+    base = BASE.to(dtype)
+    mixed = 0
+    for k, (x, w, density) in enumerate(((A, 0.4, 0.5), (B, 0.6, 0.7))):
+        mask = torch.rand(BASE.shape, generator=generator(3, f"w\0{k}"), dtype=torch.float32) < density
+        mixed = mixed + (x.to(dtype) - base) * mask / density * w
+    assert torch.equal(got, torch.add(base, mixed, alpha=1.0))
+
+
+def test_ties_in_bfloat16_keeps_exactly_density_among_its_many_equal_magnitudes() -> None:
+    values = torch.linspace(-1, 1, 5000)  # in bfloat16 a few hundred distinct magnitudes
+    got = task_vector_merge("ties", torch.zeros(5000), values, weights=(1.0,), densities=(0.3,), normalize=True,
+                            compute_dtype="BF16")
+    assert int((got != 0).sum()) == 1500
+
+
+def test_a_protected_entry_is_restored_exactly_when_computing_in_a_narrower_dtype() -> None:
+    a = A.clone()
+    a[3, 5] = 40.123456  # not a bfloat16 value
+    got = linear(a, B, weights=(0.5, 0.5), normalize=True, compute_dtype="BF16", keep=((3, 5, 0),))
+    assert got.dtype == torch.float32 and float(got[3, 5]) == float(a[3, 5])
+    others = torch.ones_like(got, dtype=torch.bool)
+    others[3, 5] = False
+    assert torch.equal(got[others], got[others].bfloat16().float())  # the merged entries are bfloat16 values
+
+
+def test_arcee_fusion_in_float16_measures_importance_in_float32() -> None:
+    """Wide rows of large values: their softmax underflows float16, and a float16 KL divergence is nan."""
+    from recipekit.ops.merge.selection import arcee_fusion
+
+    base = _randn(8, 4096, seed=3) * 3
+    other = base + 0.1 * _randn(8, 4096, seed=4)
+    got = arcee_fusion(base, other, seed=0, name="w", compute_dtype="F16")
+    kept = got != base.half()
+    assert got.dtype == torch.float16 and 0.01 < float(kept.float().mean()) < 0.5
+    assert torch.allclose(got[kept].float(), other[kept], atol=1e-2)  # base + (other - base), in float16

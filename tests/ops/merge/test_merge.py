@@ -1,14 +1,18 @@
 """The merge op end to end on tiny models: every method runs, loads in transformers and computes what its
-kernel computes on the source tensors; gradients, filters, seeds, the card; and every mistake located."""
+kernel computes on the source tensors; gradients, filters, seeds, compute dtypes, the card; and every mistake
+located."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from recipekit.engine import load_recipe
+from recipekit.engine.core.graph import Apply
 from recipekit.ops.merge.interpolate import linear, slerp
 from recipekit.ops.merge.methods import METHODS
 from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark, snapshot
@@ -89,10 +93,13 @@ def _kernel_on_sources(method: str, family: Path, step: dict, name: str) -> torc
     return value(recipe.build().tensors[name])
 
 
+def _in(compute_dtype: str, method: str) -> str:
+    """The method's end-to-end step, computing in `compute_dtype`."""
+    return json.dumps({**yaml.safe_load(STEPS[method]), "compute_dtype": compute_dtype})
+
+
 @pytest.mark.parametrize("method", sorted(STEPS))
 def test_every_method_runs_loads_and_computes_its_kernel(family: Path, tmp_path: Path, method: str) -> None:
-    import yaml
-
     step = yaml.safe_load(STEPS[method])
     out = load_recipe(_recipe(tmp_path, family, STEPS[method])).run(tmp_path / "out").out
     model = load_causal_lm(out)
@@ -168,15 +175,71 @@ def test_a_model_value_wins_over_the_global_one(family: Path, tmp_path: Path) ->
     assert torch.allclose(got[name], linear(a[name], b[name], weights=(3.0, 1.0), normalize=True), atol=1e-6)
 
 
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_every_method_computes_in_bfloat16_when_asked(family: Path, tmp_path: Path, method: str) -> None:
+    """compute_dtype reaches every kernel: what a merge computes is its kernel's result in bfloat16, so every
+    computed entry is a bfloat16 value, though written in float32 (the inputs' dtype)."""
+    step = _in("bfloat16", method)
+    recipe = load_recipe(_recipe(tmp_path, family, step))
+    got = tensors_of(recipe.run(tmp_path / "out").out)
+    nodes = recipe.build().tensors
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(got[name], _kernel_on_sources(method, family, json.loads(step), name)), name
+        if isinstance(nodes[name], Apply):
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], got[name].bfloat16().float()), name
+
+
+def test_a_bfloat16_linear_merge_is_the_arithmetic_done_in_bfloat16(family: Path, tmp_path: Path) -> None:
+    """Streamed by rows, each operation rounded to bfloat16: not the float32 result rounded once."""
+    recipe = load_recipe(_recipe(tmp_path, family, _in("bfloat16", "linear"), "output: {dtype: bfloat16}\n"))
+    assert all(t.is_rowwise for t in recipe.plan().tensors)
+    out = recipe.run(tmp_path / "out").out
+    got, a, b = tensors_of(out), tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    rounded_once = 0
+    for name in got:
+        by_hand = torch.add(a[name].bfloat16() * 0.3, b[name].bfloat16(), alpha=0.7) / (0.3 + 0.7)
+        assert torch.equal(got[name], by_hand), name
+        in_float32 = linear(a[name], b[name], weights=(0.3, 0.7), normalize=True).bfloat16()
+        rounded_once += int((got[name] != in_float32).sum())
+    assert rounded_once > 0
+    assert "linear of `ft1`, `ft2`; ft1: weight 0.3; ft2: weight 0.7; compute_dtype bfloat16" in (
+        out / "README.md").read_text()
+
+
+def test_a_float64_merge_is_the_arithmetic_done_in_float64(family: Path, tmp_path: Path) -> None:
+    out = load_recipe(_recipe(tmp_path, family, _in("float64", "task_arithmetic"))).run(tmp_path / "out").out
+    got, base = tensors_of(out), tensors_of(family / "base")
+    a, b = tensors_of(family / "ft1"), tensors_of(family / "ft2")
+    closer = 0
+    for name in got:
+        origin = base[name].double()
+        by_hand = torch.add(origin, (a[name].double() - origin) * 0.5 + (b[name].double() - origin) * 0.5, alpha=0.9)
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], by_hand.float()), name
+        in_float32 = base[name] + 0.9 * (0.5 * (a[name] - base[name]) + 0.5 * (b[name] - base[name]))
+        closer += int((got[name] != in_float32).sum())
+    assert closer > 0
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("method", ["dare_ties", "della_linear"])
-def test_seeded_methods_are_byte_identical_and_follow_the_seed(family: Path, tmp_path: Path, method: str) -> None:
-    def shard_bytes(step: str, out: str) -> bytes:
+def test_seeded_methods_are_byte_identical_and_follow_the_seed(family: Path, tmp_path: Path, method: str,
+                                                               compute_dtype: str) -> None:
+    def shard_bytes(seed: int, out: str) -> bytes:
+        step = json.dumps({**json.loads(_in(compute_dtype, method)), "seed": seed})
         result = load_recipe(_recipe(tmp_path, family, step)).run(tmp_path / out)
         return b"".join(f.read_bytes() for f in sorted(result.out.glob("*.safetensors")))
 
-    first = shard_bytes(STEPS[method], "one")
-    assert shard_bytes(STEPS[method], "two") == first
-    assert shard_bytes(STEPS[method].replace("seed: 3", "seed: 4"), "three") != first
+    first = shard_bytes(3, "one")
+    assert shard_bytes(3, "two") == first
+    assert shard_bytes(4, "three") != first
+
+
+def test_the_memory_estimate_counts_working_copies_in_the_compute_dtype(family: Path, tmp_path: Path) -> None:
+    peaks = {dtype: load_recipe(_recipe(tmp_path, family, _in(dtype, "ties"))).plan().peak_memory
+             for dtype in ("bfloat16", "float32", "float64")}
+    largest = max(math.prod(t.shape) for t in tensors_of(family / "base").values())
+    # TIES of the base and two models: a working copy of each input and of the result, of the largest tensor
+    assert peaks["float64"] - peaks["float32"] == 2 * (peaks["float32"] - peaks["bfloat16"]) == 4 * 4 * largest
 
 
 def test_the_output_dtype_is_rounded_once_from_float32(family: Path, tmp_path: Path) -> None:
@@ -202,6 +265,7 @@ def test_the_card_names_every_input_and_the_method(tmp_path: Path) -> None:
     assert "- merge" in front
     assert "merge: ties of `base`, `ft1`, `ft2` (base `base`)" in card
     assert "ft1: weight 0.6, density 0.5" in card
+    assert "compute_dtype float32" in card  # the default, said all the same
 
 
 @pytest.mark.parametrize("merge", [
@@ -209,12 +273,14 @@ def test_the_card_names_every_input_and_the_method(tmp_path: Path) -> None:
     "{model: ft2, weight: 0.5, density: 0.1}]}",
     "{op: merge, method: linear, models: [{model: safe, weight: 0.5}, {model: ft2, weight: 0.5}]}",  # streamed
 ], ids=["ties", "linear"])
-def test_a_protected_super_weight_survives_a_merge(family: Path, tmp_path: Path, monkeypatch, merge: str) -> None:
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])  # bfloat16: the float32 weight kept exactly
+def test_a_protected_super_weight_survives_a_merge(family: Path, tmp_path: Path, monkeypatch, merge: str,
+                                                   compute_dtype: str) -> None:
     from recipekit.engine.run import evaluate
 
     monkeypatch.setattr(evaluate, "CAST_CHUNK_BYTES", 4096)  # the weight's row in a block of its own
     protect = ("{id: safe, op: protect_super_weights, model: ft1, coordinates: [{layer: 1, row: 3, column: 7}]}")
-    recipe = _recipe(tmp_path, family, protect + "\n  - " + merge)
+    recipe = _recipe(tmp_path, family, protect + "\n  - " + merge[:-1] + f", compute_dtype: {compute_dtype}}}")
     out = load_recipe(recipe).run(tmp_path / "out").out
     name = "model.layers.1.mlp.down_proj.weight"
     assert float(tensors_of(out)[name][3, 7]) == float(tensors_of(family / "ft1")[name][3, 7])
