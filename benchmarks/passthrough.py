@@ -345,7 +345,7 @@ class Row:
     argv: list[str]
     runs: list[Run] = field(default_factory=list)
     error: str | None = None
-    fresh: Path | None = None  # copy the model here before each run (untimed): inputs recipekit never hashed
+    fresh: bool = False  # reads the variant's fresh copy of the model: inputs recipekit never hashed
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
@@ -411,21 +411,23 @@ def clear(path: Path) -> None:
 
 
 def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: Path, workdir: Path,
-                  repeats: int, settle: float, log) -> None:
-    """`repeats` rounds; each round times every row once, the order rotating between rounds."""
+                  repeats: int, settle: float, log, fresh: Path | None = None) -> None:
+    """`repeats` rounds; each round times every row once, the order rotating between rounds. With `fresh`, the
+    model is copied there before every timed run (untimed, whichever row runs, so that every row meets the same
+    page cache and memory state), and rows marked `fresh` read that copy."""
     for rnd in range(repeats):
         k = rnd % len(rows)
         for row in rows[k:] + rows[:k]:
             if row.error:
                 continue
             clear(dest)
-            if row.fresh is not None:
-                clear(row.fresh)
+            if fresh is not None:
+                clear(fresh)
                 # cp sets new mtimes (copytree would keep them, and a reused inode could then match a remembered hash)
-                subprocess.run(["cp", "-r", str(MODEL_DIR), str(row.fresh)], check=True)
+                subprocess.run(["cp", "-r", str(MODEL_DIR), str(fresh)], check=True)
             subprocess.run(["sync"], check=False)
             time.sleep(settle)  # let the VM take back the freed output pages (see README)
-            warm_cache(inputs if row.fresh is None else [row.fresh / p.name for p in inputs])
+            warm_cache([fresh / p.name for p in inputs] if row.fresh else inputs)
             wall, rss, rc, err = timed(row.argv, workdir)
             if rc != 0:
                 row.error = f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"
@@ -438,9 +440,8 @@ def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: P
             if row.tool in ("recipe", "baseline", "first run") and rnd == 0:
                 check_output(dest, row.variant, log)
     clear(dest)
-    for row in rows:
-        if row.fresh is not None:
-            clear(row.fresh)
+    if fresh is not None:
+        clear(fresh)
 
 
 # --------------------------------------------------------------------------- sanity
@@ -680,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                 Row(variant, "recipe", [recipe_bin, "run", str(recipe), "-o", str(dest), "-q", "--overwrite"])]
         if variant == "first":
             rows += [Row(variant, "first run", [recipe_bin, "run", str(recipes["first"]), "-o", str(dest), "-q"],
-                         fresh=fresh),
+                         fresh=True),
                      Row(variant, "no-lock", [recipe_bin, "run", str(recipe), "-o", str(dest), "-q", "--no-lock"])]
         if args.baseline:
             rows.append(Row(variant, "baseline", [args.baseline, "run", str(recipe), "-o", str(dest), "-q",
@@ -689,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(variant, "mergekit", [mergekit, str(mk_configs[variant]), str(dest),
                                                   "--out-shard-size", "2B", "--lazy-unpickle"]))
         log(f"timing {variant}: {args.repeats} rounds of " + ", ".join(r.tool for r in rows))
-        bench_variant(rows, inputs, input_bytes, dest, workdir, args.repeats, args.settle, log)
+        bench_variant(rows, inputs, input_bytes, dest, workdir, args.repeats, args.settle, log,
+                      fresh=fresh if variant == "first" else None)
         rows_by_variant[variant] = rows
 
     text, data = report(rows_by_variant, spec, startup, args.settle)

@@ -59,8 +59,9 @@ class Hashing:
     """The lock of `plan`, its files hashed in up to `threads` worker threads from the moment it is created, so
     that the hashing overlaps whatever the caller does next; `lock()` waits for the hashes and assembles it.
 
-    Hub blobs keep their plain sha256 (the blob's name, free); other files get a sha256-tree (`digest.py`), whose
-    64 MiB blocks the threads hash in parallel, so even one large shard is spread over every core.
+    Files huggingface_hub downloaded keep their plain sha256 (a cache blob's name, or the etag of a --local-dir
+    download: free); other files get a sha256-tree (`digest.py`), whose 64 MiB blocks the threads hash in
+    parallel, so even one large shard is spread over every core.
     """
 
     def __init__(self, plan: Plan, base_dir: Path, threads: int | None = None):
@@ -72,7 +73,7 @@ class Hashing:
         self._pending: dict[Path, tuple[str, list[Future]]] = {}  # path -> (cache key, one future per block)
         todo = []
         for path in dict.fromkeys(p for files in self.groups.values() for p in files.values()):
-            blob = _blob_sha256(path)
+            blob = _known_sha256(path)
             try:
                 key = _stat_key(path)
             except OSError as e:
@@ -211,11 +212,20 @@ def lock_bytes(lock: dict) -> bytes:
     return (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _blob_sha256(path: Path) -> str | None:
+def _known_sha256(path: Path) -> str | None:
+    """The sha256 huggingface_hub already knows for a file, without reading it: the name of a cache blob, or the
+    etag a `--local-dir` download recorded (`.cache/huggingface/download/<name>.metadata`: commit, etag,
+    timestamp), if the file is not newer than that record. Only LFS files have a sha256 there; others None."""
     target = path.resolve()
     if path.is_symlink() and target.parent.name == "blobs" and _SHA256.match(target.name):
         return target.name
-    return None
+    record = path.parent / ".cache" / "huggingface" / "download" / f"{path.name}.metadata"
+    try:
+        _, etag, timestamp = record.read_text(encoding="utf-8").splitlines()[:3]
+        fresh = path.stat().st_mtime <= float(timestamp)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return etag.strip() if fresh and _SHA256.match(etag.strip()) else None
 
 
 def _stat_key(path: Path) -> str:

@@ -190,3 +190,27 @@ def test_local_hashes_are_remembered_and_invalidated(project, monkeypatch):
     assert hashed[count:] == [config]
     assert again["inputs"]["a"]["files"]["config.json"]["sha256_tree"] == tree(config.read_bytes(), digest.BLOCK)
     assert lock.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
+
+
+def test_a_local_dir_download_keeps_the_sha256_huggingface_hub_recorded(project, monkeypatch):
+    """`hf download --local-dir` writes `.cache/huggingface/download/<file>.metadata` (commit, etag, timestamp);
+    an LFS file's etag is its sha256, so a model just downloaded that way is locked without reading it."""
+    tmp_path, recipe = project
+    shard = sorted((tmp_path / "b").glob("*.safetensors"))[-1]
+    records = tmp_path / "b" / ".cache" / "huggingface" / "download"
+    records.mkdir(parents=True)
+    real = hashlib.sha256(shard.read_bytes()).hexdigest()
+    record = records / f"{shard.name}.metadata"
+    record.write_text(f"{'1' * 40}\n{real}\n{shard.stat().st_mtime + 5}\n")
+    hashed = []
+    block_digest = lock.block_digest
+    monkeypatch.setattr(lock, "block_digest",
+                        lambda path, index, stop=None: hashed.append(path) or block_digest(path, index, stop))
+    plan = load_recipe(recipe).plan()
+    assert lock.Hashing(plan, tmp_path).lock()["inputs"]["b"]["files"][shard.name] == {
+        "size": shard.stat().st_size, "sha256": real}
+    assert shard not in hashed
+
+    record.write_text(f"{'1' * 40}\n{real}\n{shard.stat().st_mtime - 5}\n")  # the file changed after the download
+    entry = lock.Hashing(plan, tmp_path).lock()["inputs"]["b"]["files"][shard.name]
+    assert entry == {"size": shard.stat().st_size, "sha256_tree": tree(shard.read_bytes(), digest.BLOCK)}
