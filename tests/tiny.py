@@ -23,6 +23,8 @@ FAMILIES = {
     "mixtral": "MixtralConfig",
     "qwen2_moe": "Qwen2MoeConfig",
     "qwen3_moe": "Qwen3MoeConfig",
+    "phi3": "Phi3Config",
+    "olmo2": "Olmo2Config",
 }
 
 

@@ -14,7 +14,8 @@ SETTINGS = {"gemma2": {"sliding_window": 4}, "gemma3_text": {"sliding_window": 4
             "mixtral": {"num_local_experts": 3, "num_experts_per_tok": 2},
             "qwen2_moe": {"num_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
                           "shared_expert_intermediate_size": 24},
-            "qwen3_moe": {"num_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 16}}
+            "qwen3_moe": {"num_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+            "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}}
 
 
 def _expand(tmp_path, family: str, rule: str) -> tuple:
