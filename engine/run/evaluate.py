@@ -151,6 +151,10 @@ class Evaluator:
         for root in roots:
             self._count(root)
 
+    def shared(self) -> bool:
+        """Whether some node is used more than once (by several roots, or twice in one graph)."""
+        return any(count > 1 for count in self.uses.values())
+
     def _count(self, node: Node) -> None:
         self.uses[node] += 1
         if self.uses[node] == 1 and isinstance(node, Apply):

@@ -158,7 +158,7 @@ def _peak_memory(nodes: dict[str, Node]) -> int:
     computed = [n for n in nodes.values() if isinstance(n, Apply)]
     if not computed:
         return BASE_MEMORY + threads * COPY_BUFFER
-    whole = [_working_set(n) for n in computed if cast_source(n) is None and not is_rowwise(n)]
+    whole = [working_set(n) for n in computed if cast_source(n) is None and not is_rowwise(n)]
     return BASE_MEMORY + TORCH_MEMORY + threads * CAST_BUFFERS + max(whole, default=0)
 
 
@@ -167,13 +167,13 @@ def copy_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _working_set(node: Node) -> int:
+def working_set(node: Node) -> int:
     """The tensor, its inputs, and the copies in its compute dtype a kernel makes of each, and of its result."""
     if isinstance(node, Load):
         return _nbytes(node)
     element = DTYPE_SIZES[compute_dtype(node.params)]
     working = element * math.prod(node.shape) * (len(node.inputs) + 1) if node.kernel != "cast" else 0
-    return _nbytes(node) + working + sum(_working_set(i) for i in node.inputs)
+    return _nbytes(node) + working + sum(working_set(i) for i in node.inputs)
 
 
 def _output_config(config: dict, dtype: str | None) -> dict:

@@ -2,9 +2,9 @@
 any order and still give the same file.
 
 Unchanged tensors are copied by the kernel (`os.copy_file_range`), plain dtype casts and row-wise merges are
-streamed in small chunks, several streams at once; other computed tensors go through `evaluate.py` one at a time
-in input-file order. Shards a resumed run keeps are skipped, and each shard that is complete is reported to the
-journal.
+streamed in small chunks, several streams at once; other computed tensors go through `evaluate.py`, several at
+once while their working sets together stay within the largest one's (`admission.py`). Shards a resumed run
+keeps are skipped, and each shard that is complete is reported to the journal.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.io.inputs import InputFiles
 from recipekit.engine.io.safetensors_header import TensorInfo
 from recipekit.engine.progress import progress_bar
+from recipekit.engine.run.admission import run_within
 from recipekit.engine.run.journal import Journal
-from recipekit.engine.run.plan import Plan, TensorPlan, copy_threads
+from recipekit.engine.run.plan import Plan, TensorPlan, copy_threads, working_set
 
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 _CHUNK = 16 * 2**20
@@ -95,10 +96,21 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
             pending = pool.map(stream, streamed)
             if computes:
                 evaluator = evaluate.Evaluator([t.node for t, _, _, _ in computes], inputs.fd, device)
-                for t, fd, offset, shard in computes:
+
+                def compute(job: tuple[TensorPlan, int, int, str], evaluator: evaluate.Evaluator) -> None:
+                    t, fd, offset, shard = job
                     evaluate.write_tensor(evaluator.value(t.node), fd, offset)
                     bar.update(t.nbytes)
                     completion.done(shard)
+
+                if device == "cpu" and not evaluator.shared():
+                    # several at once, within the memory of the largest alone (each with an evaluator of its own)
+                    costs = {id(job): working_set(job[0].node) for job in computes}
+                    run_within(computes, lambda job: costs[id(job)], max(costs.values()), copy_threads(),
+                               lambda job: compute(job, evaluate.Evaluator([job[0].node], inputs.fd, device)))
+                else:  # intermediates shared between outputs (kept until their last use), or a GPU: one at a time
+                    for job in computes:
+                        compute(job, evaluator)
             for _ in pending:
                 pass  # re-raise the first failed job
     finally:
