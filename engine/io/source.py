@@ -69,7 +69,10 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
     hub_ref = parse_hub_ref(ref)
     if hub_only and hub_ref is not None:
         return _open_hub(ref, *hub_ref, where)
-    root = (base_dir / Path(ref).expanduser()).resolve()
+    try:
+        root = (base_dir / Path(ref).expanduser()).resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13), an unreadable link
+        raise SourceError(Problem(f"model path {ref!r} cannot be resolved: {e}", where)) from None
     if not root.exists():
         if hub_reading(ref, base_dir) is not None:
             return _open_hub(ref, *hub_ref, where)

@@ -54,7 +54,10 @@ def check_output(out: str | Path, input_roots: list[Path], *, overwrite: bool, n
     """
     if not str(out).strip():
         raise WriteError("the output path is empty (is the variable you passed to -o set?); name a new directory")
-    out = Path(out).resolve()
+    try:
+        out = Path(out).resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise WriteError(f"the output path {out} cannot be resolved: {e}") from None
     problems = []
     guarded = [(folder, what) for folder, what in _guarded_folders(recipe_dir)
                if out == folder or out in folder.parents]

@@ -404,3 +404,14 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path: Path, llama: 
     result = cli(capsys, "run", recipe, "-o", tmp_path / "OUT")
     assert_refused(result, [("", ("not enough free disk", "1.0 KB is free"))])
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["loop1", "loop1/sub"])
+def test_an_out_in_a_symlink_loop_is_refused(tmp_path: Path, llama: Path, capsys, name: str) -> None:
+    _, recipe = _model_copy(tmp_path, llama)
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    before = snapshot(tmp_path)
+    result = cli(capsys, "run", recipe, "-o", tmp_path / name)
+    assert_refused(result, [("the output path ", ("cannot be resolved", "Symlink loop"))])
+    assert snapshot(tmp_path) == before

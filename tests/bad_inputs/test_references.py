@@ -279,3 +279,17 @@ def test_a_missing_local_folder_is_not_taken_for_a_hub_id(work: Path, capsys) ->
     result = cli(capsys, "validate", recipe)
     assert_refused(result, [(f"{recipe}:{mark(text, 'a: ^models/llama-zzz')}: models.a: ",
                              ("model directory 'models/llama-zzz' not found", "models/ exists there"))])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_model_path_in_a_symlink_loop_is_located(work: Path, capsys, command: str) -> None:
+    (work / "loop1").symlink_to("loop2")
+    (work / "loop2").symlink_to("loop1")
+    text = "recipe: 1\nmodels: {a: loop1}\nsteps:\n  - {op: drop_layers, model: a, layers: [1]}\n"
+    recipe = work / "recipe.yaml"
+    recipe.write_text(text)
+    before = snapshot(work)
+    result = invoke(capsys, command, recipe, work / "OUT")
+    assert_refused(result, [(f"{recipe}:{mark(text, 'a: ^loop1')}: models.a: ",
+                             ("model path 'loop1' cannot be resolved", "Symlink loop"))])
+    assert snapshot(work) == before
