@@ -56,6 +56,12 @@ EXPECTED_MOE = {
                                                   dtype=torch.bfloat16, noisy=(2,), dense=None),
 }
 
+# expand_layers recipes: output layer j is the listed layer of `model` (identity copies with their output
+# projections zero), and the logits equal the model's, bitwise (float32)
+EXPECTED_EXPAND = {
+    "recipes/demo/story-expand.yaml": dict(model="story", layers=[0, 1, 2, 3, 3, 4, 5, 6, 7, 7], copies=(4, 9)),
+}
+
 # merge recipes: every output tensor against the method's math on the source tensors (written out here in plain
 # torch, independently of the kernels)
 EXPECTED_MERGE = {"recipes/demo/story-merge-ties.yaml", "recipes/demo/story-merge-linear.yaml",
@@ -69,8 +75,8 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     key = str(path.relative_to(ROOT))
-    assert key in EXPECTED or key in EXPECTED_MOE or key in EXPECTED_LOW_RANK or key in EXPECTED_MERGE, \
-        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK, EXPECTED_MOE or EXPECTED_MERGE"
+    assert any(key in table for table in (EXPECTED, EXPECTED_MOE, EXPECTED_LOW_RANK, EXPECTED_MERGE, EXPECTED_EXPAND)), \
+        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK, EXPECTED_MOE, EXPECTED_MERGE or EXPECTED_EXPAND"
     assert main(["validate", str(path)]) == 0
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out), "-q"]) == 0
@@ -85,6 +91,9 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
         return
     if key in EXPECTED_MERGE:
         assert_merge(key, out, models)
+        return
+    if key in EXPECTED_EXPAND:
+        assert_expand(out, models, EXPECTED_EXPAND[key])
         return
     want = EXPECTED[key]
     assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"],
@@ -178,3 +187,17 @@ def assert_merge(key: str, out: Path, models: dict[str, Path]) -> None:
         assert got[down][77, 301] == sw[down][77, 301] and abs(float(sw[down][77, 301])) > 1
     with torch.no_grad():
         assert torch.isfinite(load_causal_lm(out)(torch.tensor([[0, 5, 6, 7]])).logits).all()
+
+
+def assert_expand(out: Path, models: dict[str, Path], want: dict) -> None:
+    source = models[want["model"]]
+    got, original = tensors_of(out), tensors_of(source)
+    for j, i in enumerate(want["layers"]):
+        for name, value in original.items():
+            if f".layers.{i}." in name:
+                new = got[name.replace(f".layers.{i}.", f".layers.{j}.")]
+                zero = j in want["copies"] and ("o_proj" in name or "down_proj" in name)
+                assert torch.equal(new, torch.zeros_like(value) if zero else value), (j, name)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad():
+        assert torch.equal(load_causal_lm(out)(ids).logits, load_causal_lm(source)(ids).logits)
