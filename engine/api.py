@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from recipekit.engine.io.source import open_model
 from recipekit.engine.recipe.document import Recipe, parse_recipe
 from recipekit.engine.recipe.shared import MAX_SHARED_RECIPE_BYTES, fetch_shared, untrusted_problems
 from recipekit.engine.recipe.yamlsource import Locator, load_yaml, read_recipe_text
-from recipekit.engine.run.build import build
+from recipekit.engine.run.build import Built, build
 from recipekit.engine.run.card import render_card
 from recipekit.engine.run.lock import Hashing, lock_bytes, lock_problems, read_lock
 from recipekit.engine.run.plan import Plan, make_plan
@@ -43,33 +44,49 @@ class LoadedRecipe:
     locator: Locator = field(repr=False)
     hub_only: bool = False  # a recipe fetched from the Hub resolves Hub ids only, never local paths
 
-    def build(self, *, device: str = "cpu") -> LazyModel:
-        """The output as a lazy graph (reads configs and safetensors headers only, unless a step measures
-        the model: metric selectors, prompt gates, super weights run on `device`)."""
+    def build(self, *, device: str = "cpu", progress: bool = False,
+              announce: Callable[[str], None] | None = None) -> LazyModel:
+        """The output as a lazy graph (reads configs and safetensors headers only, unless a step measures the model:
+        metric selectors, prompt gates, super weights run on `device`, each announced first through `announce`,
+        with progress bars on stderr when `progress`)."""
+        return self._steps(device=device, progress=progress, announce=announce).model
+
+    def validate(self, *, measure: bool = True, progress: bool = False,
+                 announce: Callable[[str], None] | None = None) -> Built:
+        """Check the recipe against its inputs by building it; raises the first step's errors, located.
+
+        With `measure=False`, steps that would measure the model are checked for their inputs but not run, and
+        neither are the steps that read their results: `Built.skipped` says which (its `model` is then None).
+        """
+        return self._steps(measure=measure, progress=progress, announce=announce)
+
+    def _steps(self, **options) -> Built:
         try:
-            return build(self.recipe, self.locator, self.base_dir, self.hub_only, device=device)
+            return build(self.recipe, self.locator, self.base_dir, self.hub_only, **options)
         except RecipekitError as e:
             if isinstance(self.locator, MappedLocator):  # a foreign config: name its fields, not the recipe's
                 raise self.locator.problems(e) from None
             raise
 
-    def plan(self, *, device: str = "cpu") -> Plan:
+    def plan(self, *, device: str = "cpu", progress: bool = False,
+             announce: Callable[[str], None] | None = None) -> Plan:
         """Every output tensor, shard and offset, and the memory estimate; raises `PlanError`."""
-        return make_plan(self.build(device=device), self.recipe.output)
+        return make_plan(self.build(device=device, progress=progress, announce=announce), self.recipe.output)
 
     def run(self, out: str | Path, *, overwrite: bool = False, progress: bool = False,
-            device: str = "cpu", lock: Path | None = None, hash_inputs: bool = True,
-            resume: bool = False) -> RunResult:
+            announce: Callable[[str], None] | None = None, device: str = "cpu", lock: Path | None = None,
+            hash_inputs: bool = True, resume: bool = False) -> RunResult:
         """Build the model into directory `out`, which appears only when complete.
 
         With `lock` (a `recipe.lock`), refuse to run unless every input still matches it. The output's own
         `recipe.lock` is hashed while the shards are written; `hash_inputs=False` writes none (an unlocked build,
         as the card then says). With `resume`, the shards a killed run of the same plan into `out` finished are
-        kept (their sha256 checked again) and only the rest is written.
+        kept (their sha256 checked again) and only the rest is written. `progress` shows progress bars on stderr
+        (the steps that measure the model, then the writing); `announce` gets a line before each measurement.
         """
         if device != "cpu":
             check_device(device)  # before any step measures the model there
-        plan = self.plan(device=device)
+        plan = self.plan(device=device, progress=progress, announce=announce)
         check_output(out, [s.root for _, s in plan.model.sources], recipe_dir=self.base_dir, overwrite=overwrite,
                      needed=plan.output_bytes + len(self.text.encode()) * 2)
         if plan.needs_torch:
@@ -191,12 +208,14 @@ def inspect_model(path: str | Path) -> ModelInfo:
         non_layer_tensors=sorted(n for n in source.tensors if n not in layer_names))
 
 
-def model_or_recipe(path: str | Path) -> LazyModel:
-    """A model directory as it is, or a recipe file as the model it would build (nothing is written)."""
+def model_or_recipe(path: str | Path, *, progress: bool = False,
+                    announce: Callable[[str], None] | None = None) -> LazyModel:
+    """A model directory as it is, or a recipe file as the model it would build (nothing is written; `progress`
+    and `announce` as for `LoadedRecipe.build`)."""
     path = Path(path)
     if path.is_file():
         recipe = load_recipe(path)
-        plan = recipe.plan()
+        plan = recipe.plan(progress=progress, announce=announce)
         return plan.model.evolve(config=plan.config, tensors={t.name: t.node for t in plan.tensors})
     model = LazyModel.from_source(str(path), open_model(str(path), base_dir=Path.cwd()))
     wrong = config_problems(layer_config(model.config))

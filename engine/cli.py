@@ -106,14 +106,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
 
-    validate = sub.add_parser("validate", help="check a recipe and its inputs; exit 2 with located errors")
+    validate = sub.add_parser("validate", help="check a recipe and its inputs by building it (steps that measure "
+                                               "the model run); exit 2 with located errors")
     validate.add_argument("recipe", type=Path, metavar="RECIPE")
-    validate.add_argument("--schema-only", action="store_true", help="check the recipe text only, open no model")
+    depth = validate.add_mutually_exclusive_group()
+    depth.add_argument("--schema-only", action="store_true", help="check the recipe text only, open no model")
+    depth.add_argument("--no-measure", action="store_true",
+                       help="check the recipe and the inputs' headers, but run no step that measures the model "
+                            "(metric selectors, prompt gates, super weights); say which steps did not run")
+    validate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     validate.set_defaults(handler=_validate)
 
-    plan = sub.add_parser("plan", help="show what a recipe will build, its size and peak memory")
+    plan = sub.add_parser("plan", help="show what a recipe will build, its size and peak memory (steps that "
+                                       "measure the model run)")
     plan.add_argument("recipe", type=Path, metavar="RECIPE")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     plan.set_defaults(handler=_plan)
 
     inspect = sub.add_parser("inspect", help="show a model directory's layers, tensors, dtypes and size")
@@ -215,11 +223,10 @@ def _run(args: argparse.Namespace) -> int:
             lock = shared_lock  # a shared lock means: rebuild exactly those inputs
     else:
         loaded = load_recipe(args.recipe)
-    progress = not args.quiet and sys.stderr.isatty()
-    result = loaded.run(args.out, overwrite=args.overwrite, progress=progress, device=args.device, lock=lock,
-                        hash_inputs=not args.no_lock, resume=args.resume)
+    result = loaded.run(args.out, overwrite=args.overwrite, progress=_progress(args), announce=_announce,
+                        device=args.device, lock=lock, hash_inputs=not args.no_lock, resume=args.resume)
     plan = result.plan
-    _print_messages(plan.model)
+    _print_messages(plan.model.messages)
     if args.resume:
         kept = f"kept {human(result.reused)} of finished shards from the killed run" if result.reused else \
             "kept nothing"
@@ -249,12 +256,17 @@ def _validate(args: argparse.Namespace) -> int:
     # validate never reads anything remote: Hub inputs are checked only when the cache holds them
     uncached = [ref for ref in dict.fromkeys(loaded.recipe.models.values())
                 if hub_reading(ref, loaded.base_dir) is not None and not hub.in_cache(ref)]
-    what = "recipe"
+    what, skipped = "recipe", ()
     if not args.schema_only and not uncached:
         with hub.cache_only():
-            _print_messages(loaded.build())
-        what = "recipe and its inputs"
-    print(f"{args.recipe}: ok ({what}: {len(loaded.recipe.models)} model(s), {len(loaded.recipe.steps)} step(s))")
+            built = loaded.validate(measure=not args.no_measure, progress=_progress(args), announce=_announce)
+        _print_messages(built.messages)
+        what, skipped = "recipe and its inputs", built.skipped
+    not_run = f", {len(skipped)} of them not run (--no-measure)" if skipped else ""
+    print(f"{args.recipe}: ok ({what}: {len(loaded.recipe.models)} model(s), {len(loaded.recipe.steps)} step(s)"
+          f"{not_run})")
+    for line in skipped:
+        print(line)
     if uncached and not args.schema_only:
         print(f"inputs not checked: {', '.join(uncached)} not in the local Hub cache (validate never downloads; "
               f"`recipe plan` reads their headers)")
@@ -262,8 +274,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    plan = load_recipe(args.recipe).plan()
-    _print_messages(plan.model)
+    plan = load_recipe(args.recipe).plan(progress=_progress(args), announce=_announce)
+    _print_messages(plan.model.messages)
     summary = plan_summary(plan)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -279,14 +291,31 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"tensors: {summary['tensors']} ({summary['copied']} copied as bytes, {summary['computed']} computed)")
     for shard in summary["shards"]:
         print(f"  {shard['file']}  {human(shard['bytes'])}  {shard['tensors']} tensors")
+    parts = (f" (measuring while the recipe is built: about {human(plan.measure_memory)}; writing: about "
+             f"{human(plan.write_memory)})") if plan.measure_memory else ""
     print(f"output: {human(summary['output_bytes'])}; reads {human(summary['input_bytes_read'])}; "
-          f"peak memory about {human(summary['peak_memory'])}")
+          f"peak memory about {human(summary['peak_memory'])}{parts}")
     return 0
 
 
-def _print_messages(model: LazyModel) -> None:
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars go to stderr, and only to a terminal (`-q` hides them there too)."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _model(args: argparse.Namespace) -> LazyModel:
+    """MODEL as it is, or what the recipe MODEL builds (its measuring steps announced, with progress bars)."""
+    return model_or_recipe(args.model, progress=_progress(args), announce=_announce)
+
+
+def _announce(line: str) -> None:
+    """What a step is about to measure, before it starts: one line on stderr."""
+    print(f"recipe: {line}", file=sys.stderr, flush=True)
+
+
+def _print_messages(messages: tuple[str, ...]) -> None:
     """What the steps want the user to read (inferred choices, warnings), on stderr."""
-    for message in model.messages:
+    for message in messages:
         print(f"recipe: {message}", file=sys.stderr)
 
 
@@ -306,6 +335,8 @@ def plan_summary(plan: Plan) -> dict:
         "output_bytes": plan.output_bytes,
         "input_bytes_read": plan.input_bytes,
         "peak_memory": plan.peak_memory,
+        "peak_memory_measuring": plan.measure_memory,
+        "peak_memory_writing": plan.write_memory,
     }
 
 
@@ -331,8 +362,8 @@ def _analyze(args: argparse.Namespace) -> int:
         return _analyze_similarity(args)
     from recipekit.engine.measure.snr import snr_table
 
-    rows = snr_table(model_or_recipe(args.model), str(args.model), tuple(args.module or ()), device=args.device,
-                     progress=not args.quiet and sys.stderr.isatty())
+    rows = snr_table(_model(args), str(args.model), tuple(args.module or ()), device=args.device,
+                     progress=_progress(args))
     modules = list(dict.fromkeys(r.module for r in rows))
     by_layer: dict[int, dict[str, float]] = {}
     for r in rows:
@@ -362,14 +393,14 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
 
     if args.text is None:
         raise RecipekitError(f"--metric {args.metric} needs --text FILE: the texts to run the model on")
-    model = model_or_recipe(args.model)
+    model = _model(args)
     texts = paragraphs(read_text(args.text))
     mean_n = args.n if args.metric == "angular" and args.token == "mean" else None
     if mean_n is not None and mean_n > len(decoder_of(model, str(args.model)).layers):
         layers = len(decoder_of(model, str(args.model)).layers)
         raise RecipekitError(f"--n {args.n} is more than the model's {counted(layers, 'layer')}")
     result = similarity(model, str(args.model), texts, seq_len=args.seq_len, max_texts=args.max_texts,
-                        mean_n=mean_n, device=args.device, progress=not args.quiet and sys.stderr.isatty())
+                        mean_n=mean_n, device=args.device, progress=_progress(args))
     if args.metric == "angular":
         if args.n > result.layers:
             raise RecipekitError(f"--n {args.n} is more than the model's {counted(result.layers, 'layer')}")
@@ -407,8 +438,8 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
     if args.verify and args.text is None:
         raise RecipekitError("--verify needs --text FILE: the text whose perplexity is compared")
     text = read_text(args.text) if args.text is not None else None
-    model = model_or_recipe(args.model)
-    progress = not args.quiet and sys.stderr.isatty()
+    model = _model(args)
+    progress = _progress(args)
     search = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
                                 rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts,
                                 device=args.device, progress=progress)
@@ -461,9 +492,9 @@ def _analyze_routing(args: argparse.Namespace) -> int:
     from recipekit.engine.measure.texts import paragraphs, read_text
 
     check_device(args.device)
-    model = model_or_recipe(args.model)
+    model = _model(args)
     result = routing(model, str(args.model), paragraphs(read_text(args.text)), seq_len=args.seq_len,
-                     max_texts=args.max_texts, device=args.device, progress=not args.quiet and sys.stderr.isatty())
+                     max_texts=args.max_texts, device=args.device, progress=_progress(args))
     shares = result.shares()
     if args.plot:
         from recipekit.engine.measure.plot import heatmap
@@ -519,12 +550,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.stride is not None and args.stride > args.seq_len:
         raise RecipekitError(f"--stride {args.stride} is longer than --seq-len {args.seq_len}: tokens would be skipped")
-    model = model_or_recipe(args.model)
+    model = _model(args)
     text = read_text(args.text)
     check_device(args.device)
     result = perplexity(model, text, text_name=str(args.text), seq_len=args.seq_len, stride=args.stride,
                         max_tokens=args.max_tokens, device=args.device,
-                        progress=not args.quiet and sys.stderr.isatty())
+                        progress=_progress(args))
     if args.json:
         print(json.dumps({"model": str(args.model), "text": str(args.text), **result.to_dict()}, indent=2))
     else:

@@ -82,7 +82,9 @@ class LazyModel:
     and `tags` are the model card's lines about the steps and its Hub tags.
     `messages` are printed when the recipe is planned or run; `read_files` are
     the files measurements read to build it (texts, tokenizers, weights), which
-    the lock hashes with the inputs it copies.
+    the lock hashes with the inputs it copies; `measure_memory` is what the
+    largest of those measurements held (estimated bytes, 0 when none ran), which
+    the plan's peak memory includes.
     """
 
     config: dict = field(repr=False)
@@ -96,6 +98,7 @@ class LazyModel:
     moe: MoeInfo | None = None  # set by stack_experts for init_gates; layer surgery drops it
     protected: tuple[ProtectedWeight, ...] = ()  # super weights every later step must keep
     read_files: tuple[Path, ...] = ()
+    measure_memory: int = 0
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:
@@ -152,6 +155,11 @@ class MoeInfo:
     shared: ExpertPrompts | None
     routers: tuple[str, ...]
     shared_gates: tuple[str, ...] = ()
+
+    def prompts(self) -> list[str]:
+        """Every prompt of every expert (the shared one last), each once, first appearance first."""
+        experts = (*self.experts, *((self.shared,) if self.shared else ()))
+        return list(dict.fromkeys(p for e in experts for p in (*e.positive, *e.negative)))
 
 
 @dataclass(frozen=True)

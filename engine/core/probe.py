@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 RELATED = 0.5  # norm_correlation: fine-tunes of one base score well above this (0.99 for usual ones); unrelated near 0
 
 
+class NotMeasured(Exception):
+    """A probe that checks a recipe without measuring (`recipe validate --no-measure`) raises this where a
+    measurement would start, once the measurement's inputs are checked; the build loop reports the step as not
+    measured. The text says what would have been measured. Ops let it pass: it is not a user's mistake."""
+
+
 class Probe(Protocol):
     """What data-driven ops may measure. Text files are named as the recipe names them (relative to its folder)."""
 

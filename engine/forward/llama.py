@@ -20,8 +20,8 @@ from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.core.moe_layouts import LAYOUTS
 from recipekit.engine.core.names import DOWN, GATE, UP
 from recipekit.engine.errors import PlanError
+from recipekit.engine.forward.support import forward_type
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,10 +44,7 @@ class LlamaSpec:
     def from_config(cls, config: dict) -> LlamaSpec:
         """Raise `PlanError` naming what is supported when the config is not of the Llama family."""
         c = materialise(layer_config(config))
-        model_type = str(c.get("model_type"))
-        if model_type not in SUPPORTED:
-            raise PlanError(f"the streamed forward supports model types {', '.join(SUPPORTED)}; "
-                            f"this model is {model_type!r}")
+        model_type = forward_type(c)
         try:
             heads, hidden, layers = int(c["num_attention_heads"]), int(c["hidden_size"]), int(c["num_hidden_layers"])
         except (KeyError, TypeError, ValueError):

@@ -7,6 +7,7 @@ named activations (see `llama.decoder_layer`) without the forward keeping them.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +24,14 @@ from recipekit.engine.core.words import counted
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.llama import LlamaSpec, attention_mask, decoder_layer, rms_norm, rope_tables
 from recipekit.engine.io.inputs import InputFiles
+from recipekit.engine.io.safetensors_header import DTYPE_SIZES
 from recipekit.engine.progress import progress_bar
 from recipekit.engine.run.evaluate import Evaluator, read_rows
 
 LAYER_TENSORS = NORMS + ATTENTION_WEIGHTS
 # attention scores of one micro-batch stay below this many floats (256 MB)
 SCORE_BUDGET = 2**26
+FLOAT32 = 4  # bytes: the forward computes in float32
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class StreamedForward:
             valid[b, :len(seq)] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
         cos, sin = rope_tables(self.spec, length, self.device)
-        micro = max(1, SCORE_BUDGET // (self.spec.heads * length * length))
+        micro = self._micro_batch(length)
         batches = [range(start, min(start + micro, len(sequences))) for start in range(0, len(sequences), micro)]
         count = len(self.decoder.layers)
 
@@ -164,6 +167,38 @@ class StreamedForward:
             self._release(norm)
         observe(Activation("final", count, final, valid, range(len(sequences))))
         return final, valid
+
+    def _micro_batch(self, length: int) -> int:
+        """Sequences of `length` tokens that go through a layer together."""
+        return max(1, SCORE_BUDGET // (self.spec.heads * length * length))
+
+    def held_bytes(self, lengths: list[int]) -> int:
+        """About the most memory `run` holds for sequences of these lengths, observers' own state aside: what the
+        plan's peak-memory estimate counts for a step that measures (it mirrors `run`, so it lives beside it).
+
+        For the whole pass: two layers' weights in their stored dtype (one computing, the next read ahead) and a
+        float32 copy of the largest one while it is upcast; the residual stream [B, T, C] in float32 and the
+        attention mask [B, 1, T, T] (bool). Inside a layer, for one micro-batch of b sequences: q, k and v
+        (repeated to every head) and the attention output, which stay until the layer returns; beside them the
+        MLP's gate and up projections and their product [b, T, intermediate], the normed input and the new
+        residual [b, T, C]. torch's fused attention (flash on the CPU, memory-efficient on CUDA) never holds the
+        [b, heads, T, T] scores. After the last layer, the final norm holds the stream, its result and two
+        temporaries of the same size.
+        """
+        length, count, spec = max(lengths), len(lengths), self.spec
+        layer_bytes, upcast, width = 0, 0, spec.hidden
+        for layer in self.decoder.layers:
+            nodes = [self.model.tensors[name] for name in layer.values()]
+            layer_bytes = max(layer_bytes, sum(math.prod(n.shape) * DTYPE_SIZES[n.dtype] for n in nodes))
+            for node in nodes:
+                if len(node.shape) == 2:
+                    width = max(width, *node.shape)  # the widest activation a layer computes (the MLP's)
+                    if DTYPE_SIZES[node.dtype] < FLOAT32:
+                        upcast = max(upcast, math.prod(node.shape) * FLOAT32)
+        batch = min(count, self._micro_batch(length))
+        inside = FLOAT32 * batch * length * (4 * spec.heads * spec.head_dim + 3 * width + 2 * spec.hidden)
+        stream = FLOAT32 * count * length * spec.hidden
+        return max(2 * layer_bytes + upcast + stream + count * length * length + inside, 4 * stream)
 
     def embed(self, ids: torch.Tensor, files: InputFiles) -> torch.Tensor:
         """Token embeddings of `ids` (any shape) in float32 on the device; reads only the rows used when the

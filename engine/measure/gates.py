@@ -13,7 +13,7 @@ import torch
 from recipekit.engine.core.graph import ExpertPrompts, MoeInfo
 from recipekit.engine.errors import PlanError, Problem, RecipekitError
 from recipekit.engine.forward.capture import LastToken, MeanToken
-from recipekit.engine.forward.streamed import StreamedForward
+from recipekit.engine.forward.streamed import FLOAT32, StreamedForward
 from recipekit.engine.forward.tokenize import TextTokenizer
 from recipekit.engine.io.inputs import InputFiles
 from recipekit.engine.run.evaluate import tensor_bytes
@@ -32,13 +32,13 @@ class GateRows:
     shared: tuple[bytes, ...]
     messages: tuple[str, ...]
     prompts: int
+    held_bytes: int  # what the measurement held at its peak (estimated)
 
 
 def prompt_gates(info: MoeInfo, mode: str, *, hidden_state: str = "router_input", token: str = "last",
-                 device: str = "cpu") -> GateRows:
+                 device: str = "cpu", progress: bool = False) -> GateRows:
     """Router rows for every layer of a stacked model from its experts' prompts (`mode`: cheap_embed or hidden)."""
-    experts = list(info.experts) + ([info.shared] if info.shared else [])
-    prompts = list(dict.fromkeys(p for e in experts for p in (*e.positive, *e.negative)))
+    prompts = info.prompts()
     try:
         tokenizer = TextTokenizer.of(info.base.side_files)
     except RecipekitError as e:
@@ -52,9 +52,9 @@ def prompt_gates(info: MoeInfo, mode: str, *, hidden_state: str = "router_input"
     layers = len(info.routers)
     if mode == "cheap_embed":
         vectors = _embedding_vectors(info, sequences, token, skip_bos, device)
-        per_layer = [vectors] * layers
+        per_layer, held = [vectors] * layers, vectors.numel() * FLOAT32  # no layer runs: a few rows
     else:
-        per_layer = _hidden_vectors(info, sequences, POINTS[hidden_state], token, skip_bos, device)
+        per_layer, held = _hidden_vectors(info, sequences, POINTS[hidden_state], token, skip_bos, device, progress)
     index = {p: i for i, p in enumerate(prompts)}
 
     routers, shared, findings = [], [], []
@@ -67,7 +67,7 @@ def prompt_gates(info: MoeInfo, mode: str, *, hidden_state: str = "router_input"
     messages = [f"warning: init_gates: expert {k} ({e.model}) has no prompts: its router row is zero, so its "
                 "logit is always 0" for k, e in enumerate(info.experts) if not (e.positive or e.negative)]
     messages += _describe(findings, info)
-    return GateRows(tuple(routers), tuple(shared), tuple(messages), len(prompts))
+    return GateRows(tuple(routers), tuple(shared), tuple(messages), len(prompts), held)
 
 
 def _row(vectors: torch.Tensor, expert: ExpertPrompts, index: dict[str, int]) -> torch.Tensor:
@@ -81,12 +81,14 @@ def _row(vectors: torch.Tensor, expert: ExpertPrompts, index: dict[str, int]) ->
 
 
 def _hidden_vectors(info: MoeInfo, sequences: list[list[int]], point: str, token: str, skip_bos: bool,
-                    device: str) -> list[torch.Tensor]:
-    """[prompts, hidden] per layer (on the CPU): the base's activation at `point` at the last token, or averaged."""
+                    device: str, progress: bool) -> tuple[list[torch.Tensor], int]:
+    """[prompts, hidden] per layer (on the CPU): the base's activation at `point` at the last token, or averaged;
+    and the bytes the forward held at its peak (estimated)."""
     forward = StreamedForward(info.base, name=info.base_name, device=device)
     capture = LastToken((point,)) if token == "last" else MeanToken((point,), skip_first=skip_bos)
-    forward.run(sequences, observer=capture)
-    return [capture.values[(point, i)].cpu() for i in range(len(info.routers))]
+    forward.run(sequences, observer=capture, progress=progress)
+    vectors = [capture.values[(point, i)].cpu() for i in range(len(info.routers))]
+    return vectors, forward.held_bytes([len(s) for s in sequences]) + sum(v.numel() for v in vectors) * FLOAT32
 
 
 def _embedding_vectors(info: MoeInfo, sequences: list[list[int]], token: str, skip_bos: bool,

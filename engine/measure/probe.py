@@ -1,11 +1,21 @@
-"""The engine's answers to what ops may measure (`core.probe.Probe`): ops never open files themselves."""
+"""The engine's answers to what ops may measure (`core.probe.Probe`): ops never open files themselves.
+
+Every measurement first says what it will compute (`announce`), then runs with progress bars when `progress`;
+a probe made with `measure=False` checks a measurement's inputs and raises `NotMeasured` instead of running it.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recipekit.engine.core.graph import LazyModel, MoeInfo, loads_of
-from recipekit.engine.forward.tokenize import TOKENIZER_FILES
+from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.core.probe import NotMeasured
+from recipekit.engine.core.sizes import human
+from recipekit.engine.core.words import counted
+from recipekit.engine.forward.support import forward_type
+from recipekit.engine.forward.tokenize import TOKENIZER_FILES, TextTokenizer
 from recipekit.engine.io.source import ModelSource
 
 if TYPE_CHECKING:
@@ -18,13 +28,29 @@ class EngineProbe:
     """Measures LazyModels for data-driven ops (see `core.probe.Probe`).
 
     Text files named by a recipe are relative to `base_dir`, the recipe's folder; forwards run on `device`.
-    `read` collects every file a measurement read (weights, tokenizer, text), first read first, for the lock.
+    `announce` is called with one line before each measurement starts; `step` names who measures in that line
+    (the build loop sets it before each step). `read` collects every file a measurement read (weights,
+    tokenizer, text), first read first, for the lock; `held` is the most memory one measurement held
+    (estimated bytes), for the plan.
     """
 
-    def __init__(self, base_dir: Path, device: str = "cpu"):
+    def __init__(self, base_dir: Path, device: str = "cpu", *, progress: bool = False,
+                 announce: Callable[[str], None] | None = None, measure: bool = True):
         self.base_dir = base_dir
         self.device = device
+        self.progress = progress
+        self.announce = announce
+        self.measure = measure
+        self.step = "a step"
         self.read: dict[Path, None] = {}  # an ordered set
+        self.held = 0
+
+    def _start(self, what: str) -> None:
+        """Say what is about to be measured; or, checking without measuring, stop here."""
+        if not self.measure:
+            raise NotMeasured(what)
+        if self.announce is not None:
+            self.announce(f"{self.step}: measuring {what}")
 
     def _reads(self, *models: LazyModel, tokenizer: ModelSource | None = None, text: Path | None = None) -> None:
         for model in models:
@@ -38,48 +64,91 @@ class EngineProbe:
     def _text(self, text: str) -> Path:
         return self.base_dir / Path(text).expanduser()
 
+    def _forward_inputs(self, model: LazyModel) -> None:
+        """What a streamed forward over text needs besides the weights; checked here only when not measuring
+        (measuring checks it, with the weights, on the way)."""
+        if not self.measure:
+            forward_type(model.config)
+            TextTokenizer.of(model.side_files)
+
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
         """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
+        from recipekit.engine.measure.snr import chosen_modules, held_bytes
+
+        chosen_modules(model, name, (module,))
+        layers = len(decoder_of(model, name).layers)
+        self._start(f"the SNR of {module} in {counted(layers, 'layer')} of {name!r} (one matrix at a time, no "
+                    "forward pass)")
         # imports torch: only recipes that select by a metric pay for it
         from recipekit.engine.measure.snr import snr_table
 
         self._reads(model)
-        return [row.snr for row in snr_table(model, name, (module,))]
+        self.held = max(self.held, held_bytes(model, name, (module,)))
+        return [row.snr for row in snr_table(model, name, (module,), progress=self.progress)]
 
     def similarity(self, model: LazyModel, name: str, text: str, seq_len: int, max_texts: int,
                    mean_n: int | None = None) -> Similarity:
         """Angular distances and block influences of `model` over the paragraphs of a text file (with `mean_n`,
         also the token-averaged angular distance over that many layers)."""
-        from recipekit.engine.measure.similarity import similarity
         from recipekit.engine.measure.texts import paragraphs, read_text
 
         path = self._text(text)
+        texts = paragraphs(read_text(path))[:max_texts]
+        self._forward_inputs(model)
+        layers = len(decoder_of(model, name).layers)
+        self._start(f"angular distance and block influence of {name!r}: a streamed forward of "
+                    f"{counted(layers, 'layer')} over {counted(len(texts), 'text')} of {text} "
+                    f"({human(sum(len(t.encode()) for t in texts))}), at most {seq_len} tokens each")
+        from recipekit.engine.measure.similarity import similarity
+
         self._reads(model, tokenizer=model.side_files, text=path)
-        texts = paragraphs(read_text(path))
-        return similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts, mean_n=mean_n,
-                          device=self.device)
+        result = similarity(model, name, texts, seq_len=seq_len, max_texts=max_texts, mean_n=mean_n,
+                            device=self.device, progress=self.progress)
+        self.held = max(self.held, result.held_bytes)
+        return result
 
     def prompt_gates(self, info: MoeInfo, mode: str, hidden_state: str, token: str) -> GateRows:
         """Router rows of a stacked MoE from its experts' prompts, through the base model."""
+        prompts = counted(len(info.prompts()), "prompt")
+        if mode == "hidden":
+            self._forward_inputs(info.base)
+            layers = counted(len(decoder_of(info.base, info.base_name).layers), "layer")
+            self._start(f"router rows from the hidden states of {info.base_name!r}: a streamed forward of {layers} "
+                        f"over {prompts}")
+        else:
+            if not self.measure:
+                TextTokenizer.of(info.base.side_files)
+            self._start(f"router rows from the token embeddings of {prompts} in {info.base_name!r} (no forward "
+                        "pass)")
         from recipekit.engine.measure.gates import prompt_gates
 
         self._reads(info.base, tokenizer=info.base.side_files)
-        return prompt_gates(info, mode, hidden_state=hidden_state, token=token, device=self.device)
+        rows = prompt_gates(info, mode, hidden_state=hidden_state, token=token, device=self.device,
+                            progress=self.progress)
+        self.held = max(self.held, rows.held_bytes)
+        return rows
 
     def super_weights(self, model: LazyModel, name: str, text: str | None, *, threshold: float, rounds: int,
                       seq_len: int, max_texts: int) -> list[SuperWeight]:
         """Super weights of `model`, over a default prompt and the paragraphs of an optional text file."""
-        from recipekit.engine.measure.superweights import find_super_weights
         from recipekit.engine.measure.texts import paragraphs, read_text
 
         path = None if text is None else self._text(text)
-        self._reads(model, tokenizer=model.side_files, text=path)
         texts = paragraphs(read_text(path)) if path is not None else []
+        self._forward_inputs(model)
+        over = f"a default prompt and {counted(min(len(texts), max_texts), 'text')} of {text}" if texts else \
+            "a default prompt"
+        self._start(f"super weights of {name!r}: streamed forwards of "
+                    f"{counted(len(decoder_of(model, name).layers), 'layer')} over {over}, at most {rounds} rounds")
+        from recipekit.engine.measure.superweights import find_super_weights
+
+        self._reads(model, tokenizer=model.side_files, text=path)
         return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
-                                  max_texts=max_texts, device=self.device).weights
+                                  max_texts=max_texts, device=self.device, progress=self.progress).weights
 
     def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
-        """How alike two models' norm weights are (Pearson); None when they cannot be compared."""
+        """How alike two models' norm weights are (Pearson); None when they cannot be compared. A few norm
+        vectors, read without torch: checked even when not measuring."""
         from recipekit.engine.measure.lineage import norm_correlation
 
         self._reads(a, b)

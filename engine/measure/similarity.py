@@ -30,6 +30,7 @@ class Similarity:
     last: dict[int, torch.Tensor]  # layer -> [texts, C] residual at each text's last token
     bi: list[float]
     mean_angular: dict[int, list[float]] = field(default_factory=dict)  # n -> per start, averaged over tokens
+    held_bytes: int = 0  # what the measurement held at its peak (estimated): the forward and the states kept
 
     def angular(self, n: int, token: str = "last") -> list[float]:
         """Distance from the input of layer l to the input of layer l + n, for l = 0 .. layers - n: at each
@@ -50,7 +51,7 @@ def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 
     With `mean_n`, also the angular distance over `mean_n` layers averaged over every token; that keeps the
     residual streams of `mean_n + 1` layers for all texts in memory.
     """
-    from recipekit.engine.forward.streamed import StreamedForward
+    from recipekit.engine.forward.streamed import FLOAT32, StreamedForward
     from recipekit.engine.forward.tokenize import TextTokenizer
 
     tokenizer = TextTokenizer.of(model.side_files)
@@ -80,6 +81,10 @@ def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 
         ring[a.layer % keep][rows] = a.tensor
 
     forward.run(sequences, observer=observe, progress=progress)
-    tokens = sum(len(s) for s in sequences)
+    lengths = [len(s) for s in sequences]
+    tokens = sum(lengths)
+    # the ring, and each sequence's last token entering every layer
+    kept = FLOAT32 * forward.spec.hidden * len(sequences) * (keep * max(lengths) + count + 1)
     return Similarity(count, len(sequences), tokens, {layer: v for (_, layer), v in last.values.items()},
-                      [1 - c / tokens for c in cos_sum], {mean_n: [v / tokens for v in mean_sum]} if mean_n else {})
+                      [1 - c / tokens for c in cos_sum], {mean_n: [v / tokens for v in mean_sum]} if mean_n else {},
+                      forward.held_bytes(lengths) + kept)

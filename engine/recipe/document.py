@@ -84,9 +84,11 @@ def parse_recipe(data: Any, locator: Locator) -> Recipe:
         steps = data.get("steps") if isinstance(data.get("steps"), list) else []
         output = data.get("output") if isinstance(data.get("output"), dict) else {}
         tokenizer = output.get("tokenizer") if isinstance(output.get("tokenizer"), str) else None
-        problems += check_references(list(models), [_valid_step(s) for s in steps], tokenizer, locator)
+        valid = [_valid_step(s) for s in steps]
+        problems += check_references(list(models), valid, tokenizer, locator) or unused_results(valid, locator)
         raise RecipeError(in_file_order(problems)) from None
-    problems = check_references(list(recipe.models), recipe.steps, recipe.output.tokenizer, locator)
+    problems = (check_references(list(recipe.models), recipe.steps, recipe.output.tokenizer, locator)
+                or unused_results(recipe.steps, locator))
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -136,6 +138,29 @@ def check_references(models: list[str], steps: list[StepBase | _InvalidStep], to
         problems.append(Problem(f"unknown model {tokenizer!r}{_suggest(tokenizer, models)}; "
                                 f"the tokenizer comes from one of: {', '.join(models)}",
                                 locator.where(path), path))
+    return problems
+
+
+def unused_results(steps: list[StepBase | _InvalidStep], locator: Locator) -> list[Problem]:
+    """Every step but the last is read by a later one: the last step's result is the output, so any other
+    result no step reads would be computed and then dropped without a word. Checked once the references are
+    right (a step that names a later one is out of order, not unused)."""
+    problems: list[Problem] = []
+    for k, step in enumerate(steps[:-1]):
+        later = steps[k + 1:]
+        if isinstance(step, _InvalidStep):
+            continue  # reported already
+        if step.id is None:
+            path = ("steps", k)
+            problems.append(Problem("the result of this step is never used: only the last step's result is the "
+                                    "output, and a later step reads an earlier one by its id (give it an id and name "
+                                    "it in a later step, or remove the step)", locator.where(path), path))
+        elif not any(isinstance(s, _InvalidStep) for s in later) and \
+                all(ref != step.id for s in later for _, ref in s.references()):
+            path = ("steps", k, "id")
+            problems.append(Problem(f"no later step reads {step.id!r}, so this step's result is never used: only the "
+                                    "last step's result is the output (name it in a later step, or remove this step)",
+                                    locator.where(path), path))
     return problems
 
 

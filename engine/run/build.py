@@ -1,11 +1,16 @@
-"""Turn a validated recipe into the LazyModel it describes, reading only headers and configs."""
+"""Turn a validated recipe into the LazyModel it describes, reading only headers and configs (and what the steps
+that measure the model read, through the probe)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from recipekit.engine.core.graph import UNSET_ROUTER, LazyModel, applies, lost_weights, unset_routers
 from recipekit.engine.core.architectures import config_problems, layer_config
 from recipekit.engine.core.layers import decoder_of, incomplete
+from recipekit.engine.core.probe import NotMeasured
+from recipekit.engine.core.schema import StepBase
 from recipekit.engine.errors import PlanError, Problem, RecipekitError, SourceError
 from recipekit.engine.io.source import ModelSource, open_model
 from recipekit.engine.measure.probe import EngineProbe
@@ -44,24 +49,59 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
     return models
 
 
-def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False, *,
-          device: str = "cpu") -> LazyModel:
-    """Run every step's model-level function; the last step's result is the output."""
+@dataclass(frozen=True)
+class Built:
+    """What running the steps gave: the output (None when a step it needs was not measured), what the steps want
+    the user to read, and (checking without measuring) one line per step that did not run."""
+
+    model: LazyModel | None
+    messages: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+
+def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = False, *, device: str = "cpu",
+          progress: bool = False, announce: Callable[[str], None] | None = None, measure: bool = True) -> Built:
+    """Run every step's model-level function; the last step's result is the output.
+
+    Steps that measure the model run on `device`, each announced first (`announce` gets one line) and with
+    progress bars when `progress`. With `measure=False`, such a step has its inputs checked but does not run,
+    nor does any step that reads its result; the rest are built as usual.
+    """
     results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
-    probe = EngineProbe(base_dir, device)
+    probe = EngineProbe(base_dir, device, progress=progress, announce=announce, measure=measure)
     model = None
     unset_since = None  # the step that left routers unset
+    unmeasured: set[str] = set()  # results that are missing because their step was not measured
+    skipped: list[str] = []
+    messages: dict[str, None] = {}
+    order: dict[str, int] = {}  # each step's card notes, by the step that wrote them
     for k, step in enumerate(recipe.steps):
-        try:
-            model = function_for(step)(step, results, probe)
-        except RecipekitError as e:
-            raise type(e)([_locate(p, ("steps", k), locator) for p in e.problems]) from None
+        label = f"steps[{k}] {step.op}"
+        blocked = [ref for _, ref in step.references() if ref in unmeasured]
+        model = None
+        if blocked:
+            skipped.append(f"{label}: not checked: it reads {blocked[0]!r}, which was not measured")
+        else:
+            probe.step = label
+            try:
+                model = function_for(step)(step, results, probe)
+            except NotMeasured as e:
+                skipped.append(f"{label}: not measured: {e}")
+            except RecipekitError as e:
+                raise type(e)([_locate(p, ("steps", k), locator) for p in e.problems]) from None
+        if model is None:
+            if step.id is not None:
+                unmeasured.add(step.id)
+            continue
         _check_kernels(model, k, locator)
-        model = _guard_super_weights(model, step, k, locator)
+        model = _numbered_notes(_guard_super_weights(model, step, k, locator), step, k, order)
+        messages.update(dict.fromkeys(model.messages))
         if step.id is not None:
             results[step.id] = model
         if unset_since is None and unset_routers(model):
             unset_since = k
+    if model is None:
+        return Built(None, tuple(messages), tuple(skipped))
     if unset_routers(model):
         path = ("steps", unset_since)
         raise PlanError(Problem("the routers of this Mixture of Experts are not set: add an init_gates step after it "
@@ -69,7 +109,20 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
     tokenizer = recipe.output.tokenizer
     if tokenizer is not None:
         model = model.evolve(side_files=results[tokenizer].side_files)
-    return model.evolve(read_files=tuple(probe.read))
+    model = model.evolve(notes=tuple(sorted(model.notes, key=order.__getitem__)), read_files=tuple(probe.read),
+                         measure_memory=probe.held)
+    return Built(model, tuple(messages), tuple(skipped))
+
+
+def _numbered_notes(model: LazyModel, step: StepBase, k: int, order: dict[str, int]) -> LazyModel:
+    """The step's own card notes, numbered with the step (a step that wrote none gets one naming its op), so the
+    card lists every step that ran, in order, even two that did the same thing (notes of several inputs are
+    merged without repeats, so two equal notes would otherwise become one)."""
+    name = f"step {k + 1}" + (f" (`{step.id}`)" if step.id is not None else "")
+    own = [note for note in model.notes if note not in order] or [f"`{step.op}`"]
+    numbered = {note: f"{name}: {note}" for note in own}
+    order.update(dict.fromkeys(numbered.values(), k))
+    return model.evolve(notes=tuple(n for n in model.notes if n in order) + tuple(numbered.values()))
 
 
 def _check_kernels(model: LazyModel, k: int, locator: Locator) -> None:

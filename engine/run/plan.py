@@ -65,10 +65,19 @@ class ShardPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """`write_memory` estimates the peak while the shards are written; `measure_memory` the peak while the recipe
+    was built, for a recipe with steps that measure the model (0 otherwise)."""
+
     model: LazyModel
     config: dict
     shards: tuple[ShardPlan, ...]
-    peak_memory: int
+    write_memory: int
+    measure_memory: int
+
+    @property
+    def peak_memory(self) -> int:
+        """The process's estimated peak: building (measuring) and writing happen one after the other."""
+        return max(self.write_memory, self.measure_memory)
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -124,8 +133,9 @@ def make_plan(model: LazyModel, output: Output) -> Plan:
     count = len(groups)
     shards = tuple(_shard(f"model-{i + 1:05d}-of-{count:05d}.safetensors", names, nodes)
                    for i, names in enumerate(groups))
+    measuring = BASE_MEMORY + TORCH_MEMORY + model.measure_memory if model.measure_memory else 0
     return Plan(model=model, config=_output_config(model.config, output.dtype), shards=shards,
-                peak_memory=_peak_memory(nodes))
+                write_memory=_peak_memory(nodes), measure_memory=measuring)
 
 
 def _shard(filename: str, names: list[str], nodes: dict[str, Node]) -> ShardPlan:

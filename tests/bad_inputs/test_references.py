@@ -142,6 +142,42 @@ REFERENCE_CASES: dict[str, tuple[str, list[Line]]] = {
         """,
         [line("- model: ^pruned", "steps[0].slices[0].model", "unknown model or step 'pruned'")],
     ),
+    "unused-step-without-id": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            model: a
+            layers: [1]
+          - op: drop_layers
+            model: a
+            layers: [2]
+        """,
+        [line("  - ^op: drop_layers\n    model: a\n    layers: [1]", "steps[0]", "the result of this step is never used",
+              "give it an id and name it in a later step, or remove the step")],
+    ),
+    "unused-step-id": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: drop_layers
+            id: first
+            model: a
+            layers: [1]
+          - op: drop_layers
+            id: second
+            model: a
+            layers: [2]
+          - op: slice_layers
+            slices: [{model: second, range: [0, 2]}]
+        """,
+        [line("id: ^first", "steps[0].id", "no later step reads 'first', so this step's result is never used",
+              "only the last step's result is the output")],
+    ),
     "duplicate-step-id": (
         """
         recipe: 1
@@ -197,7 +233,7 @@ def test_reference_mistake(work: Path, capsys, case: str, command: str) -> None:
     assert_recipe_refused(work, capsys, command, yaml_text(template), lines)
 
 
-@pytest.mark.parametrize("case", ["unknown-model-reference", "duplicate-step-id"])
+@pytest.mark.parametrize("case", ["unknown-model-reference", "duplicate-step-id", "unused-step-id"])
 def test_reference_mistake_schema_only(tmp_path: Path, capsys, case: str) -> None:
     """`validate --schema-only` opens no model, so references between names must be refused the same way."""
     template, lines = REFERENCE_CASES[case]

@@ -67,3 +67,49 @@ def test_node_helpers_derive_dtype_and_shape() -> None:
     assert elementwise("scale", x, factor=0.5) == Apply("scale", (x,), (("factor", 0.5),), "BF16", (3, 4))
     assert created("randn", "F32", (2, 5), seed=1, name="r", std=1.0) == Apply(
         "randn", (), (("seed", 1), ("name", "r"), ("std", 1.0), ("dtype", "F32"), ("shape", (2, 5))), "F32", (2, 5))
+
+
+def _card_steps(out: Path) -> list[str]:
+    card = (out / "README.md").read_text()
+    return card.split("## Steps\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+
+
+def test_the_card_lists_every_step_that_ran_once_in_order_even_two_alike(tmp_path: Path, llama: Path) -> None:
+    """Two low_rank steps write the same note; the card still lists both, numbered, then the drop that reads them."""
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{a: {llama}}}
+        steps:
+          - {{id: once, op: low_rank, model: a, modules: [mlp.down_proj], layers: [0], rank: 4}}
+          - {{id: twice, op: low_rank, model: once, modules: [mlp.down_proj], layers: [0], rank: 4}}
+          - {{op: drop_layers, model: twice, layers: [5]}}
+        """)
+    out = tmp_path / "out"
+    assert cli_run(recipe, out) == 0
+    assert _card_steps(out) == [
+        "- step 1 (`once`): low_rank: 1 matrix to rank 4",
+        "- step 2 (`twice`): low_rank: 1 matrix to rank 4",
+        "- step 3: `drop_layers` removed layers 5 of `twice` (6 -> 5 layers)",
+    ]
+
+
+def test_a_step_read_by_two_later_steps_is_listed_once(tmp_path: Path, llama: Path) -> None:
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{a: {llama}}}
+        steps:
+          - {{id: p, op: drop_layers, model: a, layers: [0]}}
+          - {{id: q, op: drop_layers, model: p, layers: [0]}}
+          - op: slice_layers
+            slices: [{{model: q, range: [0, 2]}}, {{model: p, range: [0, 2]}}]
+        """)
+    out = tmp_path / "out"
+    assert cli_run(recipe, out) == 0
+    steps = _card_steps(out)
+    assert [s.split(":")[0] for s in steps] == ["- step 1 (`p`)", "- step 2 (`q`)", "- step 3"], steps
+
+
+def cli_run(recipe: Path, out: Path) -> int:
+    from recipekit.engine.cli import main
+
+    return main(["run", str(recipe), "-o", str(out), "-q"])

@@ -116,7 +116,7 @@ def test_low_rank_by_the_noise_edge_and_lowest_snr(work: Path) -> None:
 @pytest.mark.parametrize("layers, count", [("[1]", "1 matrix"), ("[1, 2]", "2 matrices")])
 def test_the_low_rank_note_counts_its_matrices(work: Path, layers: str, count: str) -> None:
     recipe = _recipe(work, f"{{op: low_rank, model: story, modules: [mlp.down_proj], layers: {layers}, rank: 8}}")
-    assert f"low_rank: {count} to rank 8" in load_recipe(recipe).plan().model.notes
+    assert f"step 1: low_rank: {count} to rank 8" in load_recipe(recipe).plan().model.notes
 
 
 def test_without_protection_low_rank_changes_the_weight(work: Path) -> None:

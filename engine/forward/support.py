@@ -1,0 +1,16 @@
+"""Which models the streamed forward runs, known without torch: `validate --no-measure` checks it too."""
+from __future__ import annotations
+
+from recipekit.engine.core.architectures import layer_config
+from recipekit.engine.errors import PlanError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def forward_type(config: dict) -> str:
+    """The config's model type; `PlanError` naming the supported ones when the streamed forward cannot run it."""
+    model_type = str(layer_config(config).get("model_type"))
+    if model_type not in SUPPORTED:
+        raise PlanError(f"the streamed forward supports model types {', '.join(SUPPORTED)}; "
+                        f"this model is {model_type!r}")
+    return model_type
