@@ -50,9 +50,13 @@ class ModelSource:
 
 
 def hub_reading(ref: str, base_dir: Path) -> tuple[str, str] | None:
-    """The Hub repo and revision `ref` names, or None when it names a local path: one that exists, or, without an
-    `@revision`, whose first folder exists (`models/llama-zzz` beside a `models/` folder is a local model that is
-    missing, not a Hub id)."""
+    """The Hub repo and revision `ref` names, or None when it names a local path.
+
+    A Hub id is `org/name[@revision]`, so whatever looks like a path is local (`parse_hub_ref` refuses it): a
+    reference that starts with `./`, `../`, `/` or `~`, holds `..`, a backslash, a second slash or a trailing one.
+    So is one that exists under `base_dir`, and, without an `@revision`, one whose first folder exists there:
+    `models/llama-zzz` beside a `models/` folder is a local model that is missing, not the Hub repo of that name.
+    """
     hub_ref = parse_hub_ref(ref)
     if hub_ref is None or (base_dir / Path(ref).expanduser()).exists():
         return None
@@ -72,7 +76,7 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
     root = (base_dir / Path(ref).expanduser()).resolve()
     if not root.exists():
         if hub_reading(ref, base_dir) is not None:
-            return _open_hub(ref, *hub_ref, where)
+            return _open_hub(ref, *hub_ref, where, not_local=f"; nor is it a local directory (nothing at {root})")
         local = f"; {Path(ref).parts[0]}/ exists there, so this names a local model" if hub_ref is not None else ""
         raise SourceError(Problem(f"model directory {ref!r} not found (looked in {root}{local})", where))
     if not root.is_dir():
@@ -90,8 +94,14 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
                        tensors=_read_tensors(root, ref, where, local, local_header))
 
 
-def _open_hub(ref: str, repo_id: str, revision: str, where: str | None) -> ModelSource:
-    snapshot = hub.resolve(repo_id, revision, where=where)
+def _open_hub(ref: str, repo_id: str, revision: str, where: str | None, not_local: str = "") -> ModelSource:
+    """`not_local` ends the message when the reference resolves nowhere, for a reference that could be a path."""
+    try:
+        snapshot = hub.resolve(repo_id, revision, where=where)
+    except SourceError as e:
+        if not not_local:
+            raise
+        raise SourceError([Problem(p.message + not_local, p.where, p.path) for p in e.problems]) from None
 
     def small_file(name: str) -> Path | None:
         return hub.fetch(repo_id, snapshot.commit, name, where=where, required=False)
@@ -101,8 +111,11 @@ def _open_hub(ref: str, repo_id: str, revision: str, where: str | None) -> Model
         path = hub.cached(repo_id, snapshot.commit, name)
         if path is not None:
             return read_header(path)[0]
-        if hub.offline():
-            return None
+        reason = hub.offline_reason()
+        if reason is not None:
+            what = f"neither {INDEX_FILE} nor {name} is" if name == SINGLE_FILE else f"{name} is not"
+            raise SourceError(Problem(f"Hub model {repo_id!r}: {what} in the cache ({hub.cache_dir()}) and {reason}",
+                                      where))
         raw, size = hub.remote_header(repo_id, snapshot.commit, name, where=where)
         return parse_header(raw, size, snapshot.folder / name, f"{repo_id}/{name}")[0]
 

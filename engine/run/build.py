@@ -7,6 +7,7 @@ from recipekit.engine.core.graph import UNSET_ROUTER, LazyModel, applies, lost_w
 from recipekit.engine.core.architectures import config_problems, layer_config
 from recipekit.engine.core.layers import decoder_of, incomplete
 from recipekit.engine.errors import PlanError, Problem, RecipekitError, SourceError
+from recipekit.engine.io import hub
 from recipekit.engine.io.source import ModelSource, open_model
 from recipekit.engine.measure.probe import EngineProbe
 from recipekit.engine.recipe.document import Recipe
@@ -41,6 +42,10 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
                             for p in e.problems)
     if problems:
         raise SourceError(problems)
+    fallback = hub.cache_fallback() if any(s.hub_id for s in opened.values()) else None
+    if fallback is not None:  # said once, on every input: whichever the output keeps carries it
+        note = f"{fallback}; the Hub inputs come from the local cache, as last downloaded"
+        models = {name: model.evolve(messages=(*model.messages, note)) for name, model in models.items()}
     return models
 
 

@@ -178,6 +178,41 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_line(hub, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """HF_HUB_OFFLINE unset and the Hub's endpoint a local port nothing listens on: a Hub that cannot be reached."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return port
+
+
+def test_an_unreachable_hub_is_one_line_at_once(hub, tmp_path, capsys, unreachable_hub):
+    import time
+
+    recipe = _recipe(tmp_path, "{a: org/absent, b: org/tiny}")
+    start = time.monotonic()
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert time.monotonic() - start < 10  # huggingface_hub alone retries for some 23 s
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Retrying" not in err and "Traceback" not in err, err
+    assert "models.a: Hub model 'org/absent@main': config.json is not in the cache" in err
+    assert f"the Hub (http://127.0.0.1:{unreachable_hub}) cannot be reached" in err
+    assert "nor is it a local directory (nothing at " in err
+    assert not (tmp_path / "out").exists()
+
+    recipe = _recipe(tmp_path, "{a: org/tiny, b: org/tiny}")  # in the cache: built from it, and said once
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "cannot be reached" in line]
+    assert len(notes) == 1 and "the Hub inputs come from the local cache" in notes[0]
+
+
 def _share(hub, tmp_path, repo_id: str, models: str) -> Path:
     """Build a model from a recipe and publish its output folder in the cache as `repo_id`."""
     recipe = _recipe(tmp_path, models)
@@ -285,6 +320,7 @@ def test_online_plan_reads_headers_only_and_run_downloads_only_used_shards(tmp_p
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
     monkeypatch.setattr(hub, "remote_header", fake.remote_header)
+    monkeypatch.setattr(hub, "unreachable", lambda: None)  # the fake Hub answers, wherever the test runs
     recipe = write_recipe(tmp_path, """
         recipe: 1
         models: {a: org/big}
