@@ -23,6 +23,7 @@ from recipekit.engine.io import hub
 from recipekit.engine.io.source import open_model
 from recipekit.engine.recipe.document import Recipe, parse_recipe
 from recipekit.engine.recipe.shared import MAX_SHARED_RECIPE_BYTES, fetch_shared, untrusted_problems
+from recipekit.engine.recipe.standalone import standalone
 from recipekit.engine.recipe.yamlsource import Locator, load_yaml, read_recipe_text
 from recipekit.engine.run.build import build
 from recipekit.engine.run.card import render_card
@@ -80,8 +81,9 @@ class LoadedRecipe:
         try:
             if lock is not None:
                 _check_lock(lock, hashing.lock())
+            recipe = standalone(self.text, self.recipe, self.base_dir, hub_only=self.hub_only)
             files = {"README.md": render_card(plan, self.text, self.recipe.description, locked=hash_inputs).encode(),
-                     "recipe.yaml": self.text.encode()}
+                     "recipe.yaml": recipe.text.encode()}
             late = (lambda: {"recipe.lock": lock_bytes(hashing.lock())}) if hash_inputs else None
             result = write_model(plan, Path(out), files, late_files=late, overwrite=overwrite, progress=progress,
                                  device=device, resume=resume)
