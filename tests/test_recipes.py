@@ -10,6 +10,7 @@ import yaml
 
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
+from recipekit.engine.core.tags import VOCABULARY
 from recipekit.engine.foreign.formats import detect
 from tests.tiny import assert_layers_from, load_causal_lm, read_config, tensors_of
 
@@ -78,6 +79,8 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     models = {name: (path.parent / ref).resolve() for name, ref in load_recipe(path).recipe.models.items()}
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
     assert_standalone(path, out)
+    front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert front["tags"][0] == "recipekit" and set(front["tags"]) <= set(VOCABULARY)
     if key in EXPECTED_MOE:
         assert_moe(out, models, EXPECTED_MOE[key])
         return

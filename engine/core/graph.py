@@ -81,8 +81,9 @@ class LazyModel:
     `layer_origins[j]` says where output layer j comes from (`"a:20"`); `notes`
     and `tags` are the model card's lines about the steps and its Hub tags.
     `messages` are printed when the recipe is planned or run; `read_files` are
-    the files measurements read to build it (texts, tokenizers, weights), which
-    the lock hashes with the inputs it copies.
+    the files read to build it besides the copied ones (what measurements read:
+    texts, tokenizers, weights; the inputs' own cards, whose license the card
+    carries), which the lock hashes with the inputs it copies.
     """
 
     config: dict = field(repr=False)

@@ -3,8 +3,8 @@
 A source is opened from a reference as written in a recipe: a local model
 directory, or a Hub id (`org/name[@revision]`, see `hub.py`) resolved to a
 snapshot folder of huggingface_hub's cache. A reference that names an
-existing local path is always that path. Only `config.json` and safetensors
-headers are read.
+existing local path is always that path. Only `config.json`, safetensors
+headers and the model's own card (`README.md`, for its license) are read.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from recipekit.engine.io.safetensors_header import TensorInfo, parse_header, rea
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CARD_FILE = "README.md"
 # Files that travel with the weights: the tokenizer and the generation config.
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
@@ -37,6 +38,7 @@ class ModelSource:
     hub_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    card: Path | None = None  # its own model card (README.md), whose front matter may state its license
 
     def side_file(self, name: str) -> Path | None:
         """A file beside the weights (tokenizer, generation config), if present."""
@@ -91,7 +93,7 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
         return read_header(path)[0] if path is not None else None
 
     return ModelSource(ref=ref, root=root, config=_read_config(root, ref, where),
-                       tensors=_read_tensors(root, ref, where, local, local_header))
+                       tensors=_read_tensors(root, ref, where, local, local_header), card=local(CARD_FILE))
 
 
 def _open_hub(ref: str, repo_id: str, revision: str, where: str | None, not_local: str = "") -> ModelSource:
@@ -123,7 +125,8 @@ def _open_hub(ref: str, repo_id: str, revision: str, where: str | None, not_loca
     for name in SIDE_FILES:
         small_file(name)
     return ModelSource(ref=ref, root=snapshot.folder, config=_read_config(snapshot.folder, ref, where),
-                       tensors=tensors, hub_id=repo_id, revision=revision, commit=snapshot.commit)
+                       tensors=tensors, hub_id=repo_id, revision=revision, commit=snapshot.commit,
+                       card=small_file(CARD_FILE))
 
 
 def _read_config(root: Path, ref: str, where: str | None) -> dict:

@@ -74,7 +74,8 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
     tokenizer = recipe.output.tokenizer
     if tokenizer is not None:
         model = model.evolve(side_files=results[tokenizer].side_files)
-    return model.evolve(read_files=tuple(probe.read))
+    cards = [source.card for _, source in model.sources if source.card is not None]  # the card carries a license
+    return model.evolve(read_files=tuple(dict.fromkeys([*probe.read, *cards])))
 
 
 def _check_kernels(model: LazyModel, k: int, locator: Locator) -> None:

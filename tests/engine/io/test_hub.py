@@ -10,30 +10,10 @@ from pathlib import Path
 import pytest
 
 from recipekit.engine.cli import main
-from tests.tiny import make_model, tensors_of, write_recipe
+from tests.tiny import make_model, put_in_cache, tensors_of, write_recipe
 
 COMMIT_1 = "1" * 40
 COMMIT_2 = "2" * 40
-
-
-def put_in_cache(cache: Path, repo_id: str, model_dir: Path, commit: str, ref: str | None = "main") -> Path:
-    """Lay a model directory out as huggingface_hub caches it: blobs by hash, snapshot symlinks, refs.
-
-    Done by hand because huggingface_hub has no offline way to fill its cache.
-    """
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for file in sorted(model_dir.iterdir()):
-        data = file.read_bytes()
-        digest = hashlib.sha256(data).hexdigest() if file.suffix == ".safetensors" else hashlib.sha1(data).hexdigest()
-        (repo / "blobs" / digest).write_bytes(data)
-        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / digest)
-    if ref:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture
