@@ -24,6 +24,7 @@ from recipekit.engine.io import hub
 from recipekit.engine.io.source import open_model
 from recipekit.engine.recipe.document import Recipe, parse_recipe
 from recipekit.engine.recipe.shared import MAX_SHARED_RECIPE_BYTES, fetch_shared, untrusted_problems
+from recipekit.engine.recipe.standalone import standalone
 from recipekit.engine.recipe.yamlsource import Locator, load_yaml, read_recipe_text
 from recipekit.engine.run.build import Built, build
 from recipekit.engine.run.card import render_card
@@ -93,12 +94,13 @@ class LoadedRecipe:
             check_device(device)
         needed = {load.tensor.file for t in plan.tensors for load in loads_of(t.node)}
         downloaded, skipped = hub.fetch_needed([s for _, s in plan.model.sources], needed)
-        hashing = Hashing(plan, self.base_dir) if hash_inputs or lock is not None else None
+        hashing = Hashing(plan) if hash_inputs or lock is not None else None
         try:
             if lock is not None:
                 _check_lock(lock, hashing.lock())
-            files = {"README.md": render_card(plan, self.text, self.recipe.description, locked=hash_inputs).encode(),
-                     "recipe.yaml": self.text.encode()}
+            recipe = standalone(self.text, self.recipe, self.base_dir, hub_only=self.hub_only)
+            files = {"README.md": render_card(plan, self.recipe, self.text, recipe, locked=hash_inputs).encode(),
+                     "recipe.yaml": recipe.text.encode()}
             late = (lambda: {"recipe.lock": lock_bytes(hashing.lock())}) if hash_inputs else None
             result = write_model(plan, Path(out), files, late_files=late, overwrite=overwrite, progress=progress,
                                  device=device, resume=resume)

@@ -10,6 +10,7 @@ import yaml
 
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
+from recipekit.engine.core.tags import VOCABULARY
 from recipekit.engine.foreign.formats import detect
 from tests.tiny import assert_layers_from, load_causal_lm, read_config, tensors_of
 
@@ -83,6 +84,9 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     assert f"to {out}" in capsys.readouterr().out
     models = {name: (path.parent / ref).resolve() for name, ref in load_recipe(path).recipe.models.items()}
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
+    assert_standalone(path, out)
+    front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert front["tags"][0] == "recipekit" and set(front["tags"]) <= set(VOCABULARY)
     if key in EXPECTED_MOE:
         assert_moe(out, models, EXPECTED_MOE[key])
         return
@@ -103,11 +107,26 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+def assert_standalone(path: Path, out: Path) -> None:
+    """The output's recipe.yaml is the recipe (a foreign config: the recipe it translates to) with every local
+    path absolute, and otherwise line for line as written, comments included."""
+    loaded = load_recipe(path)
+    text = path.read_text() if detect(yaml.safe_load(path.read_text())) is None else loaded.text
     written = (out / "recipe.yaml").read_text()
-    if detect(yaml.safe_load(path.read_text())) is None:
-        assert written == path.read_text()
-    else:  # a foreign config: the recipe it translates to
-        assert written == load_recipe(path).text and written.startswith("# recipekit recipe translated from")
+    want = yaml.safe_load(text)
+    want["models"] = {name: str((path.parent / ref).resolve()) for name, ref in want["models"].items()}
+    for k, step in enumerate(loaded.recipe.steps):
+        for field, value in step.local_paths():
+            *parents, last = ("steps", k, *field)
+            holder = want
+            for key in parents:
+                holder = holder[key]
+            holder[last] = str((path.parent / value).resolve())
+    assert yaml.safe_load(written) == want
+    lines = list(zip(text.splitlines(), written.splitlines(), strict=True))
+    assert all(line == kept or str(path.parent) in kept for line, kept in lines)
 
 
 def assert_low_rank(out: Path, models: dict[str, Path], want: dict) -> None:

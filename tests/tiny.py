@@ -2,10 +2,12 @@
 
 `make_model` uses transformers' own config and model classes with random
 init and `save_pretrained`, so the inputs are exactly what real users feed
-recipekit. `write_recipe` writes a recipe next to them.
+recipekit. `write_recipe` writes a recipe next to them; `put_in_cache` lays a
+model out as huggingface_hub's cache holds a Hub repo.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 from pathlib import Path
@@ -154,3 +156,23 @@ def add_char_tokenizer(path: Path, vocab_size: int = 96) -> Path:
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "unk_token": "<unk>",
          "add_bos_token": True}))
     return path
+
+
+def put_in_cache(cache: Path, repo_id: str, model_dir: Path, commit: str, ref: str | None = "main") -> Path:
+    """Lay a model directory out as huggingface_hub caches it: blobs by hash, snapshot symlinks, refs.
+
+    Done by hand because huggingface_hub has no offline way to fill its cache.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for file in sorted(model_dir.iterdir()):
+        data = file.read_bytes()
+        digest = hashlib.sha256(data).hexdigest() if file.suffix == ".safetensors" else hashlib.sha1(data).hexdigest()
+        (repo / "blobs" / digest).write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    if ref:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot

@@ -81,10 +81,11 @@ class LazyModel:
     `layer_origins[j]` says where output layer j comes from (`"a:20"`); `notes`
     and `tags` are the model card's lines about the steps and its Hub tags.
     `messages` are printed when the recipe is planned or run; `read_files` are
-    the files measurements read to build it (texts, tokenizers, weights), which
-    the lock hashes with the inputs it copies; `measure_memory` is what the
-    largest of those measurements held (estimated bytes, 0 when none ran), which
-    the plan's peak memory includes.
+    the files read to build it besides the copied ones (what measurements read:
+    texts, tokenizers, weights; the inputs' own cards, whose license the card
+    carries), which the lock hashes with the inputs it copies; `measure_memory`
+    is what the largest of those measurements held (estimated bytes, 0 when none
+    ran), which the plan's peak memory includes.
     """
 
     config: dict = field(repr=False)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from recipekit.engine.core.architectures import layer_config, materialise, rewrite_layers
 from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.core.tags import FRANKENMERGE, PRUNED
 from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
@@ -107,10 +108,11 @@ def head_tensors(model: LazyModel, decoder: Decoder) -> list[str]:
                   if name.startswith(f"{parent}norm.") or name.startswith("lm_head.") or ".lm_head." in name)
 
 
-def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str, tag: str) -> LazyModel:
+def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str) -> LazyModel:
     """A model whose layer j is `picks[j]`; all other tensors and the config from `base`.
 
-    Picked layers from other models must have the base's tensor names and shapes.
+    Picked layers from other models must have the base's tensor names and shapes. The result is tagged by what
+    was done to the layers (`surgery_tags`).
     """
     base_decoder = decoder_of(base, base_name)
     decoders = {id(p.model): decoder_of(p.model, p.name) for p in picks}
@@ -148,7 +150,17 @@ def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str
         layer_origins=tuple(p.model.layer_origins[p.layer] for p in picks),
         moe=None,  # its layer indices no longer hold
     )
-    return composed.absorb(*(p.model for p in picks), note=note, tags=(tag,))
+    tags = surgery_tags(picks, base, len(base_decoder.layers))
+    return composed.absorb(*(p.model for p in picks), note=note, tags=tags)
+
+
+def surgery_tags(picks: list[Pick], base: LazyModel, count: int) -> tuple[str, ...]:
+    """`pruned` when the picks are some of the base's `count` layers in their order, none when they are all of
+    them, `frankenmerge` otherwise (a layer repeated or moved, or layers of another model or step)."""
+    indices = [p.layer for p in picks]
+    if any(p.model is not base for p in picks) or indices != sorted(set(indices)):
+        return (FRANKENMERGE,)
+    return (PRUNED,) if len(indices) < count else ()
 
 
 def out_of_range(spans: list[tuple[Path_, tuple[int, int]]], count: int, model_name: str) -> list[Problem]:

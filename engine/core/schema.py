@@ -5,10 +5,12 @@ validators raise `ValueError` only, so pydantic keeps their locations.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from recipekit.engine.core.words import listed
 from recipekit.engine.errors import Path_
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
@@ -38,6 +40,13 @@ class StepBase(Strict):
         """Files this step reads besides models (e.g. a text), with their field paths; a shared recipe may
         name none unless the user allows local paths."""
         return []
+
+    def title(self, names: Mapping[str, str]) -> str:
+        """What this step builds, in a few words: the model card's heading when the recipe has no description.
+        `names` gives the words for every model and earlier step it reads (a step's own title, so titles
+        compose: "a merge of a and b with layers 6-9 dropped")."""
+        read = list(dict.fromkeys(names[ref] for _, ref in self.references()))
+        return f"a {self.op.replace('_', ' ')} of {listed(read)}"
 
 
 def _is_int(value: object) -> bool:

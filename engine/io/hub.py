@@ -3,16 +3,20 @@
 Resolution goes through `hf_hub_download`, so the cache layout, `HF_HOME`,
 `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and the usual token all work as users expect.
 Only small files (config, index) are fetched to resolve a reference; offline,
-everything comes from the cache. huggingface_hub is imported only here, and
-only when a reference is a Hub id.
+or when the Hub cannot be reached, everything comes from the cache.
+huggingface_hub is imported only here, and only when a reference is a Hub id.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import socket
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from recipekit.engine.errors import Problem, SourceError
 
@@ -36,10 +40,59 @@ def cache_dir() -> Path:
 
 
 def offline() -> bool:
-    return _cache_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether nothing is fetched from the Hub now: see `offline_reason`."""
+    return offline_reason() is not None
+
+
+def offline_reason() -> str | None:
+    """Why nothing is fetched from the Hub now (inside `cache_only`, HF_HUB_OFFLINE set, or the Hub cannot be
+    reached), or None when files may be fetched."""
+    return _asked_offline() or unreachable()
+
+
+def cache_fallback() -> str | None:
+    """Why Hub files come from the cache although nobody asked for that (the Hub cannot be reached), or None."""
+    return None if _asked_offline() else unreachable()
+
+
+def _asked_offline() -> str | None:
+    if _cache_only:
+        return "this command reads the local cache only"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return None
 
 
 _cache_only = False
+PROBE_SECONDS = 3.0
+
+
+def unreachable() -> str | None:
+    """Why the Hub cannot be reached from here, or None when it can.
+
+    huggingface_hub retries a connection that fails five times with backoff (some 23 s of warnings) before it
+    falls back to its cache. One TCP connection to the Hub (or to the HTTPS proxy the environment names) first,
+    made once per process, lets an unreachable Hub be said in one line at once and the cache be used directly.
+    """
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or "", proxy_url.port or 80
+    problem = _connect(host, port)
+    return None if problem is None else f"the Hub ({constants.ENDPOINT}) cannot be reached: {problem}"
+
+
+@functools.cache
+def _connect(host: str, port: int) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+    except OSError as e:  # DNS failure, refused, unreachable network, timeout
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
 
 
 @contextmanager
@@ -99,7 +152,7 @@ def fetch(repo_id: str, revision: str, filename: str, *, where: str | None, requ
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first
         if not required:
             return None
-        reason = "HF_HUB_OFFLINE is set" if offline() else "the Hub could not be reached"
+        reason = offline_reason() or "the Hub could not be reached"
         raise SourceError(Problem(f"Hub model {name!r}: {filename} is not in the cache ({cache_dir()}) and "
                                   f"{reason}", where)) from None
     except EntryNotFoundError:

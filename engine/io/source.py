@@ -3,8 +3,8 @@
 A source is opened from a reference as written in a recipe: a local model
 directory, or a Hub id (`org/name[@revision]`, see `hub.py`) resolved to a
 snapshot folder of huggingface_hub's cache. A reference that names an
-existing local path is always that path. Only `config.json` and safetensors
-headers are read.
+existing local path is always that path. Only `config.json`, safetensors
+headers and the model's own card (`README.md`, for its license) are read.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from recipekit.engine.io.safetensors_header import TensorInfo, parse_header, rea
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CARD_FILE = "README.md"
 # Files that travel with the weights: the tokenizer and the generation config.
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
@@ -37,6 +38,7 @@ class ModelSource:
     hub_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    card: Path | None = None  # its own model card (README.md), whose front matter may state its license
 
     def side_file(self, name: str) -> Path | None:
         """A file beside the weights (tokenizer, generation config), if present."""
@@ -50,9 +52,13 @@ class ModelSource:
 
 
 def hub_reading(ref: str, base_dir: Path) -> tuple[str, str] | None:
-    """The Hub repo and revision `ref` names, or None when it names a local path: one that exists, or, without an
-    `@revision`, whose first folder exists (`models/llama-zzz` beside a `models/` folder is a local model that is
-    missing, not a Hub id)."""
+    """The Hub repo and revision `ref` names, or None when it names a local path.
+
+    A Hub id is `org/name[@revision]`, so whatever looks like a path is local (`parse_hub_ref` refuses it): a
+    reference that starts with `./`, `../`, `/` or `~`, holds `..`, a backslash, a second slash or a trailing one.
+    So is one that exists under `base_dir`, and, without an `@revision`, one whose first folder exists there:
+    `models/llama-zzz` beside a `models/` folder is a local model that is missing, not the Hub repo of that name.
+    """
     hub_ref = parse_hub_ref(ref)
     if hub_ref is None or (base_dir / Path(ref).expanduser()).exists():
         return None
@@ -75,7 +81,7 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
         raise SourceError(Problem(f"model path {ref!r} cannot be resolved: {e}", where)) from None
     if not root.exists():
         if hub_reading(ref, base_dir) is not None:
-            return _open_hub(ref, *hub_ref, where)
+            return _open_hub(ref, *hub_ref, where, not_local=f"; nor is it a local directory (nothing at {root})")
         local = f"; {Path(ref).parts[0]}/ exists there, so this names a local model" if hub_ref is not None else ""
         raise SourceError(Problem(f"model directory {ref!r} not found (looked in {root}{local})", where))
     if not root.is_dir():
@@ -90,11 +96,17 @@ def open_model(ref: str, *, base_dir: Path, where: str | None = None, hub_only: 
         return read_header(path)[0] if path is not None else None
 
     return ModelSource(ref=ref, root=root, config=_read_config(root, ref, where),
-                       tensors=_read_tensors(root, ref, where, local, local_header))
+                       tensors=_read_tensors(root, ref, where, local, local_header), card=local(CARD_FILE))
 
 
-def _open_hub(ref: str, repo_id: str, revision: str, where: str | None) -> ModelSource:
-    snapshot = hub.resolve(repo_id, revision, where=where)
+def _open_hub(ref: str, repo_id: str, revision: str, where: str | None, not_local: str = "") -> ModelSource:
+    """`not_local` ends the message when the reference resolves nowhere, for a reference that could be a path."""
+    try:
+        snapshot = hub.resolve(repo_id, revision, where=where)
+    except SourceError as e:
+        if not not_local:
+            raise
+        raise SourceError([Problem(p.message + not_local, p.where, p.path) for p in e.problems]) from None
 
     def small_file(name: str) -> Path | None:
         return hub.fetch(repo_id, snapshot.commit, name, where=where, required=False)
@@ -104,8 +116,11 @@ def _open_hub(ref: str, repo_id: str, revision: str, where: str | None) -> Model
         path = hub.cached(repo_id, snapshot.commit, name)
         if path is not None:
             return read_header(path)[0]
-        if hub.offline():
-            return None
+        reason = hub.offline_reason()
+        if reason is not None:
+            what = f"neither {INDEX_FILE} nor {name} is" if name == SINGLE_FILE else f"{name} is not"
+            raise SourceError(Problem(f"Hub model {repo_id!r}: {what} in the cache ({hub.cache_dir()}) and {reason}",
+                                      where))
         raw, size = hub.remote_header(repo_id, snapshot.commit, name, where=where)
         return parse_header(raw, size, snapshot.folder / name, f"{repo_id}/{name}")[0]
 
@@ -113,7 +128,8 @@ def _open_hub(ref: str, repo_id: str, revision: str, where: str | None) -> Model
     for name in SIDE_FILES:
         small_file(name)
     return ModelSource(ref=ref, root=snapshot.folder, config=_read_config(snapshot.folder, ref, where),
-                       tensors=tensors, hub_id=repo_id, revision=revision, commit=snapshot.commit)
+                       tensors=tensors, hub_id=repo_id, revision=revision, commit=snapshot.commit,
+                       card=small_file(CARD_FILE))
 
 
 def _read_config(root: Path, ref: str, where: str | None) -> dict:

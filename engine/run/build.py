@@ -12,6 +12,7 @@ from recipekit.engine.core.layers import decoder_of, incomplete
 from recipekit.engine.core.probe import NotMeasured
 from recipekit.engine.core.schema import StepBase
 from recipekit.engine.errors import PlanError, Problem, RecipekitError, SourceError
+from recipekit.engine.io import hub
 from recipekit.engine.io.source import ModelSource, open_model
 from recipekit.engine.measure.probe import EngineProbe
 from recipekit.engine.recipe.document import Recipe
@@ -46,6 +47,10 @@ def open_inputs(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool
                             for p in e.problems)
     if problems:
         raise SourceError(problems)
+    fallback = hub.cache_fallback() if any(s.hub_id for s in opened.values()) else None
+    if fallback is not None:  # said once, on every input: whichever the output keeps carries it
+        note = f"{fallback}; the Hub inputs come from the local cache, as last downloaded"
+        models = {name: model.evolve(messages=(*model.messages, note)) for name, model in models.items()}
     return models
 
 
@@ -109,8 +114,9 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
     tokenizer = recipe.output.tokenizer
     if tokenizer is not None:
         model = model.evolve(side_files=results[tokenizer].side_files)
-    model = model.evolve(notes=tuple(sorted(model.notes, key=order.__getitem__)), read_files=tuple(probe.read),
-                         measure_memory=probe.held)
+    cards = [source.card for _, source in model.sources if source.card is not None]  # the card carries a license
+    model = model.evolve(notes=tuple(sorted(model.notes, key=order.__getitem__)),
+                         read_files=tuple(dict.fromkeys([*probe.read, *cards])), measure_memory=probe.held)
     return Built(model, tuple(messages), tuple(skipped))
 
 

@@ -3,7 +3,7 @@
 For every input: the reference as written, the resolved Hub commit (none for a local directory), and for each
 file the build read or copied (config, index, the shards holding used tensors, the side files copied into the
 output, what measurements read) its size and sha256. Files outside every input that a measurement read (a text)
-are under `files`, keyed by their path relative to the recipe's folder. For Hub LFS files the sha256 is the name
+are under `files`, keyed by their absolute path. For Hub LFS files the sha256 is the name
 of the blob in the cache; other files get a sha256-tree (`digest.py`), hashed in threads (`Hashing`) while the
 writer copies.
 """
@@ -27,9 +27,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGESTS = ("sha256", "sha256_tree")  # a file entry holds one: Hub blobs' plain sha256, else a sha256-tree
 
 
-def lock_files(plan: Plan, base_dir: Path) -> dict[str | None, dict[str, Path]]:
+def lock_files(plan: Plan) -> dict[str | None, dict[str, Path]]:
     """The files the lock covers: per input name, its files by path relative to its folder; under None, the
-    files a measurement read outside every input, by path relative to `base_dir` (absolute outside it)."""
+    files a measurement read outside every input, by absolute path (so that the output's own recipe.yaml, whose
+    local paths are absolute, rebuilds against the same lock from inside OUT)."""
     model = plan.model
     read = {load.tensor.file for t in plan.tensors for load in loads_of(t.node)} | set(model.read_files)
     covered: set[Path] = set()
@@ -42,17 +43,10 @@ def lock_files(plan: Plan, base_dir: Path) -> dict[str | None, dict[str, Path]]:
             files |= {p for p in map(source.side_file, SIDE_FILES) if p is not None}
         groups[name] = {p.relative_to(root).as_posix(): p for p in sorted(files)}
         covered |= files
-    others = {_relative(p, base_dir): p for p in sorted(set(model.read_files) - covered)}
+    others = {str(p.resolve()): p for p in sorted(set(model.read_files) - covered)}
     if others:
         groups[None] = others
     return groups
-
-
-def _relative(path: Path, base_dir: Path) -> str:
-    try:
-        return path.relative_to(base_dir).as_posix()
-    except ValueError:
-        return str(path)
 
 
 class Hashing:
@@ -64,9 +58,9 @@ class Hashing:
     parallel, so even one large shard is spread over every core.
     """
 
-    def __init__(self, plan: Plan, base_dir: Path, threads: int | None = None):
+    def __init__(self, plan: Plan, threads: int | None = None):
         self.plan = plan
-        self.groups = lock_files(plan, base_dir)
+        self.groups = lock_files(plan)
         self._stop = threading.Event()
         self._known = _hash_cache()
         self._digests: dict[Path, tuple[str, str]] = {}  # path -> (kind, hex digest), once known

@@ -128,6 +128,12 @@ class DropLayers(StepBase):
             return [(("select", "text"), self.select.text)]
         return []
 
+    def title(self, names: Mapping[str, str]) -> str:
+        if self.select is not None:
+            return f"{names[self.model]} with layers dropped by {self.select.describe()}"
+        dropped = sorted({i for start, end in self.layers for i in range(start, end)})
+        return f"{names[self.model]} with {'layer' if len(dropped) == 1 else 'layers'} {_compact(dropped)} dropped"
+
 
 def drop_layers(step: DropLayers, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
     model = models[step.model]
@@ -146,7 +152,7 @@ def drop_layers(step: DropLayers, models: Mapping[str, LazyModel], probe: Probe)
                                 path=("layers",)))
     note = (f"`drop_layers` removed layers {_compact(sorted(dropped))} of `{step.model}` "
             f"({count} -> {counted(len(keep), 'layer')}){why}")
-    return compose_layers([Pick(step.model, model, i) for i in keep], step.model, model, note, "pruned")
+    return compose_layers([Pick(step.model, model, i) for i in keep], step.model, model, note)
 
 
 def _selected(step: DropLayers, model: LazyModel, count: int, probe: Probe) -> tuple[set[int], str]:

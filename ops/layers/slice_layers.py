@@ -14,7 +14,8 @@ from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import Pick, compose_layers, decoder_of, head_tensors, out_of_range
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import LayerRange, Ref, StepBase, Strict
-from recipekit.engine.core.words import counted
+from recipekit.engine.core.tags import FRANKENMERGE
+from recipekit.engine.core.words import counted, listed
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 
@@ -38,6 +39,14 @@ class SliceLayers(StepBase):
         refs += [((field,), ref) for field, ref in (("base", self.base), ("head", self.head)) if ref is not None]
         return refs
 
+    def title(self, names: Mapping[str, str]) -> str:
+        models = list(dict.fromkeys(names[ref] for _, ref in self.references()))
+        if len(models) > 1:
+            return f"a frankenmerge of {listed(models)}"
+        ranges = " + ".join(f"{start}-{end - 1}" if end - start > 1 else str(start) for start, end in
+                            (s.range for s in self.slices))
+        return f"{models[0]} restacked as layers {ranges}"
+
 
 def slice_layers(step: SliceLayers, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
     problems, picks = [], []
@@ -54,11 +63,7 @@ def slice_layers(step: SliceLayers, models: Mapping[str, LazyModel], probe: Prob
     parts = ", ".join(f"`{s.model}` [{s.range[0]}, {s.range[1]})" for s in step.slices)
     others = f"final norm and lm_head from `{head_name}`, other tensors" if head_name else "other tensors"
     note = f"`slice_layers` stacked {parts} ({counted(len(picks), 'layer')}; {others} from `{base_name}`)"
-    if len({s.model for s in step.slices} | {head_name} - {None}) > 1:
-        tag = "merge"
-    else:
-        tag = "pruned" if len(picks) < len(decoder_of(models[base_name], base_name).layers) else "frankenmerge"
-    model = compose_layers(picks, base_name, models[base_name], note, tag)
+    model = compose_layers(picks, base_name, models[base_name], note)
     return model if head_name is None else _with_head(model, base_name, models[head_name], head_name)
 
 
@@ -80,6 +85,6 @@ def _with_head(model: LazyModel, base_name: str, head: LazyModel, head_name: str
         if node.shape != model.tensors[name].shape:
             raise PlanError(Problem(f"{name} from {head_name!r} has shape {list(node.shape)}, the base "
                                     f"{base_name!r} has {list(model.tensors[name].shape)}", path=("head",)))
-    return model.evolve(tensors={**model.tensors, **taken}).absorb(head)
+    return model.evolve(tensors={**model.tensors, **taken}).absorb(head, tags=(FRANKENMERGE,))
 
 

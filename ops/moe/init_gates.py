@@ -38,6 +38,9 @@ class InitGates(StepBase):
     def references(self) -> list[tuple[Path_, str]]:
         return [(("model",), self.model)]
 
+    def title(self, names: Mapping[str, str]) -> str:
+        return f"{names[self.model]} with {self.mode} routers"
+
 
 def init_gates(step: InitGates, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
     model = models[step.model]

@@ -28,7 +28,8 @@ from recipekit.engine.core.moe_layouts import LAYOUTS, infer_layout
 from recipekit.engine.core.names import ATTENTION_BIASES, DOWN, GATE, MLP_TENSORS
 from recipekit.engine.core.probe import RELATED, Probe
 from recipekit.engine.core.schema import Ref, StepBase, Strict
-from recipekit.engine.core.words import counted
+from recipekit.engine.core.tags import MOE, UPCYCLED
+from recipekit.engine.core.words import counted, listed
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 if TYPE_CHECKING:
@@ -72,6 +73,10 @@ class StackExperts(StepBase):
         if self.shared_expert is not None:
             refs.append((("shared_expert", "model"), self.shared_expert.model))
         return refs
+
+    def title(self, names: Mapping[str, str]) -> str:
+        experts = list(dict.fromkeys(names[e.model] for e in self.experts))
+        return f"a Mixture of Experts of {listed(experts)} over {names[self.base]}"
 
 
 def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
@@ -164,8 +169,10 @@ def stack_experts(step: StackExperts, models: Mapping[str, LazyModel], probe: Pr
             f"attention from {step.base}, "
             f"{step.experts_per_token} per token"
             + (f", shared expert {step.shared_expert.model}" if step.shared_expert else ""))
+    one_model = len({source.root for m in (base, *others) for _, source in m.sources}) == 1
     stacked = base.evolve(config=config, tensors=tensors, moe=info)
-    return stacked.absorb(*others, note=note, tags=("moe", "merge"), messages=tuple(messages))
+    return stacked.absorb(*others, note=note, tags=(MOE, UPCYCLED) if one_model else (MOE,),
+                          messages=tuple(messages))
 
 
 def _check_base(step: StackExperts, layout, base_type: str, layers: tuple[dict[str, str], ...]) -> None:

@@ -17,7 +17,7 @@ from recipekit.engine.core.layers import decoder_of, out_of_range
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.rmt import noise_edge
 from recipekit.engine.core.schema import LayerSpan, Ref, StepBase
-from recipekit.engine.core.words import counted
+from recipekit.engine.core.words import counted, listed
 from recipekit.engine.errors import Path_, PlanError, Problem
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ class LowRank(StepBase):
 
     def references(self) -> list[tuple[Path_, str]]:
         return [(("model",), self.model)]
+
+    def title(self, names: Mapping[str, str]) -> str:
+        return f"{names[self.model]} with low-rank {listed(self.modules)}"
 
 
 def low_rank(step: LowRank, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:

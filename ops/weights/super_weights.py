@@ -48,6 +48,9 @@ class ProtectSuperWeights(StepBase):
     def local_paths(self) -> list[tuple[Path_, str]]:
         return [(("text",), self.text)] if self.text is not None else []
 
+    def title(self, names: Mapping[str, str]) -> str:
+        return names[self.model]  # protecting changes no weight: the model is what it was
+
 
 def protect_super_weights(step: ProtectSuperWeights, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
     model = models[step.model]

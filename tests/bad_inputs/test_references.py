@@ -329,3 +329,30 @@ def test_a_model_path_in_a_symlink_loop_is_located(work: Path, capsys, command: 
     assert_refused(result, [(f"{recipe}:{mark(text, 'a: ^loop1')}: models.a: ",
                              ("model path 'loop1' cannot be resolved", "Symlink loop"))])
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("ref", ["./missing", "../missing", "ABSOLUTE/missing", "~/missing", "models/x/y",
+                                 "models/llama-zzz", "nothing-here/", "models\\x"])
+def test_a_missing_path_is_a_missing_local_model_and_never_a_hub_lookup(work: Path, capsys, monkeypatch, ref) -> None:
+    """Whatever looks like a path (or starts with an existing folder) is looked for locally only, online too."""
+    import huggingface_hub
+
+    from recipekit.engine.io import hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"{ref!r} was looked up on the Hub")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(hub, "unreachable", no_hub)
+    monkeypatch.setenv("HOME", str(work))
+    (work / "models").mkdir()
+    ref = ref.replace("ABSOLUTE", str(work))
+    text = f"recipe: 1\nmodels: {{a: '{ref}'}}\nsteps:\n  - {{op: drop_layers, model: a, layers: [1]}}\n"
+    recipe = work / "recipe.yaml"
+    recipe.write_text(text)
+    for command in ("validate", "run"):
+        result = invoke(capsys, command, recipe, work / "out")
+        assert_refused(result, [(f"{recipe}:{mark(text, 'a: ^')}: models.a: ",
+                                 (f"model directory {ref!r} not found",))])
+        assert_no_output(work / "out")

@@ -10,30 +10,10 @@ from pathlib import Path
 import pytest
 
 from recipekit.engine.cli import main
-from tests.tiny import make_model, tensors_of, write_recipe
+from tests.tiny import make_model, put_in_cache, tensors_of, write_recipe
 
 COMMIT_1 = "1" * 40
 COMMIT_2 = "2" * 40
-
-
-def put_in_cache(cache: Path, repo_id: str, model_dir: Path, commit: str, ref: str | None = "main") -> Path:
-    """Lay a model directory out as huggingface_hub caches it: blobs by hash, snapshot symlinks, refs.
-
-    Done by hand because huggingface_hub has no offline way to fill its cache.
-    """
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for file in sorted(model_dir.iterdir()):
-        data = file.read_bytes()
-        digest = hashlib.sha256(data).hexdigest() if file.suffix == ".safetensors" else hashlib.sha1(data).hexdigest()
-        (repo / "blobs" / digest).write_bytes(data)
-        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / digest)
-    if ref:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture
@@ -178,6 +158,41 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_line(hub, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """HF_HUB_OFFLINE unset and the Hub's endpoint a local port nothing listens on: a Hub that cannot be reached."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return port
+
+
+def test_an_unreachable_hub_is_one_line_at_once(hub, tmp_path, capsys, unreachable_hub):
+    import time
+
+    recipe = _recipe(tmp_path, "{a: org/absent, b: org/tiny}")
+    start = time.monotonic()
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert time.monotonic() - start < 10  # huggingface_hub alone retries for some 23 s
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Retrying" not in err and "Traceback" not in err, err
+    assert "models.a: Hub model 'org/absent@main': config.json is not in the cache" in err
+    assert f"the Hub (http://127.0.0.1:{unreachable_hub}) cannot be reached" in err
+    assert "nor is it a local directory (nothing at " in err
+    assert not (tmp_path / "out").exists()
+
+    recipe = _recipe(tmp_path, "{a: org/tiny, b: org/tiny}")  # in the cache: built from it, and said once
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "cannot be reached" in line]
+    assert len(notes) == 1 and "the Hub inputs come from the local cache" in notes[0]
+
+
 def _share(hub, tmp_path, repo_id: str, models: str) -> Path:
     """Build a model from a recipe and publish its output folder in the cache as `repo_id`."""
     recipe = _recipe(tmp_path, models)
@@ -285,6 +300,7 @@ def test_online_plan_reads_headers_only_and_run_downloads_only_used_shards(tmp_p
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
     monkeypatch.setattr(hub, "remote_header", fake.remote_header)
+    monkeypatch.setattr(hub, "unreachable", lambda: None)  # the fake Hub answers, wherever the test runs
     recipe = write_recipe(tmp_path, """
         recipe: 1
         models: {a: org/big}

@@ -48,7 +48,7 @@ def tree(data: bytes, block: int) -> str:
 def _sequential_lock(tmp_path, recipe) -> dict:
     """The lock computed the plain way: every file the lock names, hashed one after the other."""
     loaded = load_recipe(recipe)
-    groups = lock.lock_files(loaded.plan(), loaded.base_dir)
+    groups = lock.lock_files(loaded.plan())
     def entries(files):
         return {key: {"size": path.stat().st_size, "sha256_tree": tree(path.read_bytes(), digest.BLOCK)}
                 for key, path in files.items()}
@@ -65,7 +65,8 @@ def test_the_lock_covers_every_file_read_or_copied_and_equals_sequential_hashing
     expected = _sequential_lock(tmp_path, recipe)
     assert {name: entry["files"] for name, entry in got["inputs"].items()} == {"a": expected["a"],
                                                                                  "b": expected["b"]}
-    assert got["files"] == expected[None] == {"calib.txt": expected[None]["calib.txt"]}
+    text = str((tmp_path / "calib.txt").resolve())
+    assert got["files"] == expected[None] == {text: expected[None][text]}
 
     a_files, b_files = set(got["inputs"]["a"]["files"]), set(got["inputs"]["b"]["files"])
     shards_a = {p.name for p in (tmp_path / "a").glob("*.safetensors")}
@@ -180,14 +181,14 @@ def test_local_hashes_are_remembered_and_invalidated(project, monkeypatch):
     monkeypatch.setattr(lock, "block_digest",
                         lambda path, index, stop=None: hashed.append(path) or block_digest(path, index, stop))
     plan = load_recipe(recipe).plan()
-    first = lock.Hashing(plan, tmp_path).lock()
+    first = lock.Hashing(plan).lock()
     count = len(hashed)
     assert count == len(set(hashed)) == sum(len(e["files"]) for e in first["inputs"].values()) + 1  # + the text
-    assert lock.Hashing(plan, tmp_path).lock() == first and len(hashed) == count  # remembered
+    assert lock.Hashing(plan).lock() == first and len(hashed) == count  # remembered
     config = tmp_path / "a" / "config.json"
     config.write_text(config.read_text() + " ")
     os.utime(config, ns=(1, 1))
-    again = lock.Hashing(plan, tmp_path).lock()
+    again = lock.Hashing(plan).lock()
     assert hashed[count:] == [config]
     assert again["inputs"]["a"]["files"]["config.json"]["sha256_tree"] == tree(config.read_bytes(), digest.BLOCK)
     assert lock.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
@@ -208,10 +209,10 @@ def test_a_local_dir_download_keeps_the_sha256_huggingface_hub_recorded(project,
     monkeypatch.setattr(lock, "block_digest",
                         lambda path, index, stop=None: hashed.append(path) or block_digest(path, index, stop))
     plan = load_recipe(recipe).plan()
-    assert lock.Hashing(plan, tmp_path).lock()["inputs"]["b"]["files"][shard.name] == {
+    assert lock.Hashing(plan).lock()["inputs"]["b"]["files"][shard.name] == {
         "size": shard.stat().st_size, "sha256": real}
     assert shard not in hashed
 
     record.write_text(f"{'1' * 40}\n{real}\n{shard.stat().st_mtime - 5}\n")  # the file changed after the download
-    entry = lock.Hashing(plan, tmp_path).lock()["inputs"]["b"]["files"][shard.name]
+    entry = lock.Hashing(plan).lock()["inputs"]["b"]["files"][shard.name]
     assert entry == {"size": shard.stat().st_size, "sha256_tree": tree(shard.read_bytes(), digest.BLOCK)}
