@@ -108,11 +108,12 @@ def head_tensors(model: LazyModel, decoder: Decoder) -> list[str]:
                   if name.startswith(f"{parent}norm.") or name.startswith("lm_head.") or ".lm_head." in name)
 
 
-def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str) -> LazyModel:
+def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str,
+                   tags: tuple[str, ...] | None = None) -> LazyModel:
     """A model whose layer j is `picks[j]`; all other tensors and the config from `base`.
 
-    Picked layers from other models must have the base's tensor names and shapes. The result is tagged by what
-    was done to the layers (`surgery_tags`).
+    Picked layers from other models must have the base's tensor names and shapes. The result is tagged `tags`,
+    by default by what was done to the layers (`surgery_tags`).
     """
     base_decoder = decoder_of(base, base_name)
     decoders = {id(p.model): decoder_of(p.model, p.name) for p in picks}
@@ -150,7 +151,8 @@ def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str
         layer_origins=tuple(p.model.layer_origins[p.layer] for p in picks),
         moe=None,  # its layer indices no longer hold
     )
-    tags = surgery_tags(picks, base, len(base_decoder.layers))
+    if tags is None:
+        tags = surgery_tags(picks, base, len(base_decoder.layers))
     return composed.absorb(*(p.model for p in picks), note=note, tags=tags)
 
 

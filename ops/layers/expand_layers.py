@@ -18,6 +18,7 @@ from recipekit.engine.core.graph import LazyModel, created
 from recipekit.engine.core.layers import Pick, compose_layers, decoder_of, out_of_range
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import Ref, StepBase
+from recipekit.engine.core.tags import EXPANDED
 from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Path_, PlanError, Problem
 
@@ -52,6 +53,11 @@ class ExpandLayers(StepBase):
     def references(self) -> list[tuple[Path_, str]]:
         return [(("model",), self.model)]
 
+    def title(self, names: Mapping[str, str]) -> str:
+        where = f"after every {self.every}th layer" if self.every is not None else \
+            f"after {'layer' if len(self.after) == 1 else 'layers'} {', '.join(map(str, sorted(self.after)))}"
+        return f"{names[self.model]} grown by identity layers {where}"
+
 
 def expand_layers(step: ExpandLayers, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:
     model = models[step.model]
@@ -79,7 +85,7 @@ def expand_layers(step: ExpandLayers, models: Mapping[str, LazyModel], probe: Pr
     note = (f"`expand_layers` inserted {counted(len(new), 'identity layer')} into `{step.model}` "
             f"({count} -> {len(picks)} layers): output layers {copies} are copies with {', '.join(names)} set to "
             "zero, so the model computes what it did")
-    grown = compose_layers(picks, step.model, model, note, "expanded")
+    grown = compose_layers(picks, step.model, model, note, tags=(EXPANDED,))
     prefix = decoder_of(grown, step.model).prefix
     tensors = dict(grown.tensors)
     for j, i in new.items():
