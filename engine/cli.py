@@ -22,6 +22,7 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 from recipekit.engine.core.architectures import layer_config
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import decoder_of
+from recipekit.engine.core.probe import SUPER_WEIGHT_MIN_EFFECT
 from recipekit.engine.core.sizes import human
 from recipekit.engine.core.words import counted
 from recipekit.engine.io.hub import parse_hub_ref
@@ -167,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--rounds", type=_positive, default=10,
                          help="super-weights: zero what was found and look again, at most this often (default 10)")
     analyze.add_argument("--verify", action="store_true",
-                         help="super-weights: perplexity of --text with each found weight zeroed")
+                         help="super-weights: zero each found weight on its own and order them by how much that "
+                              "raises the perplexity of --text (default: a built-in calibration text)")
     analyze.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     analyze.add_argument("--json", action="store_true", help="machine-readable output")
     analyze.add_argument("--plot", type=Path, metavar="FILE.png",
@@ -432,21 +434,21 @@ def _analyze_similarity(args: argparse.Namespace) -> int:
 
 
 def _analyze_super_weights(args: argparse.Namespace) -> int:
-    from recipekit.engine.measure.superweights import DEFAULT_PROMPT, find_super_weights, verify
+    from recipekit.engine.measure.superweights import CALIBRATION_TEXT, DEFAULT_PROMPT, find_super_weights, verify
     from recipekit.engine.measure.texts import paragraphs, read_text
 
-    if args.verify and args.text is None:
-        raise RecipekitError("--verify needs --text FILE: the text whose perplexity is compared")
     text = read_text(args.text) if args.text is not None else None
     model = _model(args)
     progress = _progress(args)
     search = find_super_weights(model, str(args.model), paragraphs(text) if text else [], threshold=args.threshold,
                                 rounds=args.rounds, seq_len=args.seq_len, max_texts=args.max_texts,
                                 device=args.device, progress=progress)
-    found = search.weights
-    baseline = None
-    if args.verify:
-        baseline, found = verify(model, str(args.model), found, text, seq_len=args.seq_len, device=args.device)
+    found, check = search.weights, None
+    if args.verify and found:
+        check = verify(model, str(args.model), found, text if text is not None else CALIBRATION_TEXT,
+                       seq_len=args.seq_len, device=args.device, progress=progress)
+        found = check.weights
+    calibration = str(args.text) if args.text is not None else "the built-in calibration text"
     if args.plot:
         from recipekit.engine.measure.plot import curve
 
@@ -456,8 +458,10 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
         curve(args.plot, list(layers), [out_ratios.get(i, math.nan) for i in layers],
               title=f"super weights of {args.model}", xlabel="layer", ylabel="largest down_proj output / median")
     if args.json:
+        verified = {} if check is None else {"calibration": calibration, "calibration_tokens": check.tokens}
         print(json.dumps({"model": str(args.model), "metric": "super-weights", "threshold": args.threshold,
-                          "prompt": DEFAULT_PROMPT, "baseline_perplexity": baseline,
+                          "prompt": DEFAULT_PROMPT, **verified,
+                          "baseline_perplexity": None if check is None else check.perplexity,
                           "weights": [w.to_dict() for w in found],
                           "layers": [peaks.to_dict() for peaks in search.layers]}, indent=2))
         return 0
@@ -465,16 +469,24 @@ def _analyze_super_weights(args: argparse.Namespace) -> int:
         print(f"no super weight: no layer's largest down_proj input and output both exceed {args.threshold:g}x "
               "its median")
         return 0
-    print(f"super weights (down_proj input and output both above {args.threshold:g}x the layer's median)")
+    title = f"super weights (down_proj input and output both above {args.threshold:g}x the layer's median)"
+    if check is not None:
+        title += (f", by what zeroing each on its own does to the perplexity of {calibration} "
+                  f"({counted(check.tokens, 'token')}; {check.perplexity:.4f} as it is)")
+    print(title)
     header = ["layer", "tensor", "row", "column", "value", "out/median", "in/median"]
     rows = [[str(w.layer), w.tensor, str(w.row), str(w.column), f"{w.value:.5g}", f"{w.out_ratio:.1f}",
              f"{w.in_ratio:.1f}"] for w in found]
-    if baseline is not None:
-        header.append("perplexity zeroed")
+    if check is not None:
+        header += ["perplexity zeroed", "effect"]
         for row, w in zip(rows, found):
-            row.append(f"{w.perplexity_zeroed:.4f} (was {baseline:.4f})")
-    for line in _columns([header, *rows], left=(1, 7)):
+            row += [f"{w.perplexity_zeroed:.4f}", f"{w.effect * 100:+.3g}%"]
+    for line in _columns([header, *rows], left=(1,)):
         print(line)
+    if check is not None:
+        kept = sum(w.effect >= SUPER_WEIGHT_MIN_EFFECT for w in found)
+        print(f"protect_super_weights protects those whose effect is at least min_effect (default "
+              f"+{SUPER_WEIGHT_MIN_EFFECT:.0%}): {kept} of {len(found)} here; verify: false protects all {len(found)}")
     return 0
 
 

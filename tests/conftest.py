@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny import make_model
+from tests.tiny import make_model, make_spiky_model
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +25,10 @@ def llama_sharded(tmp_path_factory):
     """A 6-layer fp32 Llama in several shards with an index, tied embeddings."""
     return make_model(tmp_path_factory.mktemp("models") / "llama-sharded", layers=6, seed=2, tied=True,
                       shard_size="60KB")
+
+
+@pytest.fixture(scope="session")
+def spiky(tmp_path_factory):
+    """A 4-layer random Llama with a planted super weight it depends on and two harmless spikes
+    (`tests.tiny.make_spiky_model`); tests read it, never change it."""
+    return make_spiky_model(tmp_path_factory.mktemp("models") / "spiky")

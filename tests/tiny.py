@@ -176,3 +176,67 @@ def put_in_cache(cache: Path, repo_id: str, model_dir: Path, commit: str, ref: s
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
     return snapshot
+
+
+# (layer, row, column) of the down_proj entries `make_spiky_model` plants
+PLANTED_WEIGHT = (1, 5, 7)  # a super weight the model depends on
+HARMLESS_SPIKES = ((2, 5, 11), (3, 5, 13))  # spikes just as found by the search, which the model does not need
+
+
+def make_spiky_model(path: Path) -> Path:
+    """A tiny random Llama (4 layers, character tokenizer) with one super weight it depends on (PLANTED_WEIGHT)
+    and two spikes it does not need (HARMLESS_SPIKES); the search finds all three and only those.
+
+    A random model has no super weight, so one is planted the way real ones work: every embedding row gets 1.0
+    in residual channel 0, so intermediate channel PLANTED_WEIGHT[2] of layer PLANTED_WEIGHT[0], made to read
+    that channel, fires on every token; its down_proj column writes only into residual channel
+    PLANTED_WEIGHT[1] (about 100, a massive activation), and every later norm weight but that channel's is
+    scaled by how much that grew its input's RMS. With the entry the model computes about what it did; zeroed,
+    every later norm amplifies its input about a hundredfold. Each harmless spike reads the massive channel and
+    adds about 1% to it: its input and output are hundreds of times its layer's median, but zeroing it moves
+    perplexity by about 0.1%.
+    """
+    import torch
+
+    make_model(path, layers=4, seed=3)
+    model = load_causal_lm(path)
+    layer, row, column = PLANTED_WEIGHT
+    later = [norm for block in model.model.layers[layer + 1:]
+             for norm in (block.input_layernorm, block.post_attention_layernorm)] + [model.model.norm]
+    sample = torch.randint(2, 96, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        before = _input_rms(model, later, sample)
+        _spike(model.model.layers[layer].mlp, reads=0, row=row, column=column, output=100.0)
+        for norm, grown, was in zip(later, _input_rms(model, later, sample), before):
+            scale = torch.full_like(norm.weight, float((grown / was).median()))
+            scale[row] = 1.0
+            norm.weight *= scale
+        for at, spike_row, spike_column in HARMLESS_SPIKES:
+            _spike(model.model.layers[at].mlp, reads=row, row=spike_row, column=spike_column, output=1.0)
+    model.save_pretrained(path)
+    return add_char_tokenizer(path)
+
+
+def _spike(mlp, *, reads: int, row: int, column: int, output: float) -> None:
+    """Intermediate channel `column` reads residual channel `reads` (about 5.7 after the norm, when it dominates
+    the RMS of a 32-wide state, so silu(5.7) * 5.7 = 32) and writes about `output` into channel `row` alone."""
+    import torch
+
+    unit = torch.zeros_like(mlp.gate_proj.weight[column])
+    unit[reads] = 1.0
+    mlp.gate_proj.weight[column] = unit
+    mlp.up_proj.weight[column] = unit
+    mlp.down_proj.weight[:, column] = 0.0
+    mlp.down_proj.weight[row, column] = output / 32.0
+
+
+def _input_rms(model, norms: list, ids) -> list:
+    """The RMS of what each of `norms` receives, per token, over `ids`."""
+    seen = {}
+    hooks = [norm.register_forward_hook(lambda module, args, out, k=k: seen.__setitem__(k, args[0]))
+             for k, norm in enumerate(norms)]
+    model(ids)
+    for hook in hooks:
+        hook.remove()
+    return [seen[k].pow(2).mean(-1).sqrt() for k in range(len(norms))]

@@ -12,9 +12,15 @@ if TYPE_CHECKING:
     from recipekit.engine.core.graph import LazyModel, MoeInfo
     from recipekit.engine.measure.gates import GateRows
     from recipekit.engine.measure.similarity import Similarity
-    from recipekit.engine.measure.superweights import SuperWeight
+    from recipekit.engine.measure.superweights import SuperWeight, Verification
 
 RELATED = 0.5  # norm_correlation: fine-tunes of one base score well above this (0.99 for usual ones); unrelated near 0
+# verify_super_weights, as protect_super_weights and `recipe analyze --verify` use it by default. A single scalar
+# whose removal costs 10% perplexity costs about what dropping a whole middle layer does, which is worth refusing a
+# step for; of the spikes found in SmolLM2-135M, two measured +33% or more and the rest +6.5% or less, on either
+# calibration text tried (docs/recipes.md has the figures).
+SUPER_WEIGHT_MIN_EFFECT = 0.10  # relative perplexity increase: 0.10 is +10%
+VERIFY_TOKENS = 4096  # calibration tokens scored at most: (candidates + 1) forwards over them
 
 
 class NotMeasured(Exception):
@@ -43,6 +49,12 @@ class Probe(Protocol):
     def super_weights(self, model: LazyModel, name: str, text: str | None, *, threshold: float, rounds: int,
                       seq_len: int, max_texts: int) -> list[SuperWeight]:
         """Super weights of `model`, over a default prompt and the paragraphs of an optional text file."""
+        ...
+
+    def verify_super_weights(self, model: LazyModel, name: str, weights: list[SuperWeight], text: str | None, *,
+                             seq_len: int, max_tokens: int) -> Verification:
+        """Perplexity of a text file (or, without one, a built-in calibration text) with each weight zeroed on its
+        own, the weights ranked by the increase."""
         ...
 
     def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:

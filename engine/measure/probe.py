@@ -21,7 +21,7 @@ from recipekit.engine.io.source import ModelSource
 if TYPE_CHECKING:
     from recipekit.engine.measure.gates import GateRows
     from recipekit.engine.measure.similarity import Similarity
-    from recipekit.engine.measure.superweights import SuperWeight
+    from recipekit.engine.measure.superweights import SuperWeight, Verification
 
 
 class EngineProbe:
@@ -145,6 +145,18 @@ class EngineProbe:
         self._reads(model, tokenizer=model.side_files, text=path)
         return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
                                   max_texts=max_texts, device=self.device, progress=self.progress).weights
+
+    def verify_super_weights(self, model: LazyModel, name: str, weights: list[SuperWeight], text: str | None, *,
+                             seq_len: int, max_tokens: int) -> Verification:
+        """Perplexity of a text file (or, without one, a built-in calibration text) with each weight zeroed on its
+        own, the weights ranked by the increase."""
+        from recipekit.engine.measure.superweights import CALIBRATION_TEXT, verify
+        from recipekit.engine.measure.texts import read_text
+
+        path = None if text is None else self._text(text)
+        self._reads(model, tokenizer=model.side_files, text=path)
+        calibration = read_text(path) if path is not None else CALIBRATION_TEXT
+        return verify(model, name, weights, calibration, seq_len=seq_len, max_tokens=max_tokens, device=self.device)
 
     def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
         """How alike two models' norm weights are (Pearson); None when they cannot be compared. A few norm

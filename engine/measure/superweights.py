@@ -1,11 +1,17 @@
-"""Super weights: single `mlp.down_proj` entries that create a massive activation the model depends on.
+"""Super weights: single `mlp.down_proj` entries behind a massive activation, and what zeroing each one costs.
 
 One streamed forward records, per decoder layer, the largest |input| of each
 down_proj input channel and |output| of each output channel. A layer where
 both the largest input and the largest output exceed `threshold` times that
-layer's median holds a super weight at `down_proj.weight[output channel,
-input channel]`. The found weights are zeroed and the forward is run again
-(up to `rounds` times), because a large super weight can hide smaller ones.
+layer's median holds a candidate at `down_proj.weight[output channel, input
+channel]`. The found weights are zeroed and the forward is run again (up to
+`rounds` times), because a large super weight can hide smaller ones.
+
+A spike is not yet a weight the model depends on: in SmolLM2-135M six spikes
+were found over the demo's stories, and zeroing one multiplied perplexity by
+ten, another raised it by a third, and the other four changed it by 6% or
+less (benchmarks/superweights.py). `verify` measures this: the perplexity of
+a calibration text with each candidate zeroed on its own.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 
 from recipekit.engine.core.graph import LazyModel, elementwise
 from recipekit.engine.core.names import DOWN
+from recipekit.engine.core.probe import VERIFY_TOKENS
 from recipekit.engine.forward.capture import MaxAbs
 from recipekit.engine.forward.streamed import StreamedForward
 from recipekit.engine.forward.tokenize import TextTokenizer
@@ -22,6 +29,23 @@ from recipekit.engine.io.inputs import InputFiles
 from recipekit.engine.run.evaluate import Evaluator
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
+# What `verify` scores when it is given no text: the search's prompt and a few plain paragraphs (written for
+# recipekit) of the kinds of text models are trained on: narrative, explanation, instructions, numbers and code.
+CALIBRATION_TEXT = "\n\n".join([
+    DEFAULT_PROMPT + " It designs phones, computers and watches, and sells software and services for them.",
+    ("The old lighthouse stood at the end of the harbour wall. Every evening the keeper climbed the ninety steps, "
+     "cleaned the glass and lit the lamp, and every morning he wrote in his book how many ships had passed."),
+    ("Water boils at 100 degrees Celsius at sea level, but at lower temperatures in the mountains, because the air "
+     "pressure there is lower. This is why cooking rice or pasta takes longer at high altitude."),
+    ("To change a flat tyre, loosen the wheel nuts while the car is still on the ground, then raise it with the "
+     "jack, remove the nuts and the wheel, fit the spare and tighten the nuts in a cross pattern."),
+    ("In 1969 two astronauts walked on the Moon while a third stayed in orbit. The mission lasted eight days, "
+     "and the crew brought back about 21 kilograms of rock and dust."),
+    ("def mean(values):\n    \"\"\"Return the arithmetic mean of a non-empty list.\"\"\"\n"
+     "    return sum(values) / len(values)"),
+    ("The committee met on Tuesday to discuss the budget for next year. Most members agreed that the library "
+     "needed new computers, but they could not agree on how to pay for the longer opening hours."),
+])
 
 
 @dataclass(frozen=True)
@@ -34,12 +58,13 @@ class SuperWeight:
     round: int
     out_ratio: float  # the layer's largest |output| over its median
     in_ratio: float
-    perplexity_zeroed: float | None = None
+    perplexity_zeroed: float | None = None  # set by `verify`: the calibration text's perplexity without it
+    effect: float | None = None  # set by `verify`: perplexity_zeroed / the model's own perplexity - 1
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "row": self.row, "column": self.column, "value": self.value,
                 "tensor": self.tensor, "round": self.round, "out_ratio": self.out_ratio, "in_ratio": self.in_ratio,
-                "perplexity_zeroed": self.perplexity_zeroed}
+                "perplexity_zeroed": self.perplexity_zeroed, "effect": self.effect}
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,15 @@ class Search:
 
     weights: list[SuperWeight]  # in the order found
     layers: list[LayerPeaks]  # every layer with a single down_proj (a Mixture-of-Experts layer has none)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What zeroing each candidate on its own does to the perplexity of a calibration text."""
+
+    perplexity: float  # the model's own
+    tokens: int  # calibration tokens scored
+    weights: list[SuperWeight]  # with perplexity_zeroed and effect, the largest effect first
 
 
 def find_super_weights(model: LazyModel, name: str, texts: list[str], *, threshold: float = 50.0, rounds: int = 10,
@@ -94,15 +128,28 @@ def find_super_weights(model: LazyModel, name: str, texts: list[str], *, thresho
 
 
 def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *, seq_len: int = 256,
-           max_tokens: int = 4096, device: str = "cpu") -> tuple[float, list[SuperWeight]]:
-    """Perplexity of `text` as it is, and with each super weight zeroed on its own."""
+           max_tokens: int = VERIFY_TOKENS, device: str = "cpu", progress: bool = False) -> Verification:
+    """Perplexity of `text` as it is, and with each weight zeroed on its own; the weights ranked by the increase.
+
+    A text shorter than `seq_len` tokens is scored as one window, so a few sentences are enough.
+    """
     from recipekit.engine.measure.perplexity import perplexity
 
-    def score(m: LazyModel) -> float:
-        return perplexity(m, text, text_name=name, seq_len=seq_len, max_tokens=max_tokens, device=device).perplexity
+    tokenizer = TextTokenizer.of(model.side_files)
+    tokens = min(len(tokenizer.encode_plain(text)), max_tokens)
+    window = min(seq_len, tokens + (tokenizer.bos_id is not None))
 
-    baseline = score(model)
-    return baseline, [replace(w, perplexity_zeroed=score(zeroed(model, name, [w]))) for w in weights]
+    def score(m: LazyModel):
+        return perplexity(m, text, text_name=name, seq_len=window, max_tokens=max_tokens, device=device,
+                          progress=progress)
+
+    own = score(model)
+    measured = []
+    for w in weights:
+        without = score(zeroed(model, name, [w])).perplexity
+        measured.append(replace(w, perplexity_zeroed=without, effect=without / own.perplexity - 1))
+    ranked = sorted(measured, key=lambda w: -w.effect)  # stable: equal effects keep the order found
+    return Verification(own.perplexity, own.tokens, ranked)
 
 
 def zeroed(model: LazyModel, name: str, weights: list[SuperWeight]) -> LazyModel:

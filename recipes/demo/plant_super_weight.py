@@ -3,9 +3,10 @@
     python recipes/demo/plant_super_weight.py        # about 3 minutes on 2 CPU cores
 
 Real LLMs hold a few "super weights" (Yu et al., 2024): single entries of an
-early `mlp.down_proj` that write a massive activation into one channel of the
-residual stream; zero one and the model falls apart. `tiny-story` has none, so
-this script plants one where recipekit's tests can find it:
+`mlp.down_proj` (often an early one, but not always) that write a massive
+activation into one channel of the residual stream; zero one and the model
+falls apart. `tiny-story` has none, so this script plants one where
+recipekit's tests can find it:
 
 1. in layer LAYER, intermediate channel COLUMN is made to spike at every
    token: its `gate_proj` and `up_proj` rows become SPIKE times the mean

@@ -277,6 +277,82 @@ SCHEMA_CASES: dict[str, tuple[str, list[Line]]] = {
         """,
         [line('allow_super_weight_loss: ^"yes"', "steps[0].allow_super_weight_loss", "valid boolean", "'yes'")],
     ),
+    "negative-min-effect": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: protect_super_weights
+            model: a
+            min_effect: -0.1
+        """,
+        [line("min_effect: ^-0.1", "steps[0].min_effect", "greater than or equal to 0")],
+    ),
+    "min-effect-as-percent-text": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: protect_super_weights
+            model: a
+            min_effect: 10%
+        """,
+        [line("min_effect: ^10%", "steps[0].min_effect", "valid number", "'10%'")],
+    ),
+    "verify-as-text": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: protect_super_weights
+            model: a
+            verify: "no"
+        """,
+        [line('verify: ^"no"', "steps[0].verify", "valid boolean", "'no'")],
+    ),
+    "verify-tokens-too-few": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: protect_super_weights
+            model: a
+            verify_tokens: 1
+        """,
+        [line("verify_tokens: ^1", "steps[0].verify_tokens", "greater than or equal to 2")],
+    ),
+    "verification-settings-without-verification": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: protect_super_weights
+            model: a
+            verify: false
+            min_effect: 0.2
+            verify_text: calib.txt
+        """,
+        [line("  - ^op: protect_super_weights", "steps[0]", "min_effect, verify_text only apply with verify: true")],
+    ),
+    "verification-of-given-coordinates": (
+        """
+        recipe: 1
+        models:
+          a: ./llama
+        steps:
+          - op: protect_super_weights
+            model: a
+            coordinates: [{layer: 1, row: 2, column: 3}]
+            min_effect: 0.2
+        """,
+        [line("  - ^op: protect_super_weights", "steps[0]", "verification applies to found candidates",
+              "give text to search as well")],
+    ),
     "number-as-text": (
         """
         recipe: 1

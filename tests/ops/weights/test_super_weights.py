@@ -1,5 +1,7 @@
 """Super weights on the demo model with a planted one (recipes/demo/plant_super_weight.py): found at its exact
-coordinates, the model depends on it, and no step loses it unless the recipe says so; low_rank (LASER)."""
+coordinates, the model depends on it, and no step loses it unless the recipe says so; verification, on a model
+with a planted super weight and harmless spikes (tests/tiny.py), protects only what the model depends on and
+records every candidate's effect; low_rank (LASER)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,10 @@ import torch
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 from recipekit.engine.core.rmt import snr
+from recipekit.engine.measure.probe import EngineProbe
+from recipekit.engine.measure.superweights import find_super_weights
 from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark
-from tests.tiny import DEMO, tensors_of, write_recipe
+from tests.tiny import DEMO, HARMLESS_SPIKES, PLANTED_WEIGHT, tensors_of, write_recipe
 
 PLANTED = DEMO / "models" / "tiny-story-sw"
 LAYER, ROW, COLUMN, VALUE = 1, 77, 301, 3.0  # as plant_super_weight.py plants it
@@ -142,11 +146,6 @@ def test_mistakes_are_located(work: Path, capsys, step: str, marker: str, words:
     assert_refused(result, [(f"{recipe}:{mark(recipe.read_text(), marker)}: ", words)])
 
 
-def test_verify_needs_a_text(capsys) -> None:
-    assert_refused(cli(capsys, "analyze", PLANTED, "--metric", "super-weights", "--verify"),
-                   [("", ("--verify needs --text FILE",))])
-
-
 def test_stack_experts_keeps_the_experts_super_weights(work: Path, capsys) -> None:
     """An expert's protected super weight moves into its expert's down_proj, and the guard keeps watching it."""
     stack = "{op: stack_experts, base: story, experts: [{model: safe}], experts_per_token: 1}"
@@ -162,3 +161,120 @@ def test_stack_experts_keeps_the_experts_super_weights(work: Path, capsys) -> No
     result = cli(capsys, "validate", recipe)
     assert_refused(result, [(f"{recipe}:{mark(recipe.read_text(), '^{op: stack_experts')}: steps[1]: ",
                              ("super weight", "mlp.down_proj.weight[77, 301] of layer story:1", "allow_super_weight_loss"))])
+
+
+# --------------------------------------------------------------------------- verification, on tests/tiny.py's model
+
+
+def _label(layer: int, row: int, column: int) -> str:
+    return f"mlp.down_proj.weight[{row}, {column}] of layer m:{layer}"
+
+
+def _spiky_recipe(folder: Path, spiky: Path, *steps: str) -> Path:
+    body = "\n".join(f"  - {s}" for s in steps)
+    return write_recipe(folder, f"recipe: 1\nmodels: {{m: {spiky}}}\nsteps:\n{body}\n")
+
+
+def test_verification_protects_the_planted_weight_and_the_card_lists_every_candidate(spiky, tmp_path) -> None:
+    recipe = _spiky_recipe(tmp_path, spiky, "{id: safe, op: protect_super_weights, model: m}",
+                           "{op: drop_layers, model: safe, layers: [0]}")
+    plan = load_recipe(recipe).plan()
+    assert [w.label for w in plan.model.protected] == ["mlp.down_proj.weight[5, 7] of layer m:1"]
+    load_recipe(recipe).run(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    steps = [line[2:] for line in card.splitlines() if line.startswith("- protect_super_weights: ")]
+    assert steps[0].startswith("protect_super_weights: 3 spikes found, each zeroed on its own on the built-in "
+                               "calibration text (")
+    assert steps[0].endswith("); protected when perplexity rises by at least 10%")
+    assert steps[1].startswith(f"protect_super_weights: {_label(*PLANTED_WEIGHT)} (found, value 3.125, output ")
+    assert "; zeroed: perplexity " in steps[1]
+    rejected = sorted(steps[2:])
+    assert len(rejected) == 2
+    for line, spike in zip(rejected, sorted(HARMLESS_SPIKES)):
+        assert line.startswith(f"protect_super_weights: {_label(*spike)} not protected (found, value 0.03125, ")
+        assert line.endswith(", under min_effect 10%)")
+        effect = float(line.rsplit(", ", 2)[1].rstrip("%")) / 100
+        assert 0 < effect < 0.01, line
+    planted_effect = float(steps[1].rsplit(", ", 1)[1].rstrip("%)")) / 100
+    assert planted_effect > 10, steps[1]
+
+
+def test_a_layer_holding_only_a_harmless_spike_may_be_dropped_the_planted_ones_may_not(spiky, tmp_path,
+                                                                                      capsys) -> None:
+    protect = "{id: safe, op: protect_super_weights, model: m}"
+    drop = "{{op: drop_layers, model: safe, layers: [{}]}}"
+    assert cli(capsys, "plan", _spiky_recipe(tmp_path, spiky, protect, drop.format(HARMLESS_SPIKES[1][0]))).rc == 0
+
+    planted = _spiky_recipe(tmp_path, spiky, protect, drop.format(PLANTED_WEIGHT[0]))
+    assert_refused(cli(capsys, "plan", planted), [(
+        f"{planted}:{mark(planted.read_text(), '  - ^{op: drop_layers')}: steps[1]: ",
+        (f"removes or changes super weight {_label(*PLANTED_WEIGHT)}", "allow_super_weight_loss: true"))])
+
+
+def test_verify_false_protects_every_spike_as_the_paper_does(spiky, tmp_path, capsys) -> None:
+    layer = HARMLESS_SPIKES[1][0]
+    recipe = _spiky_recipe(tmp_path, spiky, "{id: safe, op: protect_super_weights, model: m, verify: false}",
+                           f"{{op: drop_layers, model: safe, layers: [{layer}]}}")
+    assert_refused(cli(capsys, "plan", recipe), [(
+        f"{recipe}:{mark(recipe.read_text(), '  - ^{op: drop_layers')}: steps[1]: ",
+        (f"removes or changes super weight {_label(*HARMLESS_SPIKES[1])}",))])
+    protected = [w.label for w in load_recipe(_spiky_recipe(
+        tmp_path, spiky, "{op: protect_super_weights, model: m, verify: false}")).build().protected]
+    assert sorted(protected) == sorted(_label(*w) for w in (PLANTED_WEIGHT, *HARMLESS_SPIKES))
+
+
+def test_min_effect_sets_the_bar_and_a_bar_none_clears_is_a_warning(spiky, tmp_path, capsys) -> None:
+    everything = _spiky_recipe(tmp_path, spiky, "{op: protect_super_weights, model: m, min_effect: 0}")
+    assert len(load_recipe(everything).build().protected) == 3  # every harmless spike raises perplexity a little
+
+    recipe = _spiky_recipe(tmp_path, spiky, "{id: safe, op: protect_super_weights, model: m, min_effect: 1000000}",
+                           f"{{op: drop_layers, model: safe, layers: [{PLANTED_WEIGHT[0]}]}}")
+    result = cli(capsys, "plan", recipe)
+    assert result.rc == 0
+    assert ("warning: protect_super_weights: zeroing any of the 3 spikes found in 'm' raises perplexity by less "
+            "than 1e+08% (at most +") in result.err
+    assert "nothing is protected (verify: false protects every spike)" in result.err
+
+
+def test_the_verification_text_is_the_recipes_and_what_verification_reads_is_locked(spiky, tmp_path) -> None:
+    (tmp_path / "calib.txt").write_text("The cat sat on the mat, and the dog slept by the door all afternoon.")
+    recipe = _spiky_recipe(tmp_path, spiky, "{id: safe, op: protect_super_weights, model: m, "
+                                            "verify_text: calib.txt}", "{op: drop_layers, model: safe, layers: [0]}")
+    model = load_recipe(recipe).build()
+    assert "each zeroed on its own on calib.txt (68 tokens, perplexity " in model.notes[0]
+    load_recipe(recipe).run(tmp_path / "out")
+    lock = json.loads((tmp_path / "out" / "recipe.lock").read_text())
+    assert set(lock["files"]) == {"calib.txt"}
+
+
+def test_verification_records_every_file_it_reads(spiky, tmp_path) -> None:
+    """The probe names the text, the tokenizer files and the model's shards: the lock hashes them."""
+    from recipekit.engine.core.graph import LazyModel
+    from recipekit.engine.io.source import open_model
+
+    model = LazyModel.from_source("m", open_model(str(spiky), base_dir=tmp_path))
+    weights = find_super_weights(model, "m", []).weights
+    (tmp_path / "calib.txt").write_text("A short text to score.")
+    probe = EngineProbe(tmp_path)
+    check = probe.verify_super_weights(model, "m", weights, "calib.txt", seq_len=64, max_tokens=64)
+    assert [(w.layer, w.row, w.column) for w in check.weights][0] == PLANTED_WEIGHT
+    assert set(probe.read) == {tmp_path / "calib.txt", spiky / "tokenizer.json", spiky / "tokenizer_config.json",
+                               *spiky.glob("*.safetensors")}
+
+
+def test_the_verification_fields_are_in_the_schema(capsys) -> None:
+    assert main(["schema"]) == 0
+    fields = json.loads(capsys.readouterr().out)["$defs"]["ProtectSuperWeights"]["properties"]
+    assert fields["verify"]["default"] is True and fields["verify"]["type"] == "boolean"
+    assert fields["min_effect"]["default"] == 0.1 and fields["min_effect"]["minimum"] == 0
+    assert fields["verify_tokens"]["default"] == 4096 and fields["verify_tokens"]["minimum"] == 2
+    assert {"type": "string"} in fields["verify_text"]["anyOf"]
+    assert all(fields[name]["description"] for name in ("verify", "min_effect", "verify_text", "verify_tokens"))
+
+
+def test_a_verification_text_counts_as_a_local_path() -> None:
+    """So a shared recipe may name one only when the user allows local paths, as it may a search text."""
+    from recipekit.ops.weights.super_weights import ProtectSuperWeights
+
+    step = ProtectSuperWeights(op="protect_super_weights", model="m", text="a.txt", verify_text="b.txt")
+    assert step.local_paths() == [(("text",), "a.txt"), (("verify_text",), "b.txt")]
