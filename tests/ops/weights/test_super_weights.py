@@ -182,7 +182,8 @@ def test_verification_protects_the_planted_weight_and_the_card_lists_every_candi
     assert [w.label for w in plan.model.protected] == ["mlp.down_proj.weight[5, 7] of layer m:1"]
     load_recipe(recipe).run(tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
-    steps = [line[2:] for line in card.splitlines() if line.startswith("- protect_super_weights: ")]
+    prefix = "- step 1 (`safe`): "  # the card numbers each step's notes
+    steps = [line[len(prefix):] for line in card.splitlines() if line.startswith(prefix + "protect_super_weights: ")]
     assert steps[0].startswith("protect_super_weights: 3 spikes found, each zeroed on its own on the built-in "
                                "calibration text (")
     assert steps[0].endswith("); protected when perplexity rises by at least 10%")
@@ -244,7 +245,7 @@ def test_the_verification_text_is_the_recipes_and_what_verification_reads_is_loc
     assert "each zeroed on its own on calib.txt (68 tokens, perplexity " in model.notes[0]
     load_recipe(recipe).run(tmp_path / "out")
     lock = json.loads((tmp_path / "out" / "recipe.lock").read_text())
-    assert set(lock["files"]) == {"calib.txt"}
+    assert set(lock["files"]) == {str((tmp_path / "calib.txt").resolve())}  # texts by absolute path
 
 
 def test_verification_records_every_file_it_reads(spiky, tmp_path) -> None:
