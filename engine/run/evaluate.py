@@ -22,6 +22,27 @@ from recipekit.engine.io.safetensors_header import DTYPE_SIZES, TensorInfo
 from recipekit.ops.registry import KERNELS
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+HEAP_LIMIT = 16 * 2**20
+
+
+def _bound_the_heap() -> None:
+    """Have glibc give every allocation of HEAP_LIMIT or more its own mapping, returned to the system when freed.
+
+    By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), after which such
+    tensors come from per-thread heaps that keep freed memory: with compute jobs on several threads a TIES merge
+    of 1.7 GB models peaked 10-20% higher (about 1.8 GB against 1.55-1.65 GB with the bound, measured here).
+    Elsewhere (not glibc) this does nothing.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, HEAP_LIMIT)
+    except (OSError, AttributeError):
+        pass
+
+
+_bound_the_heap()
+
+
 def device_problem(device: str) -> str | None:
     """Why `device` cannot be used here, or None."""
     if device == "cpu":
