@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from recipekit.engine.core.graph import Apply, Load, Node
+from recipekit.engine.core.graph import Apply, Load, Node, loads_of
 from recipekit.engine.core.kernels import compute_dtype, torch_dtype
+from recipekit.engine.errors import PlanError
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, TensorInfo
 from recipekit.ops.registry import KERNELS
 
@@ -69,6 +70,29 @@ def read_rows(info: TensorInfo, fd: int, rows: list[int]) -> torch.Tensor:
     return out
 
 
+def check_finite(result: torch.Tensor, inputs: Callable[[], list[torch.Tensor]], name: str) -> None:
+    """Refuse to write a computed tensor that has NaN or infinite values its inputs did not have: a cast that
+    overflows the output dtype (float16 tops out at 65504), or a kernel that divided by zero. Inputs that were
+    already non-finite pass through, as a byte copy would pass them. `inputs()` is called only then."""
+    if not result.is_floating_point() or bool(torch.isfinite(result).all()):
+        return
+    sources = inputs()
+    if any(s.is_floating_point() and not bool(torch.isfinite(s).all()) for s in sources):
+        return
+    bad = int((~torch.isfinite(result)).sum())
+    largest = max((float(s.abs().max()) for s in sources if s.is_floating_point() and s.numel()), default=0.0)
+    raise PlanError(f"tensor {name!r} would have {bad} NaN or infinite value(s) in {str(result.dtype)[6:]}, from "
+                    f"finite inputs (largest |input| {largest:.4g}): write a wider output dtype (bfloat16 or "
+                    "float32) or check the step's parameters; nothing was written")
+
+
+def _beyond(values: torch.Tensor, limit: float) -> bool:
+    """Whether some finite value lies beyond +-limit: one pass, nothing allocated the size of `values` (a cast to
+    float16 can overflow only there; an infinity already in the input passes through)."""
+    low, high = (float(v) for v in torch.aminmax(values))
+    return (limit < high < math.inf) or (-math.inf < low < -limit)
+
+
 def write_tensor(tensor: torch.Tensor, fd: int, offset: int) -> None:
     """Write a tensor's raw little-endian bytes at `offset`, without a copy on the CPU."""
     _write_from(_bytes_of(tensor.detach().contiguous().cpu()), fd, offset)
@@ -106,11 +130,12 @@ CAST_CHUNK_BYTES = 8 * 2**20
 _chunk_buffers = threading.local()
 
 
-def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dtype: str) -> None:
+def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dtype: str, name: str = "") -> None:
     """Cast one input tensor into `dtype` straight from file to file, a chunk at a time.
 
     A cast is elementwise, so it never needs the whole tensor: each thread keeps
     two reusable buffers of `CAST_CHUNK_BYTES`, whatever the tensor's size.
+    `name` is the output tensor's, for errors (default: the input's).
     """
     source, target = torch_dtype(info.dtype), torch_dtype(dtype)
     in_size, out_size = source.itemsize, target.itemsize
@@ -122,6 +147,8 @@ def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dty
     if key not in buffers:
         buffers[key] = (torch.empty(step, dtype=source), torch.empty(step, dtype=target))
     inp, out = buffers[key]
+    narrows = (source.is_floating_point and target.is_floating_point
+               and torch.finfo(target).max < torch.finfo(source).max)
     inp_bytes = _bytes_of(inp)
     count, done = info.nbytes // in_size, 0
     out_bytes = _bytes_of(out)
@@ -129,11 +156,14 @@ def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dty
         n = min(step, count - done)
         _read_into(inp_bytes[: n * in_size], src_fd, info.offset + done * in_size, info)
         out[:n].copy_(inp[:n])
+        if narrows and _beyond(inp[:n], torch.finfo(target).max):
+            check_finite(out[:n], lambda: [inp[:n]], name or info.name)
         _write_from(out_bytes[: n * out_size], dst_fd, dst_offset + done * out_size)
         done += n
 
 
-def rowwise_stream(node: Apply, open_input: Callable[[TensorInfo], int], dst_fd: int, dst_offset: int) -> None:
+def rowwise_stream(node: Apply, open_input: Callable[[TensorInfo], int], dst_fd: int, dst_offset: int,
+                   name: str) -> None:
     """Compute a rowwise kernel (a linear merge) a block of rows at a time, from the input files to the output
     file: memory is a few blocks per thread, whatever the tensor's size. Every input is a `Load` of `node`'s shape.
     """
@@ -157,8 +187,9 @@ def rowwise_stream(node: Apply, open_input: Callable[[TensorInfo], int], dst_fd:
             _read_into(_bytes_of(block), open_input(info), info.offset + start * in_row, info)
             blocks.append(block)
         local = tuple((r - start, c, s) for r, c, s in keep if start <= r < start + n)
-        result = kernel(*blocks, **params, **({"keep": local} if local else {}))
-        write_tensor(result.to(out_dtype), dst_fd, dst_offset + start * out_row)
+        result = kernel(*blocks, **params, **({"keep": local} if local else {})).to(out_dtype)
+        check_finite(result, lambda: blocks, name)
+        write_tensor(result, dst_fd, dst_offset + start * out_row)
 
 
 class Evaluator:
@@ -175,6 +206,10 @@ class Evaluator:
     def shared(self) -> bool:
         """Whether some node is used more than once (by several roots, or twice in one graph)."""
         return any(count > 1 for count in self.uses.values())
+
+    def inputs_of(self, node: Node) -> list[torch.Tensor]:
+        """The input tensors `node` reads, read again (for `check_finite`, after a failure)."""
+        return [read_tensor(load.tensor, self.open_input(load.tensor)) for load in loads_of(node)]
 
     def _count(self, node: Node) -> None:
         self.uses[node] += 1

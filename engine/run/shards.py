@@ -85,10 +85,10 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
                 info = t.node.tensor
                 _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
             elif t.is_rowwise:
-                evaluate.rowwise_stream(t.node, inputs.fd, fd, offset)
+                evaluate.rowwise_stream(t.node, inputs.fd, fd, offset, t.name)
             else:
                 info = t.cast_source.tensor
-                evaluate.cast_stream(info, inputs.fd(info), fd, offset, t.dtype)
+                evaluate.cast_stream(info, inputs.fd(info), fd, offset, t.dtype, t.name)
             bar.update(t.nbytes)
             completion.done(shard)
 
@@ -99,7 +99,9 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
 
                 def compute(job: tuple[TensorPlan, int, int, str], evaluator: evaluate.Evaluator) -> None:
                     t, fd, offset, shard = job
-                    evaluate.write_tensor(evaluator.value(t.node), fd, offset)
+                    value = evaluator.value(t.node)
+                    evaluate.check_finite(value, lambda: evaluator.inputs_of(t.node), t.name)
+                    evaluate.write_tensor(value, fd, offset)
                     bar.update(t.nbytes)
                     completion.done(shard)
 
