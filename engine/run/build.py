@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipekit.engine.core.graph import UNSET_ROUTER, LazyModel, applies, lost_weights, unset_routers
 from recipekit.engine.core.architectures import config_problems, layer_config
+from recipekit.engine.core.graph import UNSET_ROUTER, LazyModel, applies, lost_weights, unset_routers
 from recipekit.engine.core.layers import decoder_of, incomplete
 from recipekit.engine.core.probe import NotMeasured
 from recipekit.engine.core.schema import StepBase

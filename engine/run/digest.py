@@ -55,3 +55,10 @@ def combine(block_digests: list[bytes]) -> str:
 def tree_sha256(path: Path, stop: threading.Event | None = None) -> str:
     """The sha256-tree of a file, block after block in this thread."""
     return combine([block_digest(path, i, stop) for i in range(blocks(path.stat().st_size))])
+
+
+def file_identity(path: Path) -> str:
+    """What a file is known by without reading it: device, inode, size and mtime of what `path` points to (as git's
+    index does). The remembered-hash cache and a partial output's journal both rely on it."""
+    st = path.resolve().stat()
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"

@@ -22,7 +22,6 @@ from recipekit.engine.errors import PlanError
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, TensorInfo
 from recipekit.ops.registry import KERNELS
 
-
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 HEAP_LIMIT = 16 * 2**20
 

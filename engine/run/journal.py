@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recipekit.engine.core.graph import loads_of
-from recipekit.engine.run.digest import tree_sha256
+from recipekit.engine.run.digest import file_identity, tree_sha256
 from recipekit.engine.run.plan import Plan
 
 JOURNAL = ".recipekit-journal"
@@ -36,8 +36,7 @@ def fingerprint(plan: Plan, device: str, version: str) -> str:
         digest.update(shard.header)
     files = sorted({load.tensor.file for t in plan.tensors for load in loads_of(t.node)})
     for path in files:
-        st = path.resolve().stat()
-        digest.update(json.dumps([str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]).encode())
+        digest.update(json.dumps([str(path), file_identity(path)]).encode())
     return digest.hexdigest()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from recipekit.engine.core.graph import loads_of
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.io.source import INDEX_FILE, SIDE_FILES
-from recipekit.engine.run.digest import block_digest, blocks, combine
+from recipekit.engine.run.digest import block_digest, blocks, combine, file_identity
 from recipekit.engine.run.plan import Plan
 
 LOCK_VERSION = 2  # 1 locked config.json and the shards only, by plain sha256
@@ -224,8 +224,7 @@ def _known_sha256(path: Path) -> str | None:
 
 def _stat_key(path: Path) -> str:
     """What the remembered-hash cache knows a file by; `tree1:` since its digests are sha256-trees."""
-    st = path.resolve().stat()
-    return f"tree1:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"tree1:{file_identity(path)}"
 
 
 def hash_cache_file() -> Path:
