@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from recipekit.engine.io.safetensors_header import TensorInfo
     from recipekit.engine.io.source import ModelSource
+    from recipekit.engine.vocab.align import VocabularyReport
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class LazyModel:
     protected: tuple[ProtectedWeight, ...] = ()  # super weights every later step must keep
     read_files: tuple[Path, ...] = ()
     measure_memory: int = 0
+    side_overrides: tuple[tuple[str, bytes | None], ...] = ()  # side files written instead of copied (None: left out)
+    vocabulary: VocabularyReport | None = None  # set when the inputs were given one vocabulary (engine/vocab)
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:

@@ -84,5 +84,28 @@ def zero_at(x: torch.Tensor, *, coordinates: tuple[tuple[int, int], ...]) -> tor
     return y
 
 
+def take_rows(*matrices: torch.Tensor, take: bytes, means: tuple[tuple[tuple[int, int], ...], ...], used: int,
+              rows: int) -> torch.Tensor:
+    """A vocabulary matrix (rows, ...) gathered row by row from `matrices` (each (any, ...)), the first being the
+    model's own: `take` holds an int32 (source, row) pair per output row, source -1 a zero row, -2 the mean of the
+    (source, row) pairs of `means[row]`, -3 the mean of the first `used` rows of the own matrix (`engine/vocab/
+    rows.py`). Means are taken in float32; the result has the own matrix's dtype."""
+    import torch
+
+    own = matrices[0]
+    pairs = torch.frombuffer(bytearray(take), dtype=torch.int32).view(-1, 2).long()
+    out = torch.zeros((rows, *own.shape[1:]), dtype=own.dtype)
+    for k, matrix in enumerate(matrices):
+        chosen = (pairs[:, 0] == k).nonzero().squeeze(1)
+        out[chosen] = matrix[pairs[chosen, 1]].to(own.dtype)
+    for r in (pairs[:, 0] == -2).nonzero().squeeze(1).tolist():
+        entry = means[int(pairs[r, 1])]
+        out[r] = torch.stack([matrices[k][i].float() for k, i in entry]).mean(0).to(own.dtype)
+    owns = (pairs[:, 0] == -3).nonzero().squeeze(1)
+    if len(owns):
+        out[owns] = own[:used].float().mean(0).to(own.dtype)
+    return out
+
+
 SHARED_KERNELS = {"cast": cast, "zeros": zeros, "constant": constant, "randn": randn, "uniform": uniform,
-                  "zero_at": zero_at}
+                  "zero_at": zero_at, "take_rows": take_rows}

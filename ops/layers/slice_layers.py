@@ -39,6 +39,9 @@ class SliceLayers(StepBase):
         refs += [((field,), ref) for field, ref in (("base", self.base), ("head", self.head)) if ref is not None]
         return refs
 
+    def embeddings_from(self) -> str:
+        return self.base or self.slices[0].model
+
     def title(self, names: Mapping[str, str]) -> str:
         models = list(dict.fromkeys(names[ref] for _, ref in self.references()))
         if len(models) > 1:

@@ -1,0 +1,115 @@
+"""Merging models whose tokenizers differ: the output tokenizer and every embedding and lm_head row.
+
+Three tiny Llamas: `a` (the base) has added special tokens; `b` orders the shared words differently, adds its own
+and is a padded checkpoint (40 rows for 30 tokens); `c` has b's tokenizer plus one token of its own. Expected rows
+are computed here from the rule in docs/architecture.md, looking every token up through each model's own
+tokenizer with transformers.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+import transformers
+
+from recipekit.engine import load_recipe
+from tests.tiny import add_word_tokenizer, load_causal_lm, make_model, tensors_of, write_recipe
+
+COMMON = [f"c{i}" for i in range(20)]
+A_ADDED = [("<s>", {"special": True}), ("<|im_start|>", {"special": True}), ("<|im_end|>", {"special": True}),
+           ("<tool>", {"lstrip": True})]
+B_ADDED = [("<s>", {"special": True}), ("<|im_end|>", {"special": True}), ("<think>", {"special": True})]
+# the union, as documented: a's ids, then b's new tokens in b's id order, then c's
+UNION = (["<unk>", *COMMON, *[f"a{i}" for i in range(5)], "<s>", "<|im_start|>", "<|im_end|>", "<tool>"]
+         + [f"b{i}" for i in range(6)] + ["<think>"] + ["<extra>"])
+
+
+def _models(tmp_path, tied=False):
+    a = add_word_tokenizer(make_model(tmp_path / "a", layers=2, seed=1, vocab_size=30, tied=tied),
+                           [*COMMON, *[f"a{i}" for i in range(5)]], A_ADDED)
+    b_words = [*[f"b{i}" for i in range(6)], *reversed(COMMON)]
+    b = add_word_tokenizer(make_model(tmp_path / "b", layers=2, seed=2, vocab_size=40, tied=tied), b_words, B_ADDED)
+    c = add_word_tokenizer(make_model(tmp_path / "c", layers=2, seed=3, vocab_size=31, tied=tied), b_words,
+                           [*B_ADDED, ("<extra>", {})])
+    return a, b, c
+
+
+def _rows(path):
+    """token -> (embedding row, lm_head row) of a model, through its own tokenizer (only tokens with a row)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tensors = tensors_of(path)
+    embed = tensors["model.embed_tokens.weight"]
+    head = tensors.get("lm_head.weight", embed)
+    return {t: (embed[i], head[i]) for t, i in tokenizer.get_vocab().items() if i < embed.shape[0]}
+
+
+def _expected(token, models, base, weights):
+    """The merged (embedding, lm_head) rows of `token`: each model's own row, else the documented fallback."""
+    holders = [m for m in models if token in m]
+    if token in base:
+        fallback = base[token]
+    elif len(holders) == 1:
+        fallback = holders[0][token]
+    else:
+        fallback = tuple(torch.stack([m[token][k] for m in holders]).mean(0) for k in (0, 1))
+    per_model = [m.get(token, fallback) for m in models]
+    return tuple(sum(w * rows[k] for w, rows in zip(weights, per_model)) / sum(weights) for k in (0, 1))
+
+
+def _linear(tmp_path, output: str, models=("a", "b", "c"), weights=(0.5, 0.3, 0.2)):
+    """A linear merge of `models` whose `output` mapping is `output` (YAML flow style)."""
+    entries = ", ".join(f"{{model: {m}, weight: {w}}}" for m, w in zip(models, weights))
+    listed = ", ".join(f"{m}: ./{m}" for m in models)
+    return write_recipe(tmp_path, f"recipe: 1\nmodels: {{{listed}}}\nsteps:\n  - {{op: merge, method: linear, "
+                                  f"models: [{entries}]}}\noutput: {output}\n")
+
+
+def test_union_merge_gives_every_token_its_rows(tmp_path):
+    a, b, c = _models(tmp_path)
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}")).run(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])] == UNION
+    got = tensors_of(out)
+    assert got["model.embed_tokens.weight"].shape == (len(UNION), 32)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(UNION)
+    rows = [_rows(p) for p in (a, b, c)]
+    for i, token in enumerate(UNION):
+        embed, head = _expected(token, rows, rows[0], (0.5, 0.3, 0.2))
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], embed, msg=token)
+        torch.testing.assert_close(got["lm_head.weight"][i], head, msg=token)
+    load_causal_lm(out)  # transformers loads the model
+
+
+def test_union_tokenizer_encodes_every_added_token_with_its_flags(tmp_path):
+    _models(tmp_path)
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}")).run(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "<s> c3 <|im_start|> a1 b2 <think> c19 <tool> <extra> <|im_end|>"
+    assert tokenizer.encode(text, add_special_tokens=False) == [UNION.index(t) for t in text.split()]
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    sources = [transformers.AutoTokenizer.from_pretrained(tmp_path / m).added_tokens_decoder for m in "abc"]
+    special = {t.content for decoder in sources for t in decoder.values() if t.special}
+    assert {"<s>", "<|im_start|>", "<|im_end|>", "<think>"} <= special
+    assert {name for name, t in added.items() if t.special} == special
+    assert added["<tool>"].lstrip and not added["<tool>"].special
+    assert not (out / "vocab.json").exists()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    decoder = {v["content"]: (int(i), v["special"]) for i, v in config["added_tokens_decoder"].items()}
+    assert decoder == {t: (UNION.index(t), flags.get("special", False))
+                       for t, flags in [*A_ADDED, *B_ADDED, ("<extra>", {})]}
+
+
+def test_plan_shows_sizes_and_where_rows_came_from(tmp_path):
+    _models(tmp_path)
+    plan = load_recipe(_linear(tmp_path, "{tokenizer: {source: union, pad_to_multiple_of: 16}}")).plan()
+    report = plan.model.vocabulary
+    assert (report.tokens, report.rows) == (len(UNION), 48)
+    assert report.inputs == (("a", 30, 30), ("b", 30, 40), ("c", 31, 31))
+    counts = dict(report.counts)
+    # a lacks b0..b5 and <think> (b and c have them: averaged) and <extra> (c's only)
+    assert counts["a"] == {"own": 30, "mean": 7, "only": 1, "padding": 10}
+    assert counts["b"] == {"own": 30, "base": 7, "only": 1, "padding": 10}
+    assert report.rowless == ()
+    assert any(m.startswith("vocabulary: union of a (30 tokens, 30 rows)") for m in plan.model.messages)
