@@ -113,3 +113,131 @@ def test_plan_shows_sizes_and_where_rows_came_from(tmp_path):
     assert counts["b"] == {"own": 30, "base": 7, "only": 1, "padding": 10}
     assert report.rowless == ()
     assert any(m.startswith("vocabulary: union of a (30 tokens, 30 rows)") for m in plan.model.messages)
+
+
+def test_overrides_zero_and_padding(tmp_path):
+    a, b, c = _models(tmp_path)
+    out = tmp_path / "out"
+    overrides = ('{"<think>": {source: {model: a, token: "<|im_end|>"}}, c5: {source: zero, force: true}, '
+                 '"<tool>": {source: a, force: true}}')
+    load_recipe(_linear(tmp_path, f"{{tokenizer: {{source: union, pad_to_multiple_of: 16, tokens: {overrides}}}}}"
+                        )).run(out)
+    got = tensors_of(out)["model.embed_tokens.weight"]
+    assert got.shape == (48, 32) and json.loads((out / "config.json").read_text())["vocab_size"] == 48
+    assert torch.count_nonzero(got[len(UNION):]) == 0  # padding rows
+    rows = [_rows(p) for p in (a, b, c)]
+    weights = (0.5, 0.3, 0.2)
+
+    def merged(per_model):
+        return sum(w * r for w, r in zip(weights, per_model)) / sum(weights)
+
+    # a lacks <think>: its row is a's <|im_end|>; b and c keep their own
+    think = merged([rows[0]["<|im_end|>"][0], rows[1]["<think>"][0], rows[2]["<think>"][0]])
+    torch.testing.assert_close(got[UNION.index("<think>")], think)
+    assert torch.count_nonzero(got[UNION.index("c5")]) == 0  # forced zero in every model
+    torch.testing.assert_close(got[UNION.index("<tool>")], rows[0]["<tool>"][0])  # forced: a's row in every model
+    for token in ("c0", "b3", "a2"):  # the others as before
+        torch.testing.assert_close(got[UNION.index(token)], _expected(token, rows, rows[0], weights)[0])
+    load_causal_lm(out)
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    a, b, c = _models(tmp_path, tied=True)
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}")).run(out)
+    got = tensors_of(out)
+    assert "lm_head.weight" not in got
+    rows = [_rows(p) for p in (a, b, c)]
+    for i, token in enumerate(UNION):
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], _expected(token, rows, rows[0],
+                                                                                  (0.5, 0.3, 0.2))[0])
+    model = load_causal_lm(out)
+    assert model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_another_models_padded_vocabulary(tmp_path):
+    """source: b keeps b's tokenizer and its 40 rows (a padded checkpoint); a's rows move to b's ids, and the
+    config's special token ids follow."""
+    a, b, _ = _models(tmp_path)
+    config = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**config, "bos_token_id": 26, "eos_token_id": [28, 25]}))
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: b}}", models=("a", "b"), weights=(0.5, 0.5))).run(out)
+    assert (out / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    got = tensors_of(out)
+    assert got["model.embed_tokens.weight"].shape == (40, 32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    rows = [_rows(a), _rows(b)]
+    for token, i in tokenizer.get_vocab().items():
+        embed, head = _expected(token, rows, rows[1], (0.5, 0.5))
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], embed, msg=token)
+        torch.testing.assert_close(got["lm_head.weight"][i], head, msg=token)
+    assert torch.count_nonzero(got["model.embed_tokens.weight"][30:]) == 0
+    config = json.loads((out / "config.json").read_text())
+    # a's <s> (26) is b's 27, <|im_end|> (28) is b's 28, a4 (25) is not in b's vocabulary
+    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (40, 27, [28])
+
+
+def test_chat_template_from_a_model(tmp_path):
+    _, b, _ = _models(tmp_path)
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    config = json.loads((b / "tokenizer_config.json").read_text())
+    (b / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    (tmp_path / "a" / "chat_template.jinja").write_text("{{ 'a template' }}")
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}, chat_template: b}")).run(out)
+    assert not (out / "chat_template.jinja").exists()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == template
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "c1 b2"}], tokenize=False)
+    assert chat == "<|im_start|>c1 b2<|im_end|>"
+    lock = json.loads((out / "recipe.lock").read_text())
+    assert "tokenizer_config.json" in lock["inputs"]["b"]["files"] and "tokenizer.json" in lock["inputs"]["c"]["files"]
+
+
+def test_frankenmerge_takes_embeddings_from_one_and_head_from_another(tmp_path):
+    a, b, _ = _models(tmp_path)
+    recipe = write_recipe(tmp_path, """
+        recipe: 1
+        models: {a: ./a, b: ./b}
+        steps:
+          - op: slice_layers
+            slices: [{model: a, range: [0, 2]}, {model: b, range: [0, 2]}]
+            head: b
+        output: {tokenizer: {source: union}}
+        """)
+    out = tmp_path / "out"
+    load_recipe(recipe).run(out)
+    got = tensors_of(out)
+    rows = [_rows(a), _rows(b)]
+    union = UNION[:-1]  # c is not an input
+    assert got["model.embed_tokens.weight"].shape[0] == got["lm_head.weight"].shape[0] == len(union)
+    for i, token in enumerate(union):
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], _expected(token, rows, rows[0], (1, 0))[0])
+        torch.testing.assert_close(got["lm_head.weight"][i], _expected(token, rows, rows[0], (0, 1))[1])
+    load_causal_lm(out)
+
+
+def test_stacked_experts_share_the_base_embeddings(tmp_path):
+    a, b, _ = _models(tmp_path)
+    recipe = write_recipe(tmp_path, """
+        recipe: 1
+        models: {a: ./a, b: ./b}
+        steps:
+          - {id: moe, op: stack_experts, base: a, experts: [{model: a}, {model: b}]}
+          - {op: init_gates, model: moe, mode: random}
+        output: {tokenizer: {source: union}}
+        """)
+    out = tmp_path / "out"
+    load_recipe(recipe).run(out)
+    got = tensors_of(out)
+    rows = [_rows(a), _rows(b)]
+    for i, token in enumerate(UNION[:-1]):
+        embed, head = _expected(token, rows, rows[0], (1, 0))
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], embed)
+        torch.testing.assert_close(got["lm_head.weight"][i], head)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("c1 b2 <think>", return_tensors="pt").input_ids
+    assert ids.tolist() == [[UNION.index(t) for t in ("c1", "b2", "<think>")]]
+    assert load_causal_lm(out)(ids).logits.shape == (1, 3, len(UNION) - 1)
