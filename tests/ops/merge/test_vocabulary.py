@@ -1,10 +1,5 @@
-"""Merging models whose tokenizers differ: the output tokenizer and every embedding and lm_head row.
-
-Three tiny Llamas: `a` (the base) has added special tokens; `b` orders the shared words differently, adds its own
-and is a padded checkpoint (40 rows for 30 tokens); `c` has b's tokenizer plus one token of its own. Expected rows
-are computed here from the rule in docs/architecture.md, looking every token up through each model's own
-tokenizer with transformers.
-"""
+"""Merging, stacking and slicing models whose tokenizers differ: the output tokenizer and every embedding and
+lm_head row (the models and the expected rows: tests/vocab.py)."""
 from __future__ import annotations
 
 import json
@@ -13,47 +8,8 @@ import torch
 import transformers
 
 from recipekit.engine import load_recipe
-from tests.tiny import add_word_tokenizer, load_causal_lm, make_model, tensors_of, write_recipe
-
-COMMON = [f"c{i}" for i in range(20)]
-A_ADDED = [("<s>", {"special": True}), ("<|im_start|>", {"special": True}), ("<|im_end|>", {"special": True}),
-           ("<tool>", {"lstrip": True})]
-B_ADDED = [("<s>", {"special": True}), ("<|im_end|>", {"special": True}), ("<think>", {"special": True})]
-# the union, as documented: a's ids, then b's new tokens in b's id order, then c's
-UNION = (["<unk>", *COMMON, *[f"a{i}" for i in range(5)], "<s>", "<|im_start|>", "<|im_end|>", "<tool>"]
-         + [f"b{i}" for i in range(6)] + ["<think>"] + ["<extra>"])
-
-
-def _models(tmp_path, tied=False):
-    a = add_word_tokenizer(make_model(tmp_path / "a", layers=2, seed=1, vocab_size=30, tied=tied),
-                           [*COMMON, *[f"a{i}" for i in range(5)]], A_ADDED)
-    b_words = [*[f"b{i}" for i in range(6)], *reversed(COMMON)]
-    b = add_word_tokenizer(make_model(tmp_path / "b", layers=2, seed=2, vocab_size=40, tied=tied), b_words, B_ADDED)
-    c = add_word_tokenizer(make_model(tmp_path / "c", layers=2, seed=3, vocab_size=31, tied=tied), b_words,
-                           [*B_ADDED, ("<extra>", {})])
-    return a, b, c
-
-
-def _rows(path):
-    """token -> (embedding row, lm_head row) of a model, through its own tokenizer (only tokens with a row)."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    tensors = tensors_of(path)
-    embed = tensors["model.embed_tokens.weight"]
-    head = tensors.get("lm_head.weight", embed)
-    return {t: (embed[i], head[i]) for t, i in tokenizer.get_vocab().items() if i < embed.shape[0]}
-
-
-def _expected(token, models, base, weights):
-    """The merged (embedding, lm_head) rows of `token`: each model's own row, else the documented fallback."""
-    holders = [m for m in models if token in m]
-    if token in base:
-        fallback = base[token]
-    elif len(holders) == 1:
-        fallback = holders[0][token]
-    else:
-        fallback = tuple(torch.stack([m[token][k] for m in holders]).mean(0) for k in (0, 1))
-    per_model = [m.get(token, fallback) for m in models]
-    return tuple(sum(w * rows[k] for w, rows in zip(weights, per_model)) / sum(weights) for k in (0, 1))
+from tests.tiny import load_causal_lm, tensors_of, write_recipe
+from tests.vocab import A_ADDED, B_ADDED, UNION, expected_rows, token_rows, vocab_models
 
 
 def _linear(tmp_path, output: str, models=("a", "b", "c"), weights=(0.5, 0.3, 0.2)):
@@ -64,8 +20,8 @@ def _linear(tmp_path, output: str, models=("a", "b", "c"), weights=(0.5, 0.3, 0.
                                   f"models: [{entries}]}}\noutput: {output}\n")
 
 
-def test_union_merge_gives_every_token_its_rows(tmp_path):
-    a, b, c = _models(tmp_path)
+def test_union_merge_gives_every_token_itstoken_rows(tmp_path):
+    a, b, c = vocab_models(tmp_path)
     out = tmp_path / "out"
     load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}")).run(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
@@ -73,16 +29,16 @@ def test_union_merge_gives_every_token_its_rows(tmp_path):
     got = tensors_of(out)
     assert got["model.embed_tokens.weight"].shape == (len(UNION), 32)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(UNION)
-    rows = [_rows(p) for p in (a, b, c)]
+    rows = [token_rows(p) for p in (a, b, c)]
     for i, token in enumerate(UNION):
-        embed, head = _expected(token, rows, rows[0], (0.5, 0.3, 0.2))
+        embed, head = expected_rows(token, rows, rows[0], (0.5, 0.3, 0.2))
         torch.testing.assert_close(got["model.embed_tokens.weight"][i], embed, msg=token)
         torch.testing.assert_close(got["lm_head.weight"][i], head, msg=token)
     load_causal_lm(out)  # transformers loads the model
 
 
 def test_union_tokenizer_encodes_every_added_token_with_its_flags(tmp_path):
-    _models(tmp_path)
+    vocab_models(tmp_path)
     out = tmp_path / "out"
     load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}")).run(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
@@ -102,7 +58,7 @@ def test_union_tokenizer_encodes_every_added_token_with_its_flags(tmp_path):
 
 
 def test_plan_shows_sizes_and_where_rows_came_from(tmp_path):
-    _models(tmp_path)
+    vocab_models(tmp_path)
     plan = load_recipe(_linear(tmp_path, "{tokenizer: {source: union, pad_to_multiple_of: 16}}")).plan()
     report = plan.model.vocabulary
     assert (report.tokens, report.rows) == (len(UNION), 48)
@@ -116,7 +72,7 @@ def test_plan_shows_sizes_and_where_rows_came_from(tmp_path):
 
 
 def test_overrides_zero_and_padding(tmp_path):
-    a, b, c = _models(tmp_path)
+    a, b, c = vocab_models(tmp_path)
     out = tmp_path / "out"
     overrides = ('{"<think>": {source: {model: a, token: "<|im_end|>"}}, c5: {source: zero, force: true}, '
                  '"<tool>": {source: a, force: true}}')
@@ -125,7 +81,7 @@ def test_overrides_zero_and_padding(tmp_path):
     got = tensors_of(out)["model.embed_tokens.weight"]
     assert got.shape == (48, 32) and json.loads((out / "config.json").read_text())["vocab_size"] == 48
     assert torch.count_nonzero(got[len(UNION):]) == 0  # padding rows
-    rows = [_rows(p) for p in (a, b, c)]
+    rows = [token_rows(p) for p in (a, b, c)]
     weights = (0.5, 0.3, 0.2)
 
     def merged(per_model):
@@ -137,19 +93,19 @@ def test_overrides_zero_and_padding(tmp_path):
     assert torch.count_nonzero(got[UNION.index("c5")]) == 0  # forced zero in every model
     torch.testing.assert_close(got[UNION.index("<tool>")], rows[0]["<tool>"][0])  # forced: a's row in every model
     for token in ("c0", "b3", "a2"):  # the others as before
-        torch.testing.assert_close(got[UNION.index(token)], _expected(token, rows, rows[0], weights)[0])
+        torch.testing.assert_close(got[UNION.index(token)], expected_rows(token, rows, rows[0], weights)[0])
     load_causal_lm(out)
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
-    a, b, c = _models(tmp_path, tied=True)
+    a, b, c = vocab_models(tmp_path, tied=True)
     out = tmp_path / "out"
     load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}")).run(out)
     got = tensors_of(out)
     assert "lm_head.weight" not in got
-    rows = [_rows(p) for p in (a, b, c)]
+    rows = [token_rows(p) for p in (a, b, c)]
     for i, token in enumerate(UNION):
-        torch.testing.assert_close(got["model.embed_tokens.weight"][i], _expected(token, rows, rows[0],
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], expected_rows(token, rows, rows[0],
                                                                                   (0.5, 0.3, 0.2))[0])
     model = load_causal_lm(out)
     assert model.config.tie_word_embeddings
@@ -159,7 +115,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
 def test_another_models_padded_vocabulary(tmp_path):
     """source: b keeps b's tokenizer and its 40 rows (a padded checkpoint); a's rows move to b's ids, and the
     config's special token ids follow."""
-    a, b, _ = _models(tmp_path)
+    a, b, _ = vocab_models(tmp_path)
     config = json.loads((a / "config.json").read_text())
     (a / "config.json").write_text(json.dumps({**config, "bos_token_id": 26, "eos_token_id": [28, 25]}))
     out = tmp_path / "out"
@@ -168,9 +124,9 @@ def test_another_models_padded_vocabulary(tmp_path):
     got = tensors_of(out)
     assert got["model.embed_tokens.weight"].shape == (40, 32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    rows = [_rows(a), _rows(b)]
+    rows = [token_rows(a), token_rows(b)]
     for token, i in tokenizer.get_vocab().items():
-        embed, head = _expected(token, rows, rows[1], (0.5, 0.5))
+        embed, head = expected_rows(token, rows, rows[1], (0.5, 0.5))
         torch.testing.assert_close(got["model.embed_tokens.weight"][i], embed, msg=token)
         torch.testing.assert_close(got["lm_head.weight"][i], head, msg=token)
     assert torch.count_nonzero(got["model.embed_tokens.weight"][30:]) == 0
@@ -180,7 +136,7 @@ def test_another_models_padded_vocabulary(tmp_path):
 
 
 def test_chat_template_from_a_model(tmp_path):
-    _, b, _ = _models(tmp_path)
+    _, b, _ = vocab_models(tmp_path)
     template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
     config = json.loads((b / "tokenizer_config.json").read_text())
     (b / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
@@ -197,7 +153,7 @@ def test_chat_template_from_a_model(tmp_path):
 
 
 def test_frankenmerge_takes_embeddings_from_one_and_head_from_another(tmp_path):
-    a, b, _ = _models(tmp_path)
+    a, b, _ = vocab_models(tmp_path)
     recipe = write_recipe(tmp_path, """
         recipe: 1
         models: {a: ./a, b: ./b}
@@ -210,17 +166,17 @@ def test_frankenmerge_takes_embeddings_from_one_and_head_from_another(tmp_path):
     out = tmp_path / "out"
     load_recipe(recipe).run(out)
     got = tensors_of(out)
-    rows = [_rows(a), _rows(b)]
+    rows = [token_rows(a), token_rows(b)]
     union = UNION[:-1]  # c is not an input
     assert got["model.embed_tokens.weight"].shape[0] == got["lm_head.weight"].shape[0] == len(union)
     for i, token in enumerate(union):
-        torch.testing.assert_close(got["model.embed_tokens.weight"][i], _expected(token, rows, rows[0], (1, 0))[0])
-        torch.testing.assert_close(got["lm_head.weight"][i], _expected(token, rows, rows[0], (0, 1))[1])
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], expected_rows(token, rows, rows[0], (1, 0))[0])
+        torch.testing.assert_close(got["lm_head.weight"][i], expected_rows(token, rows, rows[0], (0, 1))[1])
     load_causal_lm(out)
 
 
 def test_stacked_experts_share_the_base_embeddings(tmp_path):
-    a, b, _ = _models(tmp_path)
+    a, b, _ = vocab_models(tmp_path)
     recipe = write_recipe(tmp_path, """
         recipe: 1
         models: {a: ./a, b: ./b}
@@ -232,9 +188,9 @@ def test_stacked_experts_share_the_base_embeddings(tmp_path):
     out = tmp_path / "out"
     load_recipe(recipe).run(out)
     got = tensors_of(out)
-    rows = [_rows(a), _rows(b)]
+    rows = [token_rows(a), token_rows(b)]
     for i, token in enumerate(UNION[:-1]):
-        embed, head = _expected(token, rows, rows[0], (1, 0))
+        embed, head = expected_rows(token, rows, rows[0], (1, 0))
         torch.testing.assert_close(got["model.embed_tokens.weight"][i], embed)
         torch.testing.assert_close(got["lm_head.weight"][i], head)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
