@@ -103,6 +103,7 @@ class LazyModel:
     measure_memory: int = 0
     side_overrides: tuple[tuple[str, bytes | None], ...] = ()  # side files written instead of copied (None: left out)
     vocabulary: VocabularyReport | None = None  # set when the inputs were given one vocabulary (engine/vocab)
+    token_rows: tuple[int, ...] | None = None  # its tokenizer's id -> its row, when the alignment moved them
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:

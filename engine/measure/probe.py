@@ -69,7 +69,7 @@ class EngineProbe:
         (measuring checks it, with the weights, on the way)."""
         if not self.measure:
             forward_type(model.config)
-            TextTokenizer.of(model.side_files)
+            TextTokenizer.of(model.side_files, model.token_rows)
 
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
         """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
@@ -117,7 +117,7 @@ class EngineProbe:
                         f"over {prompts}")
         else:
             if not self.measure:
-                TextTokenizer.of(info.base.side_files)
+                TextTokenizer.of(info.base.side_files, info.base.token_rows)
             self._start(f"router rows from the token embeddings of {prompts} in {info.base_name!r} (no forward "
                         "pass)")
         from recipekit.engine.measure.gates import prompt_gates

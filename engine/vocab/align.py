@@ -218,7 +218,10 @@ def _rewrite(model: LazyModel, name: str, rows_map: RowMap, rows: int, models: d
         params = (("take", rows_map.take), ("means", rows_map.means), ("used", rows_map.used), ("rows", rows))
         tensors[tensor] = Apply("take_rows", tuple(nodes), params, own.dtype, (rows, *own.shape[1:]))
     config = _config(model.config, rows, vocabulary, ids)
-    return model.evolve(tensors=tensors, config=config)
+    own = {i: t for t, i in vocabulary.ids.items()}
+    moved = tuple(ids.get(own.get(i, ""), -1) for i in range(max(own, default=-1) + 1))
+    return model.evolve(tensors=tensors, config=config,
+                        token_rows=None if moved == tuple(range(len(moved))) else moved)
 
 
 def _matrix(model: LazyModel, kind: str) -> Node:

@@ -197,3 +197,27 @@ def test_stacked_experts_share_the_base_embeddings(tmp_path):
     ids = tokenizer("c1 b2 <think>", return_tensors="pt").input_ids
     assert ids.tolist() == [[UNION.index(t) for t in ("c1", "b2", "<think>")]]
     assert load_causal_lm(out)(ids).logits.shape == (1, 3, len(UNION) - 1)
+
+
+def test_measuring_an_aligned_model_tokenises_as_it_was_trained(tmp_path):
+    """With b as the base, a's ids move; a's text is tokenised with a's own tokenizer, then each id moved to the
+    row the union gave that token (what a measuring step on `a` reads)."""
+    from recipekit.engine.forward.tokenize import TextTokenizer
+    from recipekit.engine.measure.perplexity import perplexity
+    from recipekit.engine.run.build import open_inputs
+    from recipekit.engine.vocab.align import align
+
+    _, b, _ = vocab_models(tmp_path)
+    recipe = load_recipe(write_recipe(tmp_path, """
+        recipe: 1
+        models: {a: ./a, b: ./b}
+        steps:
+          - {op: merge, method: linear, base: b, models: [{model: b, weight: 1}, {model: a, weight: 1}]}
+        output: {tokenizer: {source: union}}
+        """))
+    a = align(recipe.recipe, open_inputs(recipe.recipe, recipe.locator, recipe.base_dir)).models["a"]
+    theirs = transformers.AutoTokenizer.from_pretrained(b).get_vocab()
+    union = [*sorted(theirs, key=theirs.get), *[f"a{i}" for i in range(5)], "<|im_start|>", "<tool>"]
+    text = "<s> c19 a0 <tool> c3"
+    assert TextTokenizer.of(a.side_files, a.token_rows).encode(text) == [union.index(t) for t in text.split()]
+    assert perplexity(a, text, text_name="t", seq_len=4).perplexity > 1
