@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipekit.engine.core.graph import Apply, LazyModel, Node
+from recipekit.engine.core.kernels import TAKE_ROWS
 from recipekit.engine.core.words import counted
 from recipekit.engine.errors import PlanError, Problem, RecipekitError
 from recipekit.engine.recipe.document import Recipe, TokenizerSettings
@@ -216,7 +217,7 @@ def _rewrite(model: LazyModel, name: str, rows_map: RowMap, rows: int, models: d
                                         f"{name!r} {list(own.shape[1:])}: rows of another width cannot be borrowed",
                                         path=("models", name)))
         params = (("take", rows_map.take), ("means", rows_map.means), ("used", rows_map.used), ("rows", rows))
-        tensors[tensor] = Apply("take_rows", tuple(nodes), params, own.dtype, (rows, *own.shape[1:]))
+        tensors[tensor] = Apply(TAKE_ROWS, tuple(nodes), params, own.dtype, (rows, *own.shape[1:]))
     config = _config(model.config, rows, vocabulary, ids)
     own = {i: t for t, i in vocabulary.ids.items()}
     moved = tuple(ids.get(own.get(i, ""), -1) for i in range(max(own, default=-1) + 1))

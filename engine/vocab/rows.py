@@ -16,11 +16,11 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
+from recipekit.engine.core.kernels import MEAN_ROW, OWN_MEAN, ZERO_ROW
 from recipekit.engine.errors import PlanError, Problem
 from recipekit.engine.recipe.document import TokenizerSettings, TokenRow
 from recipekit.engine.vocab.tokenizer import Vocabulary
 
-ZERO, MEAN, OWN_MEAN = -1, -2, -3
 # how a row was found, in the order the plan lists them
 KINDS = ("own", "override", "base", "only", "mean", "missing", "padding")
 
@@ -102,7 +102,7 @@ def _row_map(name: str, vocabulary: Vocabulary, ids: dict[str, int], rows: int,
              fallback: dict[str, tuple[str, Row]], forced: set[str]) -> RowMap:
     sources = {name: 0}
     means: dict[tuple, int] = {}
-    pairs = array("i", [ZERO, 0]) * rows
+    pairs = array("i", [ZERO_ROW, 0]) * rows
     counts: Counter[str] = Counter()
 
     def source(model: str) -> int:
@@ -119,7 +119,7 @@ def _row_map(name: str, vocabulary: Vocabulary, ids: dict[str, int], rows: int,
             pairs[2 * i], pairs[2 * i + 1] = source(row[1]), row[2]
         elif row[0] == "mean":
             entry = tuple((source(model), r) for model, r in row[1])
-            pairs[2 * i], pairs[2 * i + 1] = MEAN, means.setdefault(entry, len(means))
+            pairs[2 * i], pairs[2 * i + 1] = MEAN_ROW, means.setdefault(entry, len(means))
         elif row[0] == "own_mean":
             pairs[2 * i] = OWN_MEAN
     counts["padding"] = rows - len(ids)

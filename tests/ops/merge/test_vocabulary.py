@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from recipekit.engine import load_recipe
-from tests.tiny import load_causal_lm, tensors_of, write_recipe
+from tests.tiny import load_causal_lm, make_model, tensors_of, write_recipe
 from tests.vocab import A_ADDED, B_ADDED, UNION, expected_rows, token_rows, vocab_models
 
 
@@ -221,3 +221,48 @@ def test_measuring_an_aligned_model_tokenises_as_it_was_trained(tmp_path):
     text = "<s> c19 a0 <tool> c3"
     assert TextTokenizer.of(a.side_files, a.token_rows).encode(text) == [union.index(t) for t in text.split()]
     assert perplexity(a, text, text_name="t", seq_len=4).perplexity > 1
+
+
+def test_aligned_rows_stream_from_the_files(tmp_path, monkeypatch):
+    """A linear merge of aligned inputs, and rows gathered for one model, are written a block of rows at a time
+    straight from the input files, never as whole tensors."""
+    from recipekit.engine.run import evaluate
+
+    a, b, c = vocab_models(tmp_path)
+    recipe = load_recipe(_linear(tmp_path, "{tokenizer: {source: union, pad_to_multiple_of: 16}}"))
+    assert all(t.is_rowwise for t in recipe.plan().tensors if "embed" in t.name or "lm_head" in t.name)
+    monkeypatch.setattr(evaluate, "CAST_CHUNK_BYTES", 512)  # blocks of a row or two
+
+    class NoWholeTensors:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a vocabulary tensor went through the whole-tensor evaluator")
+
+    monkeypatch.setattr(evaluate, "Evaluator", NoWholeTensors)
+    got = tensors_of(recipe.run(tmp_path / "out").out)
+    rows = [token_rows(p) for p in (a, b, c)]
+    for i, token in enumerate(UNION):
+        embed, head = expected_rows(token, rows, rows[0], (0.5, 0.3, 0.2))
+        torch.testing.assert_close(got["model.embed_tokens.weight"][i], embed, msg=token)
+        torch.testing.assert_close(got["lm_head.weight"][i], head, msg=token)
+    assert torch.count_nonzero(got["lm_head.weight"][len(UNION):]) == 0
+
+
+def test_tokens_without_a_row_anywhere(tmp_path):
+    """d has a's tokenizer but only 25 rows, so a4, <|im_start|> and <tool> have a row in no input: the plan names
+    them, and `missing: mean` gives each model the mean of its rows up to its last token."""
+    _, b, _ = vocab_models(tmp_path)
+    d = make_model(tmp_path / "d", layers=2, seed=4, vocab_size=25)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    recipe = load_recipe(_linear(tmp_path, "{tokenizer: {source: union, missing: mean}}", models=("d", "b"),
+                                 weights=(0.5, 0.5)))
+    plan = recipe.plan()
+    assert plan.model.vocabulary.rowless == ("a4", "<|im_start|>", "<tool>")
+    assert any("no input has a row for 3 tokens: 'a4', '<|im_start|>', '<tool>'" in m for m in plan.model.messages)
+    out = recipe.run(tmp_path / "out").out
+    got, ours, theirs = tensors_of(out), tensors_of(d), tensors_of(b)
+    ids = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        want = (ours[name][:25].double().mean(0).float() + theirs[name][:30].double().mean(0).float()) / 2
+        for token in ("a4", "<|im_start|>", "<tool>"):
+            torch.testing.assert_close(got[name][ids[token]], want, msg=token)
