@@ -56,7 +56,7 @@ class VocabularyReport:
         if self.rowless:
             shown = ", ".join(map(repr, self.rowless[:_SHOWN])) + (", ..." if len(self.rowless) > _SHOWN else "")
             missing = f"; no input has a row for {counted(len(self.rowless), 'token')}: {shown}"
-        return (f"vocabulary: {self.source} of {ins} -> {counted(self.tokens, 'token')} in "
+        return (f"vocabulary ({self.source}): {ins} -> {counted(self.tokens, 'token')} in "
                 f"{counted(self.rows, 'row')}{pad}; rows {rows}{missing}")
 
     def to_dict(self) -> dict:
@@ -121,7 +121,7 @@ def align(recipe: Recipe, models: dict[str, LazyModel]) -> Aligned:
     maps, rowless = row_maps(ids, rows, vocabularies, base, settings)
     aligned = {name: _rewrite(models[name], name, maps[name], rows, models, vocabularies[name], ids)
                if not (maps[name].identity and vocabularies[name].rows == rows) else models[name] for name in names}
-    source = "union" if settings.source == "union" else f"the tokenizer of {base}"
+    source = "union" if settings.source == "union" else f"{base}'s tokenizer"
     report = VocabularyReport(source, tuple((n, v.size, v.rows) for n, v in vocabularies.items()), len(ids), rows,
                               settings.pad_to_multiple_of, tuple((n, m.counts) for n, m in maps.items()),
                               tuple(rowless))

@@ -52,8 +52,10 @@ def check_overrides(settings: TokenizerSettings, ids: dict[str, int], vocabulari
     for token, override in settings.tokens.items():
         path = ("output", "tokenizer", "tokens", token)
         if token not in ids:
-            problems.append(Problem(f"token {token!r} is in no input's tokenizer, so the output has no row for it "
-                                    "to set (write the token as tokenizer.json spells it)", path=path))
+            holders = [name for name, v in vocabularies.items() if token in v.ids]
+            why = (f"not in the output's vocabulary (only {', '.join(holders)} has it: source: union keeps it)"
+                   if holders else "in no input's tokenizer (write the token as tokenizer.json spells it)")
+            problems.append(Problem(f"token {token!r} is {why}, so the output has no row for it to set", path=path))
             continue
         source = override.source
         model, wanted = (source.model, source.token) if isinstance(source, TokenRow) else (source, token)

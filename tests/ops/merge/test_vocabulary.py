@@ -68,7 +68,7 @@ def test_plan_shows_sizes_and_where_rows_came_from(tmp_path):
     assert counts["a"] == {"own": 30, "mean": 7, "only": 1, "padding": 10}
     assert counts["b"] == {"own": 30, "base": 7, "only": 1, "padding": 10}
     assert report.rowless == ()
-    assert any(m.startswith("vocabulary: union of a (30 tokens, 30 rows)") for m in plan.model.messages)
+    assert any(m.startswith("vocabulary (union): a (30 tokens, 30 rows)") for m in plan.model.messages)
 
 
 def test_overrides_zero_and_padding(tmp_path):
@@ -266,3 +266,15 @@ def test_tokens_without_a_row_anywhere(tmp_path):
         want = (ours[name][:25].double().mean(0).float() + theirs[name][:30].double().mean(0).float()) / 2
         for token in ("a4", "<|im_start|>", "<tool>"):
             torch.testing.assert_close(got[name][ids[token]], want, msg=token)
+
+
+def test_chat_template_auto_takes_the_one_most_inputs_share(tmp_path):
+    a, b, c = vocab_models(tmp_path)
+    (a / "chat_template.jinja").write_text("{{ 'only a' }}")
+    shared = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    for model in (b, c):
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": shared}))
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}, chat_template: auto}")).run(out)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == shared
