@@ -41,9 +41,12 @@ class RowMap:
     @property
     def identity(self) -> bool:
         """Whether the output rows are this model's rows as they are (nothing to compute)."""
-        pairs = array("i", self.take)
-        return len(self.sources) == 1 and not self.means and all(
-            pairs[2 * r] == 0 and pairs[2 * r + 1] == r for r in range(len(pairs) // 2))
+        if len(self.sources) > 1 or self.means:
+            return False
+        count = len(self.take) // 8
+        same = array("i", bytes(8 * count))
+        same[1::2] = array("i", range(count))
+        return self.take == same.tobytes()
 
 
 def check_overrides(settings: TokenizerSettings, ids: dict[str, int], vocabularies: dict[str, Vocabulary]) -> None:
@@ -72,13 +75,16 @@ def row_maps(ids: dict[str, int], rows: int, vocabularies: dict[str, Vocabulary]
     """Every input's row map, and the tokens no input has a row for (in id order)."""
     fallback: dict[str, tuple[str, Row]] = {}
     rowless: list[str] = []
+    own = {name: {t: i for t, i in v.ids.items() if i < v.rows} for name, v in vocabularies.items()}
     for token in sorted(ids, key=ids.__getitem__):
         override = settings.tokens.get(token)
-        holders = [(name, v.row(token)) for name, v in vocabularies.items() if v.row(token) is not None]
+        holders = [(name, rows_of[token]) for name, rows_of in own.items() if token in rows_of]
+        if override is None and len(holders) == len(own):
+            continue  # every model has its own row: no fallback needed
         if override is not None:
             fallback[token] = ("override", _override_row(override.source, token, vocabularies))
-        elif vocabularies[base].row(token) is not None:
-            fallback[token] = ("base", ("row", base, vocabularies[base].row(token)))
+        elif token in own[base]:
+            fallback[token] = ("base", ("row", base, own[base][token]))
         elif len(holders) == 1:
             fallback[token] = ("only", ("row", *holders[0]))
         elif holders:
@@ -110,12 +116,14 @@ def _row_map(name: str, vocabulary: Vocabulary, ids: dict[str, int], rows: int,
     def source(model: str) -> int:
         return sources.setdefault(model, len(sources))
 
+    own_rows = {t: i for t, i in vocabulary.ids.items() if i < vocabulary.rows}
     for token, i in ids.items():
-        own = vocabulary.row(token)
+        own = own_rows.get(token)
         if own is not None and token not in forced:
-            kind, row = "own", ("row", name, own)
-        else:
-            kind, row = fallback[token]
+            counts["own"] += 1
+            pairs[2 * i], pairs[2 * i + 1] = 0, own
+            continue
+        kind, row = fallback[token]
         counts[kind] += 1
         if row[0] == "row":
             pairs[2 * i], pairs[2 * i + 1] = source(row[1]), row[2]

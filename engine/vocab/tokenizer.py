@@ -6,7 +6,6 @@ the tokenizer with its added tokens; a model's rows are its embedding's height, 
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,7 @@ def union(base: Vocabulary, others: list[Vocabulary]) -> tuple[dict, dict[str, i
     renumbers added tokens that are not, by the size of the vocabulary), and added tokens keep their entry and
     flags under `added_tokens`.
     """
-    data = copy.deepcopy(base.data)
+    data = json.loads(base.path.read_text(encoding="utf-8"))  # a fresh copy: faster than deepcopy
     ids = dict(base.ids)
     added = {entry["content"]: entry for entry in data.get("added_tokens") or []}
     new: list[tuple[str, int, dict | None]] = []
@@ -108,7 +107,7 @@ def checked_text(data: dict, ids: dict[str, int]) -> str:
     """tokenizer.json text for `data`, loaded back with `tokenizers` to check that every token has its id."""
     from tokenizers import Tokenizer
 
-    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    text = json.dumps(data, ensure_ascii=False) + "\n"
     got = Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
     wrong = [token for token, i in ids.items() if got.get(token) != i]
     if wrong or len(got) != len(ids):

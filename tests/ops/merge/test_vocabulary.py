@@ -278,3 +278,36 @@ def test_chat_template_auto_takes_the_one_most_inputs_share(tmp_path):
     out = tmp_path / "out"
     load_recipe(_linear(tmp_path, "{tokenizer: {source: union}, chat_template: auto}")).run(out)
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == shared
+
+
+def test_a_ties_merge_of_aligned_inputs_is_the_merge_of_those_rows(tmp_path):
+    """TIES ranks whole tensors, so it goes through the whole-tensor evaluator: its union merge equals the TIES
+    merge of copies of the models whose rows were put in the union's order beforehand."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    models = vocab_models(tmp_path)[:2]
+    text = ("recipe: 1\nmodels: {{a: ./{0}a, b: ./{0}b}}\nsteps:\n  - {{op: merge, method: ties, base: a, "
+            "models: [{{model: b, weight: 1, density: 0.5}}]}}\noutput: {1}\n")
+    union = UNION[:-1]
+    out = load_recipe(write_recipe(tmp_path, text.format("", "{tokenizer: {source: union}}"))).run(
+        tmp_path / "out").out
+    rows = [token_rows(p) for p in models]
+    for k, path in enumerate(models):  # the same models, already in the union's vocabulary
+        copy = shutil.copytree(path, tmp_path / f"aligned-{path.name}")
+        tensors = tensors_of(path)
+        for kind, name in enumerate(("model.embed_tokens.weight", "lm_head.weight")):
+            tensors[name] = torch.stack([rows[k][t][kind] if t in rows[k] else rows[0].get(t, rows[1].get(t))[kind]
+                                         for t in union])
+        for file in copy.glob("*.safetensors*"):
+            file.unlink()
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "vocab_size": len(union)}))
+        shutil.copy(out / "tokenizer.json", copy / "tokenizer.json")
+    again = load_recipe(write_recipe(tmp_path, text.format("aligned-", "{}"), "again.yaml")).run(
+        tmp_path / "again").out
+    got, want = tensors_of(out), tensors_of(again)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
