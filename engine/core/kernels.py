@@ -91,7 +91,8 @@ def take_rows(*matrices: torch.Tensor, take: bytes, means: tuple[tuple[tuple[int
     model's own: `take` holds an int32 (source, row) pair per output row, source -1 a zero row, -2 the mean of the
     (source, row) pairs of `means[row]`, -3 the mean of the first `used` rows of the own matrix (`engine/vocab/
     rows.py`). Means are taken in float32; the result has the own matrix's dtype."""
-    own, pairs = matrices[0], row_pairs(take)
+    own = matrices[0]
+    pairs = row_pairs(take).to(own.device)
     own_mean = own[:used].double().mean(0).float() if bool((pairs[:, 0] == OWN_MEAN).any()) else None
     return gather_rows(pairs, means, own_mean, lambda k, picked: matrices[k][picked], own.dtype, own.shape[1:])
 
@@ -111,16 +112,18 @@ def gather_rows(pairs: torch.Tensor, means: tuple[tuple[tuple[int, int], ...], .
                 read: Callable[[int, torch.Tensor], torch.Tensor], dtype: torch.dtype,
                 width: tuple[int, ...]) -> torch.Tensor:
     """The rows `pairs` (rows, 2) names (see `take_rows`), each source's read at once by `read(source, rows)`: the
-    kernel reads from matrices in memory, the row streamer from the input files, a block of rows at a time."""
+    kernel reads from matrices in memory, the row streamer from the input files, a block of rows at a time. The
+    result is on `pairs`' device."""
     import torch
 
-    out = torch.zeros((len(pairs), *width), dtype=dtype)
+    out = torch.zeros((len(pairs), *width), dtype=dtype, device=pairs.device)
     for k in sorted(set(pairs[:, 0].tolist()) - {ZERO_ROW, MEAN_ROW, OWN_MEAN}):
         chosen = (pairs[:, 0] == k).nonzero().squeeze(1)
         out[chosen] = read(k, pairs[chosen, 1]).to(dtype)
     for r in (pairs[:, 0] == MEAN_ROW).nonzero().squeeze(1).tolist():
         entry = means[int(pairs[r, 1])]
-        out[r] = torch.cat([read(k, torch.tensor([i])).float() for k, i in entry]).mean(0).to(dtype)
+        picked = [read(k, torch.tensor([i], device=pairs.device)).float() for k, i in entry]
+        out[r] = torch.cat(picked).mean(0).to(dtype)
     if own_mean is not None:
         out[pairs[:, 0] == OWN_MEAN] = own_mean.to(dtype)
     return out
