@@ -311,3 +311,33 @@ def test_a_ties_merge_of_aligned_inputs_is_the_merge_of_those_rows(tmp_path):
     got, want = tensors_of(out), tensors_of(again)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+def test_a_byte_level_bpe_union(tmp_path):
+    """The demo model's byte-level BPE tokenizer, and a fine-tune's copy with two new words and an added token:
+    the union tokenises plain text as the base did, and gives the new tokens the next ids."""
+    import shutil
+
+    from tests.tiny import DEMO
+
+    source = DEMO / "models" / "tiny-story"
+    base = make_model(tmp_path / "a", layers=2, vocab_size=1849)
+    tuned = make_model(tmp_path / "b", layers=2, seed=1, vocab_size=1852)
+    for model in (base, tuned):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(source / name, model / name)
+    data = json.loads((tuned / "tokenizer.json").read_text())
+    data["model"]["vocab"].update({"Ġqqqz": 1849, "Ġzzzq": 1850})
+    data["added_tokens"].append({"id": 1851, "content": "<|tool|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (tuned / "tokenizer.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}", models=("a", "b"), weights=(0.5, 0.5))).run(out)
+    union, original = (transformers.AutoTokenizer.from_pretrained(p) for p in (out, source))
+    text = "Once upon a time, there was a little girl named Lily."
+    assert union(text).input_ids == original(text).input_ids
+    assert union.convert_tokens_to_ids(["Ġqqqz", "Ġzzzq", "<|tool|>"]) == [1849, 1850, 1851]
+    assert union.decode([1849, 1851]) == " qqqz<|tool|>"
+    assert union("Hi<|tool|>", add_special_tokens=False).input_ids[-1] == 1851
+    assert tensors_of(out)["model.embed_tokens.weight"].shape == (1852, 32)
+    load_causal_lm(out)
