@@ -14,6 +14,9 @@ def work(tmp_path):
     add_word_tokenizer(make_model(tmp_path / "a", layers=2, vocab_size=24), WORDS, [("<s>", {"special": True})])
     add_word_tokenizer(make_model(tmp_path / "b", layers=2, seed=1, vocab_size=32), [*WORDS, "x", "y"])
     make_model(tmp_path / "bare", layers=2, seed=2, vocab_size=24)  # no tokenizer.json
+    # as many rows as a, the same words at other ids
+    add_word_tokenizer(make_model(tmp_path / "shuffled", layers=2, seed=3, vocab_size=24), WORDS[::-1],
+                       [("<s>", {"special": True})])
     return tmp_path
 
 
@@ -29,6 +32,9 @@ CASES = {
     "different vocabularies need a tokenizer setting": ("b: ./b", "", line(
         "b: ^./b", "models.b", "'a' (24 embedding rows)", "'b' (32 embedding rows)", "different vocabularies",
         "tokenizer: {source: union}")),
+    "the same size, other ids": ("shuffled: ./shuffled", "", line(
+        "shuffled: ^./shuffled", "models.shuffled", "'a' (24 embedding rows) and 'shuffled' (24 embedding rows)",
+        "22 tokens and 22 tokens, not all at the same ids", "tokenizer: {source: union}")),
     "an override naming a token no tokenizer has": ("b: ./b", OVERRIDE.format(token="<tool>"), line(
         '"<tool>": ^{source', "output.tokenizer.tokens.<tool>", "'<tool>' is in no input's tokenizer")),
     "an override row the model lacks": ("b: ./b", OVERRIDE.format(token="<s>"), line(

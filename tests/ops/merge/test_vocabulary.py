@@ -341,3 +341,14 @@ def test_a_byte_level_bpe_union(tmp_path):
     assert union("Hi<|tool|>", add_special_tokens=False).input_ids[-1] == 1851
     assert tensors_of(out)["model.embed_tokens.weight"].shape == (1852, 32)
     load_causal_lm(out)
+
+
+def test_a_model_name_is_short_for_its_source(tmp_path):
+    """`tokenizer: b` with vocabularies that differ is `tokenizer: {source: b}`: the same bytes."""
+    vocab_models(tmp_path)
+    outs = []
+    for k, output in enumerate(("{tokenizer: b}", "{tokenizer: {source: b}}")):
+        recipe = _linear(tmp_path, output, models=("a", "b"), weights=(0.5, 0.5))
+        outs.append(load_recipe(recipe).run(tmp_path / f"out{k}").out)
+    assert [(o / "model-00001-of-00001.safetensors").read_bytes() for o in outs][0] == \
+        (outs[1] / "model-00001-of-00001.safetensors").read_bytes()
