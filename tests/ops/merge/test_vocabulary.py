@@ -350,5 +350,5 @@ def test_a_model_name_is_short_for_its_source(tmp_path):
     for k, output in enumerate(("{tokenizer: b}", "{tokenizer: {source: b}}")):
         recipe = _linear(tmp_path, output, models=("a", "b"), weights=(0.5, 0.5))
         outs.append(load_recipe(recipe).run(tmp_path / f"out{k}").out)
-    assert [(o / "model-00001-of-00001.safetensors").read_bytes() for o in outs][0] == \
-        (outs[1] / "model-00001-of-00001.safetensors").read_bytes()
+    first, second = ((o / "model-00001-of-00001.safetensors").read_bytes() for o in outs)
+    assert first == second
