@@ -352,3 +352,17 @@ def test_a_model_name_is_short_for_its_source(tmp_path):
         outs.append(load_recipe(recipe).run(tmp_path / f"out{k}").out)
     first, second = ((o / "model-00001-of-00001.safetensors").read_bytes() for o in outs)
     assert first == second
+
+
+def test_validating_and_planning_a_union_import_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    vocab_models(tmp_path)
+    recipe = _linear(tmp_path, "{tokenizer: {source: union}, chat_template: auto}")
+    script = ("import sys\nfrom recipekit.engine.cli import main\n"
+              "assert main(['validate', '--no-measure', sys.argv[1]]) == 0\n"
+              "assert main(['plan', sys.argv[1], '--json']) == 0\nprint('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
