@@ -17,7 +17,7 @@ from recipekit.engine.io.source import ModelSource, open_model
 from recipekit.engine.measure.probe import EngineProbe
 from recipekit.engine.recipe.document import Recipe
 from recipekit.engine.recipe.yamlsource import Locator
-from recipekit.engine.vocab.align import Aligned, align
+from recipekit.engine.vocab.align import Aligned, align, check_combined
 from recipekit.engine.vocab.chat import chat_files
 from recipekit.ops.registry import KERNELS, function_for
 
@@ -118,6 +118,11 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
         path = ("steps", unset_since)
         raise PlanError(Problem("the routers of this Mixture of Experts are not set: add an init_gates step after it "
                                 "(mode: random, uniform, cheap_embed or hidden)", locator.where(path), path))
+    if aligned.groups:
+        try:
+            check_combined(model, inputs, aligned.groups)
+        except RecipekitError as e:
+            raise type(e)([_locate(p, (), locator) for p in e.problems]) from None
     model = _with_tokenizer(model, recipe, inputs, aligned, locator)
     cards = [source.card for _, source in model.sources if source.card is not None]  # the card carries a license
     notes = tuple(sorted(model.notes, key=order.__getitem__))

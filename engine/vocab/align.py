@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipekit.engine.core.graph import Apply, LazyModel, Node
+from recipekit.engine.core.graph import Apply, LazyModel, Node, loads_of
 from recipekit.engine.core.kernels import TAKE_ROWS
 from recipekit.engine.core.words import counted
 from recipekit.engine.errors import PlanError, Problem, RecipekitError
@@ -81,6 +81,7 @@ class Aligned:
     files: dict[str, bytes | None] = field(default_factory=dict)
     read: tuple[Path, ...] = ()
     report: VocabularyReport | None = None
+    groups: dict[str, int] = field(default_factory=dict)  # without a setting, inputs of different vocabularies
 
 
 def align(recipe: Recipe, models: dict[str, LazyModel]) -> Aligned:
@@ -89,11 +90,11 @@ def align(recipe: Recipe, models: dict[str, LazyModel]) -> Aligned:
     names = list(models)
     read = tuple(p for p in (models[n].side_files.side_file("tokenizer.json") for n in names) if p is not None)
     if not isinstance(settings, TokenizerSettings):
-        difference = _difference(models) if len(models) > 1 else None
-        if difference is None:
+        groups = vocabulary_groups(models) if len(models) > 1 else {}
+        if len(set(groups.values())) < 2:
             return Aligned(models, read=read if len(models) > 1 else ())
-        if settings is None:
-            raise PlanError(difference)
+        if settings is None:  # the steps may still combine none of their rows: checked on the output
+            return Aligned(models, read=read, groups=groups)
         settings = TokenizerSettings(source=settings)
     base = settings.source if settings.source not in ("union", "base") else (
         "base" if "base" in models else embedding_model(recipe))
@@ -159,37 +160,66 @@ def vocabulary_rows(model: LazyModel, name: str) -> int:
     return rows
 
 
-def _difference(models: dict[str, LazyModel]) -> Problem | None:
-    """Why the inputs' rows do not mean the same tokens (row counts, or tokenizer.json vocabularies), or None."""
+def vocabulary_groups(models: dict[str, LazyModel]) -> dict[str, int]:
+    """Each input's vocabulary as a number, equal for inputs whose rows mean the same tokens: the same row count
+    and, where both have a tokenizer.json, the same token -> id map (compared only when the files' bytes differ)."""
     from tokenizers import Tokenizer
 
-    first, *others = models
-    rows = {name: vocabulary_rows(model, name) for name, model in models.items()}
-    files = {name: model.side_files.side_file("tokenizer.json") for name, model in models.items()}
-    vocab_cache: dict[Path, dict] = {}
+    def vocabulary(path: Path) -> object:
+        try:
+            return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+        except Exception:  # unreadable: compared by its bytes alone
+            return path.read_bytes()
 
-    def vocabulary(path: Path) -> dict:
-        if path not in vocab_cache:
-            try:
-                vocab_cache[path] = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-            except Exception:  # unreadable: compared by its bytes alone
-                vocab_cache[path] = {"": path.read_bytes()}
-        return vocab_cache[path]
-
-    for name in others:
-        a, b = files[first], files[name]
-        tokens = ""
-        if rows[name] == rows[first]:
-            if a is None or b is None or a.read_bytes() == b.read_bytes() or vocabulary(a) == vocabulary(b):
+    seen: list[tuple[int, Path | None, object]] = []  # (rows, tokenizer.json, its vocabulary once read)
+    groups = {}
+    for name, model in models.items():
+        rows, path = vocabulary_rows(model, name), model.side_files.side_file("tokenizer.json")
+        for k, (their_rows, their_path, theirs) in enumerate(seen):
+            if rows != their_rows:
                 continue
-            tokens = f" ({counted(len(vocabulary(a)), 'token')} and {counted(len(vocabulary(b)), 'token')}, not "
-            tokens += "all at the same ids)"
-        return Problem(f"models {first!r} ({counted(rows[first], 'embedding row')}) and {name!r} "
-                       f"({counted(rows[name], 'embedding row')}) have different vocabularies{tokens}, so their rows "
-                       "cannot be combined one for one: add `tokenizer: {source: union}` under output (every token of "
-                       f"every input) or `tokenizer: {{source: {first}}}` (one model's tokens), and each row is "
-                       "matched by its token", path=("models", name))
-    return None
+            if path is None or their_path is None or path.read_bytes() == their_path.read_bytes():
+                break
+            if theirs is None:
+                theirs = vocabulary(their_path)
+                seen[k] = (their_rows, their_path, theirs)
+            if vocabulary(path) == theirs:
+                break
+        else:
+            k = len(seen)
+            seen.append((rows, path, None))
+        groups[name] = k
+    return groups
+
+
+def conflict(models: dict[str, LazyModel], first: str, other: str) -> Problem:
+    """The error for combining the rows of two inputs whose vocabularies differ, at the second one."""
+    from tokenizers import Tokenizer
+
+    sizes = []
+    for name in (first, other):
+        path = models[name].side_files.side_file("tokenizer.json")
+        try:
+            tokens = "" if path is None else f", {counted(Tokenizer.from_file(str(path)).get_vocab_size(), 'token')}"
+        except Exception:  # an unreadable tokenizer.json: its size is not known
+            tokens = ""
+        sizes.append(f"{name!r} ({counted(vocabulary_rows(models[name], name), 'embedding row')}{tokens})")
+    return Problem(f"models {sizes[0]} and {sizes[1]} have different vocabularies (their sizes or the ids of their "
+                   "tokenizer.json tokens differ), so their rows cannot be combined one for one: add `tokenizer: "
+                   "{source: union}` under output (every token of every input) or `tokenizer: {source: "
+                   f"{first}}}` (one model's tokens), and each row is matched by its token", path=("models", other))
+
+
+def check_combined(output: LazyModel, models: dict[str, LazyModel], groups: dict[str, int]) -> None:
+    """Refuse an output whose embedding or lm_head rows come from inputs with different vocabularies (a merge or
+    a frankenmerge of them without a tokenizer setting). Experts stacked from such models are fine: only their
+    MLPs are taken."""
+    owners = {file: name for name, model in models.items() for file in model.side_files.files}
+    read = [owners[load.tensor.file] for tensor in vocabulary_tensors(output) if tensor is not None
+            for load in loads_of(output.tensors[tensor]) if load.tensor.file in owners]
+    for name in read:
+        if groups[name] != groups[read[0]]:
+            raise PlanError(conflict(models, read[0], name))
 
 
 def _union_files(data: dict, ids: dict[str, int], base: LazyModel) -> dict[str, bytes | None]:

@@ -29,12 +29,12 @@ def _recipe(second: str, output: str) -> str:
 
 OVERRIDE = 'output:\n  tokenizer:\n    source: union\n    tokens:\n      "{token}": {{source: b}}\n'
 CASES = {
-    "different vocabularies need a tokenizer setting": ("b: ./b", "", line(
-        "b: ^./b", "models.b", "'a' (24 embedding rows)", "'b' (32 embedding rows)", "different vocabularies",
-        "tokenizer: {source: union}")),
+    "different sizes need a tokenizer setting": ("b: ./b", "", line(
+        "{model: ^b, weight", "steps[0].models[1].model", "[32, 32] in 'b' but [24, 32] in 'a'",
+        "different vocabularies", "set output.tokenizer")),
     "the same size, other ids": ("shuffled: ./shuffled", "", line(
-        "shuffled: ^./shuffled", "models.shuffled", "'a' (24 embedding rows) and 'shuffled' (24 embedding rows)",
-        "22 tokens and 22 tokens, not all at the same ids", "tokenizer: {source: union}")),
+        "shuffled: ^./shuffled", "models.shuffled", "'a' (24 embedding rows, 22 tokens) and 'shuffled' (24 "
+        "embedding rows, 22 tokens)", "different vocabularies", "tokenizer: {source: union}")),
     "an override naming a token no tokenizer has": ("b: ./b", OVERRIDE.format(token="<tool>"), line(
         '"<tool>": ^{source', "output.tokenizer.tokens.<tool>", "'<tool>' is in no input's tokenizer")),
     "an override row the model lacks": ("b: ./b", OVERRIDE.format(token="<s>"), line(

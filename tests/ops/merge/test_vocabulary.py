@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import transformers
 
@@ -175,18 +176,19 @@ def test_frankenmerge_takes_embeddings_from_one_and_head_from_another(tmp_path):
     load_causal_lm(out)
 
 
+STACK = """\
+recipe: 1
+models: {a: ./a, b: ./b}
+steps:
+  - {id: moe, op: stack_experts, base: a, experts: [{model: a}, {model: b}]}
+  - {op: init_gates, model: moe, mode: random}
+"""
+
+
 def test_stacked_experts_share_the_base_embeddings(tmp_path):
     a, b, _ = vocab_models(tmp_path)
-    recipe = write_recipe(tmp_path, """
-        recipe: 1
-        models: {a: ./a, b: ./b}
-        steps:
-          - {id: moe, op: stack_experts, base: a, experts: [{model: a}, {model: b}]}
-          - {op: init_gates, model: moe, mode: random}
-        output: {tokenizer: {source: union}}
-        """)
     out = tmp_path / "out"
-    load_recipe(recipe).run(out)
+    load_recipe(write_recipe(tmp_path, STACK + "output: {tokenizer: {source: union}}\n")).run(out)
     got = tensors_of(out)
     rows = [token_rows(a), token_rows(b)]
     for i, token in enumerate(UNION[:-1]):
@@ -366,3 +368,29 @@ def test_validating_and_planning_a_union_import_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_experts_with_other_vocabularies_need_no_setting(tmp_path):
+    """stack_experts takes only the experts' MLPs: without a tokenizer setting the base's rows stay as they are."""
+    a, b, _ = vocab_models(tmp_path)
+    out = load_recipe(write_recipe(tmp_path, STACK)).run(tmp_path / "out").out
+    got, base = tensors_of(out), tensors_of(a)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name], base[name])
+    assert (out / "tokenizer.json").read_bytes() == (a / "tokenizer.json").read_bytes()
+
+
+def test_a_head_from_a_model_with_another_vocabulary_needs_a_setting(tmp_path):
+    from recipekit.engine.errors import PlanError
+
+    vocab_models(tmp_path)
+    recipe = write_recipe(tmp_path, """
+        recipe: 1
+        models: {a: ./a, b: ./b}
+        steps:
+          - {op: slice_layers, slices: [{model: a, range: [0, 2]}], head: b}
+        """)
+    with pytest.raises(PlanError) as error:
+        load_recipe(recipe).plan()
+    (problem,) = error.value.problems
+    assert problem.path == ("steps", 0, "head") and "set output.tokenizer" in problem.message
