@@ -90,8 +90,9 @@ def test_weights_held_do_not_grow_with_depth(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    path = make_model(tmp_path / "g", family="gemma2", layers=2)
-    with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe; this model is 'gemma2'"):
+    path = make_model(tmp_path / "g", family="granite", layers=2)
+    with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, "
+                                        "qwen3_moe, phi3, olmo2, gemma2, gemma3_text; this model is 'granite'"):
         StreamedForward(lazy(path))
 
 
