@@ -31,11 +31,12 @@ def parameters(rope: dict | None, config: dict, *, kinds: tuple[str, ...], theta
     if kind in ("su", "yarn") and "longrope" in kinds:  # Phi-3's older names for longrope, as transformers reads them
         kind = "longrope"
     factor = out.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if kind not in kinds or not isinstance(factor, (int, float)) or (factor != 1.0 and not partial):
-        what = f"RoPE type {kind!r}" if kind not in kinds else f"partial_rotary_factor {factor!r}"
-        raise PlanError(f"{what} is not supported by the streamed forward for model type "
-                        f"{config.get('model_type')!r} (supported RoPE types: {', '.join(kinds)}"
-                        f"{'' if partial else '; every dim rotates'})")
+    if kind not in kinds:
+        raise PlanError(f"RoPE type {kind!r} is not supported by the streamed forward for model type "
+                        f"{config.get('model_type')!r} (supported RoPE types: {', '.join(kinds)})")
+    if not isinstance(factor, (int, float)) or (factor != 1.0 and not partial):
+        raise PlanError(f"partial_rotary_factor {factor!r} is not supported by the streamed forward for model type "
+                        f"{config.get('model_type')!r} (supported: 1.0, every dim rotates)")
     if kind == "longrope":  # transformers prefers the config's own pretraining length to the rope dict's
         out["original_max_position_embeddings"] = config.get("original_max_position_embeddings",
                                                              out.get("original_max_position_embeddings"))
