@@ -55,6 +55,29 @@ def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int 
     return path
 
 
+def make_multimodal_gemma3(path: Path, *, layers: int = 3, seed: int = 0, **text) -> Path:
+    """Save a randomly initialised tiny Gemma3ForConditionalGeneration (a 2-layer vision tower, its projector and a
+    text model of `layers` layers, `text` overriding its config) to `path`; norms made to differ from 0, the
+    identity of Gemma's (1 + weight) norms."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                num_hidden_layers=layers, vocab_size=96, max_position_embeddings=128) | text
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")

@@ -184,12 +184,12 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
 
 
 def _swiglu(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up [B, T, intermediate]; its own function so the gate and up projections are freed on return."""
+    """silu(gate) * up [B, T, intermediate]. The gate projection is not kept by a name: it is freed as soon as
+    silu has read it, so three [B, T, intermediate] tensors are held at most (Phi-3's fused output counts two)."""
     if spec.fused:  # Phi-3: gate_up_proj holds the gate's rows, then the up projection's
         gate, up = linear(x, weights, "mlp.gate_up_proj").chunk(2, dim=-1)
-    else:
-        gate, up = linear(x, weights, "mlp.gate_proj"), linear(x, weights, "mlp.up_proj")
-    return F.silu(gate) * up
+        return F.silu(gate) * up
+    return F.silu(linear(x, weights, "mlp.gate_proj")) * linear(x, weights, "mlp.up_proj")
 
 
 def _attention(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor,
