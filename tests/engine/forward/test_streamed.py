@@ -120,6 +120,33 @@ def test_what_makes_each_new_family_differ_is_in_play(tmp_path):
         **rope, "sliding_attention": rope["full_attention"]}), atol=1e-3)
 
 
+OLDER_SPELLINGS = {  # config.json as checkpoints on the Hub spell RoPE, before `rope_parameters`
+    "gemma3_text": {"rope_theta": 50000.0, "rope_local_base_freq": 100.0,
+                    "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "sliding_window_pattern": 2,
+                    "sliding_window": 3},
+    "phi3": {"rope_theta": 500.0, "original_max_position_embeddings": 8, "max_position_embeddings": 64,
+             "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 4.0],
+                              "long_factor": [2.0, 3.0, 5.0, 9.0]}},
+}
+
+
+@pytest.mark.parametrize("family", OLDER_SPELLINGS)
+def test_older_rope_spellings_are_read_as_transformers_reads_them(tmp_path, family):
+    import json
+
+    path = make_model(tmp_path / family, family=family, layers=3, seed=5)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.pop("layer_types", None)
+    config.update(OLDER_SPELLINGS[family])
+    (path / "config.json").write_text(json.dumps(config))
+    reference = load_causal_lm(path)
+    assert reference.config.rope_parameters  # transformers turned the older keys into its own
+    forward = StreamedForward(lazy(path))
+    assert_forward_equals(reference, forward, BATCH, 3)
+    assert_forward_equals(reference, forward, SHORT_BATCH, 3)
+
+
 def test_a_multimodal_gemma3_runs_its_language_model_text_only(tmp_path):
     """Gemma3ForConditionalGeneration: the decoder under `language_model.model`, the spec from `text_config`,
     the vision tower and projector left unread."""
