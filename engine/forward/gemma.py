@@ -92,6 +92,12 @@ class GemmaSpec:
         check_heads(spec)
         return spec
 
+    @property
+    def score_copies(self) -> int:
+        """[B, heads, T, T] attention scores held at once: the soft-capped scores, their softmax and a temporary
+        (Gemma 2); none where the fused kernel runs (Gemma 3)."""
+        return 0 if self.attn_softcap is None else 3
+
     def rope_tables(self, length: int, device: torch.device) -> list[Rope]:
         """Per layer, cos and sin [length, head_dim]: the local table for sliding layers, the global one for full."""
         tables = {kind: rotary.tables(rope, self.head_dim, length, device) for kind, rope in self.ropes.items()}

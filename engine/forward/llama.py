@@ -84,6 +84,8 @@ class LlamaSpec:
         check_heads(spec)
         return spec
 
+    score_copies = 0  # [B, heads, T, T] attention scores held: none, the fused kernel never makes them
+
     def rope_tables(self, length: int, device: torch.device) -> list[Rope]:
         """Per layer, cos and sin [length, rotary dims] (one table, shared by every layer)."""
         table = rotary.tables(self.rope, self.head_dim, length, device)

@@ -158,7 +158,8 @@ class StreamedForward:
         (repeated to every head) and the attention output, which stay until the layer returns; beside them the
         MLP's gate and up projections and their product [b, T, intermediate], the normed input and the new
         residual [b, T, C]. torch's fused attention (flash on the CPU, memory-efficient on CUDA) never holds the
-        [b, heads, T, T] scores. After the last layer, the final norm holds the stream, its result and two
+        [b, heads, T, T] scores; a family whose attention computes them itself (Gemma 2's soft cap) holds
+        `spec.score_copies` of them. After the last layer, the final norm holds the stream, its result and two
         temporaries of the same size.
         """
         length, count, spec = max(lengths), len(lengths), self.spec
@@ -172,7 +173,8 @@ class StreamedForward:
                     if DTYPE_SIZES[node.dtype] < FLOAT32:
                         upcast = max(upcast, math.prod(node.shape) * FLOAT32)
         batch = min(count, self._micro_batch(length))
-        inside = FLOAT32 * batch * length * (4 * spec.heads * spec.head_dim + 3 * width + 2 * spec.hidden)
+        inside = FLOAT32 * batch * length * (4 * spec.heads * spec.head_dim + 3 * width + 2 * spec.hidden
+                                             + spec.score_copies * spec.heads * length)
         stream = FLOAT32 * count * length * spec.hidden
         return max(2 * layer_bytes + upcast + stream + count * length * length + inside, 4 * stream)
 
