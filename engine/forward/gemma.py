@@ -94,9 +94,9 @@ class GemmaSpec:
 
     @property
     def score_copies(self) -> int:
-        """[B, heads, T, T] attention scores held at once: the soft-capped scores, their softmax and a temporary
-        (Gemma 2); none where the fused kernel runs (Gemma 3)."""
-        return 0 if self.attn_softcap is None else 3
+        """[B, heads, T, T] attention scores held at once: two (the capped scores and their softmax, each made from
+        the last, measured) where Gemma 2 soft-caps them; none where the fused kernel runs (Gemma 3)."""
+        return 0 if self.attn_softcap is None else 2
 
     def rope_tables(self, length: int, device: torch.device) -> list[Rope]:
         """Per layer, cos and sin [length, head_dim]: the local table for sliding layers, the global one for full."""
