@@ -55,20 +55,20 @@ def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int 
     return path
 
 
-def make_multimodal_gemma3(path: Path, *, layers: int = 3, seed: int = 0, **text) -> Path:
+def make_multimodal_gemma3(path: Path, *, layers: int = 3, seed: int = 0, tied: bool = True, **text) -> Path:
     """Save a randomly initialised tiny Gemma3ForConditionalGeneration (a 2-layer vision tower, its projector and a
     text model of `layers` layers, `text` overriding its config) to `path`; norms made to differ from 0, the
-    identity of Gemma's (1 + weight) norms."""
+    identity of Gemma's (1 + weight) norms. Untied, its head is saved as `language_model.lm_head.weight`."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                num_hidden_layers=layers, vocab_size=96, max_position_embeddings=128) | text
+                num_hidden_layers=layers, vocab_size=96, max_position_embeddings=128, tie_word_embeddings=tied) | text
     config = transformers.Gemma3Config(
         text_config=text,
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+                           image_size=28, patch_size=14), mm_tokens_per_image=4, tie_word_embeddings=tied)
     model = transformers.Gemma3ForConditionalGeneration(config)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -89,7 +89,9 @@ class StreamedForward:
         root = self.decoder.prefix.removesuffix("layers")
         self.embed_name = f"{root}embed_tokens.weight"
         self.norm_name = f"{root}norm.weight"
-        self.head_name = "lm_head.weight" if "lm_head.weight" in model.tensors else self.embed_name
+        # beside the decoder's parent: `lm_head.weight`, or `language_model.lm_head.weight` in a multimodal Gemma 3
+        heads = [n for n in ("lm_head.weight", f"{root.removesuffix('model.')}lm_head.weight") if n in model.tensors]
+        self.head_name = heads[0] if heads else self.embed_name
         _check_tensors(self.spec, model, self.decoder, self.embed_name, self.norm_name)
         self.weight_bytes_held = 0
         self.peak_weight_bytes = 0  # most weight bytes held at once during `run`, for memory checks

@@ -147,15 +147,18 @@ def test_older_rope_spellings_are_read_as_transformers_reads_them(tmp_path, fami
     assert_forward_equals(reference, forward, SHORT_BATCH, 3)
 
 
-def test_a_multimodal_gemma3_runs_its_language_model_text_only(tmp_path):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_multimodal_gemma3_runs_its_language_model_text_only(tmp_path, tied):
     """Gemma3ForConditionalGeneration: the decoder under `language_model.model`, the spec from `text_config`,
-    the vision tower and projector left unread."""
-    make_multimodal_gemma3(tmp_path / "mm", layers=3, seed=4, sliding_window=3,
+    the head tied or `language_model.lm_head`, the vision tower and projector left unread."""
+    make_multimodal_gemma3(tmp_path / "mm", layers=3, seed=4, tied=tied, sliding_window=3,
                            layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     reference = load_causal_lm(tmp_path / "mm")
     assert type(reference).__name__ == "Gemma3ForConditionalGeneration"
     forward = StreamedForward(lazy(tmp_path / "mm"))
     assert forward.decoder.prefix == "language_model.model.layers"
+    head = "language_model.model.embed_tokens.weight" if tied else "language_model.lm_head.weight"
+    assert forward.head_name == head
     read = [name for layer in forward.decoder.layers for name in layer.values()]
     assert read and not any("vision" in name or "projector" in name for name in read)
     assert_forward_equals(reference, forward, BATCH, 3)
