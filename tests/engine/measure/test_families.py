@@ -201,3 +201,37 @@ def test_an_unsupported_family_is_refused_at_validate_where_the_step_is(tmp_path
     err = capsys.readouterr().err
     assert err == (f"{recipe}:4:5: steps[0]: the streamed forward supports model types llama, mistral, qwen2, qwen3, "
                    "mixtral, qwen2_moe, qwen3_moe, phi3, olmo2, gemma2, gemma3_text; this model is 'granite'\n"), err
+
+
+NO_MEASURE = """
+import sys
+from recipekit.engine.cli import main
+assert main(["validate", sys.argv[1], "--no-measure"]) == 2
+print("torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("family, changes, words", [
+    ("phi3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "RoPE type 'dynamic' is not supported by the streamed forward for model type 'phi3' (supported RoPE types: "
+     "default, longrope)"),
+    ("gemma2", {"hidden_activation": "silu"}, "hidden_activation 'silu' is not supported by the streamed forward "
+                                              "for 'gemma2' (supported: gelu_pytorch_tanh, gelu)"),
+    ("gemma3_text", {"rope_local_base_freq": "ten thousand"},
+     "config.json: rope_local_base_freq should be a number, got 'ten thousand'"),
+])
+def test_what_a_family_cannot_compute_is_refused_by_validate_no_measure_without_torch(tmp_path, family, changes,
+                                                                                       words):
+    import subprocess
+    import sys
+
+    path = add_char_tokenizer(make_model(tmp_path / "m", family=family, layers=2))
+    config = read_config(path) | changes
+    (path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "p.txt").write_text(PARAGRAPHS)
+    recipe = write_recipe(tmp_path, "recipe: 1\nmodels: {m: m}\nsteps:\n"
+                                    "  - {op: drop_layers, model: m, select: {metric: bi, count: 1, text: p.txt}}\n")
+    result = subprocess.run([sys.executable, "-c", NO_MEASURE, str(recipe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert result.stderr == f"{recipe}:4:5: steps[0]: {words}\n", result.stderr
