@@ -44,6 +44,7 @@ class LlamaSpec:
     fused: bool = False  # Phi-3: qkv_proj and gate_up_proj
     post_norms: bool = False  # OLMo 2: norms after attention and MLP, q/k norms over the whole projection
     embed_scale: float = 1.0
+    score_copies = 0  # (not a field) [B, heads, T, T] attention scores held: none, the fused kernel makes none
 
     @classmethod
     def from_config(cls, config: dict) -> LlamaSpec:
@@ -54,7 +55,6 @@ class LlamaSpec:
             heads, hidden, layers = int(c["num_attention_heads"]), int(c["hidden_size"]), int(c["num_hidden_layers"])
         except (KeyError, TypeError, ValueError):
             raise PlanError("config.json lacks hidden_size, num_attention_heads or num_hidden_layers") from None
-        phi3 = model_type == "phi3"
         window = c.get("sliding_window")
         if model_type == "mistral" or (model_type in ("mixtral", "phi3") and window):
             sliding = tuple(window for _ in range(layers))
@@ -72,14 +72,12 @@ class LlamaSpec:
                 sliding=sliding, rope=llama_rope(c),
                 experts_per_token=number(c, "num_experts_per_tok", 0, int) if model_type in LAYOUTS else 0,
                 norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
-                fused=phi3, post_norms=model_type == "olmo2",
+                fused=model_type == "phi3", post_norms=model_type == "olmo2",
             )
         except (TypeError, ValueError) as e:
             raise PlanError(f"config.json: {e}") from None
         check_heads(spec)
         return spec
-
-    score_copies = 0  # [B, heads, T, T] attention scores held: none, the fused kernel never makes them
 
     def rope_tables(self, length: int, device: torch.device) -> list[Rope]:
         """Per layer, cos and sin [length, rotary dims] (one table, shared by every layer)."""
