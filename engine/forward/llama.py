@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from recipekit.engine.core.added_modules import AddedModules
 from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.core.moe_layouts import LAYOUTS
 from recipekit.engine.core.names import DOWN, GATE, UP
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.support import forward_type
+from recipekit.engine.modeling import streamed as added_modules
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -39,6 +41,7 @@ class LlamaSpec:
     rope: dict
     experts_per_token: int = 0  # MoE: top-k
     norm_topk: bool = False  # MoE: renormalise the top-k routing weights
+    added: AddedModules | None = None  # the modules add_modules put into every layer
 
     @classmethod
     def from_config(cls, config: dict) -> LlamaSpec:
@@ -73,6 +76,7 @@ class LlamaSpec:
                 rope={**rope, "rope_type": rope_type},
                 experts_per_token=_number(c, "num_experts_per_tok", 0, int) if model_type in LAYOUTS else 0,
                 norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
+                added=AddedModules.from_config(c),
             )
         except (TypeError, ValueError) as e:
             raise PlanError(f"config.json: {e}") from None
@@ -163,6 +167,7 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
     batch, length, _ = hidden.shape
     observe("residual", hidden)
     x = rms_norm(hidden, weights["input_layernorm.weight"], spec.eps)
+    x = added_modules.attention_input(spec.added, weights, x, mask)
     observe("attn_in", x)
     q = _linear(x, weights, "self_attn.q_proj").view(batch, length, spec.heads, spec.head_dim)
     k = _linear(x, weights, "self_attn.k_proj").view(batch, length, spec.kv_heads, spec.head_dim)
@@ -180,6 +185,7 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
     attended = attended.transpose(1, 2).reshape(batch, length, spec.heads * spec.head_dim)
     hidden = hidden + _linear(attended, weights, "self_attn.o_proj")
     x = rms_norm(hidden, weights["post_attention_layernorm.weight"], spec.eps)
+    x = added_modules.mlp_input(spec.added, weights, x)
     observe("mlp_in", x)
     if spec.model_type in LAYOUTS and LAYOUTS[spec.model_type].router in weights:
         return hidden + _moe_block(spec, weights, x, observe)
@@ -187,7 +193,7 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
     observe("down_in", gated)
     down = _linear(gated, weights, "mlp.down_proj")
     observe("down_out", down)
-    return hidden + down
+    return hidden + added_modules.mlp_output(spec.added, weights, down)
 
 
 def _moe_block(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor, observe: Observe) -> torch.Tensor:

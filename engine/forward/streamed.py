@@ -80,6 +80,11 @@ def _check_shapes(spec: LlamaSpec, model: LazyModel, decoder, embed_name: str) -
         expect(at + "self_attn.o_proj.weight", (hidden, q), heads)
         for norm in NORMS:
             expect(at + norm, (hidden,), f"hidden_size {hidden}")
+        for rest, (shape, _) in (spec.added.tensors(hidden) if spec.added else {}).items():
+            if rest not in layer:
+                raise PlanError(f"config.json names added modules ({', '.join(spec.added.names())}) but layer {i} "
+                                f"has no {at}{rest}")
+            expect(at + rest, shape, f"added_modules, hidden_size {hidden}")
         if layout is not None and layout.router in layer:
             experts = model.tensors[at + layout.router].shape[0]
             missing = [layout.expert_tensor(e, t) for e in range(experts) for t in MLP_TENSORS

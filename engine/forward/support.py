@@ -1,6 +1,7 @@
 """Which models the streamed forward runs, known without torch: `validate --no-measure` checks it too."""
 from __future__ import annotations
 
+from recipekit.engine.core.added_modules import family_of
 from recipekit.engine.core.architectures import layer_config
 from recipekit.engine.errors import PlanError
 
@@ -8,8 +9,9 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen
 
 
 def forward_type(config: dict) -> str:
-    """The config's model type; `PlanError` naming the supported ones when the streamed forward cannot run it."""
-    model_type = str(layer_config(config).get("model_type"))
+    """The config's model type (an add_modules output's family: `recipekit_qwen2` -> `qwen2`); `PlanError`
+    naming the supported ones when the streamed forward cannot run it."""
+    model_type = family_of(str(layer_config(config).get("model_type")))
     if model_type not in SUPPORTED:
         raise PlanError(f"the streamed forward supports model types {', '.join(SUPPORTED)}; "
                         f"this model is {model_type!r}")
