@@ -25,13 +25,13 @@ def register_with_transformers() -> None:
 
 
 def _register() -> None:
+    """Import the classes, which registers them (a plain import: when a class import from `families` is what
+    imported transformers, that module is half-run here, and registers when it finishes)."""
     try:
-        from recipekit.engine.modeling.families import register
+        import recipekit.engine.modeling.families  # noqa: F401
     except ImportError as e:  # a transformers without these families' classes: it must still import
         warnings.warn(f"recipekit cannot register its model classes with this transformers ({e}); outputs of "
                       "add_modules will not load", stacklevel=2)
-        return
-    register()
 
 
 class _WatchForTransformers(importlib.abc.MetaPathFinder):

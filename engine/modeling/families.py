@@ -1,5 +1,6 @@
-"""recipekit's model classes for each family `add_modules` supports, as transformers subclasses, and their
-registration with transformers' Auto classes (imported only when transformers is; see `autoregister.py`).
+"""recipekit's model classes for each family `add_modules` supports, as transformers subclasses, registered with
+transformers' Auto classes when this module is imported (which `autoregister.py` does once transformers is; so
+does importing a class from here first, which imports transformers).
 
 Per family: a config (`model_type` `recipekit_<family>`, an `added_modules` field), a decoder layer and a
 causal LM. Written out per family rather than generated, so each class can be read and found by name.
@@ -83,8 +84,6 @@ CAUSAL_LMS = (RecipekitLlamaForCausalLM, RecipekitMistralForCausalLM, RecipekitQ
               RecipekitQwen3ForCausalLM)
 
 
-def register() -> None:
-    """Make every recipekit model type known to AutoConfig and AutoModelForCausalLM (again is harmless)."""
-    for model in CAUSAL_LMS:
-        AutoConfig.register(model.config_class.model_type, model.config_class, exist_ok=True)
-        AutoModelForCausalLM.register(model.config_class, model, exist_ok=True)
+for _model in CAUSAL_LMS:
+    AutoConfig.register(_model.config_class.model_type, _model.config_class, exist_ok=True)
+    AutoModelForCausalLM.register(_model.config_class, _model, exist_ok=True)

@@ -4,8 +4,9 @@ mixins that put them into a family's transformers classes (`families.py`).
 `AddedModulesLayer` goes before a family's decoder layer class: it builds the family's layer, then the modules
 its config's `added_modules` names, and lays the forward out as docs/architecture.md ("Added modules") draws
 it. `AddedModulesCausalLM` goes before a family's `...ForCausalLM`: it rebuilds the decoder's layers as those,
-hands the 2-D padding mask on to them (token mixing zeroes padded positions) and initialises new modules to
-identity when a model is made from a config rather than loaded.
+and hands the 2-D padding mask on to them (token mixing zeroes padded positions). The modules start at identity
+in a model made from a config too: the random first layers are `nn.Linear`s that transformers initialises, the
+rest start at zero (`StartAtZero`, and the token mixing weight).
 """
 from __future__ import annotations
 
@@ -18,13 +19,24 @@ from recipekit.engine.modeling.math import adaptive_scale, se_gate, token_mix
 _STATES = "recipekit_token_mixing"  # the attribute of a transformers cache that keeps token mixing's inputs
 
 
+class StartAtZero(nn.Module):
+    """The weight [outputs, inputs] (and bias) of a projection that starts at zero (the bias at `bias`). Not an
+    `nn.Linear`, so transformers' initialisation leaves it be and a model made from a config starts at identity
+    too; the math reads `weight` and `bias` directly."""
+
+    def __init__(self, inputs: int, outputs: int, bias: float | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(outputs, inputs))
+        self.bias = nn.Parameter(torch.full((outputs,), bias)) if bias is not None else None
+
+
 class NormScale(nn.Module):
     """adaptive_norm: the per-token, per-channel scale of one RMSNorm's output."""
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
         self.down = nn.Linear(hidden, width, bias=False)
-        self.up = nn.Linear(width, hidden, bias=True)
+        self.up = StartAtZero(width, hidden, bias=1.0)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return adaptive_scale(y, self.down.weight, self.up.weight, self.up.bias)
@@ -63,7 +75,7 @@ class SEBlock(nn.Module):
     def __init__(self, hidden: int, width: int):
         super().__init__()
         self.down = nn.Linear(hidden, width, bias=False)
-        self.up = nn.Linear(width, hidden, bias=False)
+        self.up = StartAtZero(width, hidden)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return se_gate(y, self.down.weight, self.up.weight)
@@ -123,17 +135,3 @@ class AddedModulesCausalLM:
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, token_mask=token_mask, **kwargs)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """The family's initialisation, then identity for the added modules (what `add_modules` writes, with the
-        random first layers drawn by torch rather than by recipe seed)."""
-        from transformers import initialization as init
-
-        super()._init_weights(module)
-        if isinstance(module, NormScale):
-            init.zeros_(module.up.weight)
-            init.ones_(module.up.bias)
-        elif isinstance(module, TokenMixing):
-            init.zeros_(module.weight)
-        elif isinstance(module, SEBlock):
-            init.zeros_(module.up.weight)

@@ -254,6 +254,29 @@ def test_import_recipekit_registers_the_classes_without_importing_transformers(t
     assert subprocess.run([sys.executable, "-c", without, str(out)], capture_output=True).returncode != 0
 
 
+def test_a_model_made_from_a_config_starts_at_identity_too(tmp_path):
+    import transformers
+
+    base = make_model(tmp_path / "m", layers=2)
+    config = read_config(base)
+    config.update(model_type="recipekit_llama", added_modules={"adaptive_norm": {"width": 2}, "se_block": {"width": 4},
+                                                               "token_mixing": {"kernel_size": 2}})
+    grown = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config)).eval()
+    plain = load_causal_lm(base)
+    missing = grown.load_state_dict(plain.state_dict(), strict=False).missing_keys  # the added modules
+    assert len(missing) == 2 * 9
+    for name in missing:
+        value = grown.get_parameter(name)
+        if name.endswith("down.weight"):
+            assert value.std() > 0.01, name
+        else:
+            assert torch.equal(value, torch.ones_like(value) if name.endswith("bias") else torch.zeros_like(value))
+    ids, mask = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
+                                   atol=1e-6, rtol=0)
+
+
 def test_the_classes_cover_the_families_the_op_accepts():
     from recipekit.engine.modeling.families import CAUSAL_LMS
 
