@@ -3,7 +3,7 @@
 `import recipekit` calls `register_with_transformers()`. Importing transformers imports torch, and
 `import recipekit.engine` (the CLI, validate, plan) must stay free of both, so this module imports neither:
 when transformers is already imported it registers at once; otherwise it puts a finder at the front of
-`sys.meta_path` that answers for the one name `transformers` by asking the finders after it, and runs the
+`sys.meta_path` that answers for the one name `transformers` by asking the other finders, and runs the
 registration right after that module has executed (then it is gone). Without transformers nothing happens.
 """
 from __future__ import annotations
@@ -35,28 +35,38 @@ def _register() -> None:
 
 
 class _WatchForTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: asked for transformers, it lets the other finders find it and wraps their loader."""
+    """Finds nothing itself: asked for transformers, it lets the other finders find it and wraps their loader.
+    It stays until transformers actually runs: a mere `find_spec("transformers")` (libraries ask it to learn
+    whether transformers is installed) must not use it up."""
+
+    def __init__(self) -> None:
+        self._asking = False  # while it asks the other finders, it is one of them
 
     def find_spec(self, name, path=None, target=None):
-        if name != _NAME:
+        if name != _NAME or self._asking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._asking = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._asking = False
         if spec is not None and spec.loader is not None:
-            spec.loader = _ThenRegister(spec.loader)
+            spec.loader = _ThenRegister(spec.loader, self)
         return spec
 
 
 class _ThenRegister(importlib.abc.Loader):
     """transformers' own loader, followed by the registration."""
 
-    def __init__(self, loader: importlib.abc.Loader):
-        self.loader = loader
+    def __init__(self, loader: importlib.abc.Loader, watch: _WatchForTransformers):
+        self.loader, self.watch = loader, watch
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        if self.watch in sys.meta_path:
+            sys.meta_path.remove(self.watch)
         module.__spec__.loader = module.__loader__ = self.loader  # transformers sees its own loader
         self.loader.exec_module(module)
         _register()

@@ -145,6 +145,10 @@ def test_one_optimiser_step_changes_the_new_parameters_and_the_loss(tmp_path):
     with torch.no_grad():
         assert float(model(ids, labels=ids).loss) != losses[0]
     assert losses[1] < losses[0]
+    model.save_pretrained(tmp_path / "trained")  # what was trained saves and loads back as it is
+    assert not list((tmp_path / "trained").glob("*.py"))
+    with torch.no_grad():
+        assert torch.equal(_load(tmp_path / "trained")(ids).logits, model.eval()(ids).logits)
 
 
 def test_token_mixing_is_causal_and_ignores_left_padding(tmp_path):
@@ -239,7 +243,8 @@ def test_recipe_eval_computes_the_modules(tmp_path, capsys):
 
 def test_import_recipekit_registers_the_classes_without_importing_transformers(tmp_path):
     _, out = _add(tmp_path, modules="[se_block]", options="")
-    script = ("import sys\nimport recipekit\nimport recipekit.engine.cli\n"
+    script = ("import importlib.util, sys\nimport recipekit\nimport recipekit.engine.cli\n"
+              "assert importlib.util.find_spec('transformers') is not None  # asking does not use the watch up\n"
               "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n"
               "from transformers import AutoModelForCausalLM\n"
               "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)\n")
