@@ -45,8 +45,11 @@ class NormScale(nn.Module):
 class TokenMixing(nn.Module):
     """token_mixing: a residual causal depthwise convolution over the sequence, weight [hidden, kernel_size].
 
-    With a transformers cache, the last kernel_size - 1 inputs of this layer are kept on the cache object, so
-    generation one token at a time computes what a full forward does; an empty cache for this layer starts over.
+    With a transformers cache, the last kernel_size - 1 inputs of this layer are kept on the cache object with the
+    number of tokens they follow, so generation one token at a time computes what a full forward does; an empty
+    cache for this layer starts over, and a cache that holds other tokens than those (cut back by assisted
+    decoding, or another model's) is refused rather than mixed wrongly. Beam search reorders a cache without
+    telling it, so it is not supported.
     """
 
     def __init__(self, hidden: int, kernel_size: int, layer_idx: int):
@@ -55,17 +58,21 @@ class TokenMixing(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, cache: object | None) -> torch.Tensor:
-        past, states = None, None
+        past, states, seen = None, None, 0
         if cache is not None:
-            states = cache.__dict__.setdefault(_STATES, {})
-            if cache.get_seq_length(self.layer_idx) > 0:
-                if self.layer_idx not in states:
-                    raise ValueError("this cache holds tokens but not token mixing's inputs: it was filled by "
-                                     "another model or reordered (beam search is not supported with token_mixing)")
-                past = states[self.layer_idx]
+            states = cache.__dict__.setdefault(_STATES, {})  # layer -> (tokens seen, their last k-1 inputs)
+            seen = cache.get_seq_length(self.layer_idx)  # before this layer's attention adds these tokens
+            if seen > 0:
+                if states.get(self.layer_idx, (None,))[0] != seen:
+                    raise ValueError("this cache holds other tokens than token mixing saw: it was filled by another "
+                                     "model or cut back (assisted generation); token_mixing supports generation "
+                                     "that only appends (greedy, sampling), not beam search or assisted decoding")
+                past = states[self.layer_idx][1]
+            elif self.layer_idx in states:
+                del states[self.layer_idx]
         out, last = token_mix(x, self.weight, valid, past)
         if states is not None:
-            states[self.layer_idx] = last.detach()
+            states[self.layer_idx] = (seen + x.shape[1], last.detach())
         return out
 
 

@@ -105,15 +105,18 @@ def add_modules(step: AddModules, models: Mapping[str, LazyModel], probe: Probe)
     if family not in FAMILIES:
         already = family.startswith(PREFIX)
         raise PlanError(Problem(
-            f"{step.model!r} already has added modules ({model.config.get('added_modules')}); add every module "
-            "in one add_modules step" if already else
+            f"{step.model!r} already has added modules (model type {family!r}); add every module in one "
+            "add_modules step" if already else
             f"add_modules has modelling classes for model types {', '.join(FAMILIES)}; {step.model!r} is "
             f"{family!r}", path=("model",)))
     if config is not model.config:  # a multimodal wrapper: the classes are for the text model alone
         raise PlanError(Problem(f"{step.model!r} keeps its language model in text_config; add_modules needs a "
                                 "plain causal language model", path=("model",)))
     decoder = decoder_of(model, step.model)
-    hidden = int(config["hidden_size"])
+    hidden = config.get("hidden_size")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise PlanError(Problem(f"config.json of {step.model!r}: hidden_size should be a positive integer, got "
+                                f"{hidden!r}", path=("model",)))
     added = step.added(hidden)
     std = float(config.get("initializer_range") or 0.02)
     tensors = dict(model.tensors)

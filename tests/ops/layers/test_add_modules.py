@@ -186,7 +186,10 @@ def test_cached_generation_computes_what_a_full_forward_does(tmp_path):
         torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=0)
         generated = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
         uncached = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(generated, uncached)
+        assert torch.equal(generated, uncached)
+        cache.crop(-2)  # what assisted decoding does: token mixing's saved inputs no longer follow the cache
+        with pytest.raises(ValueError, match="holds other tokens than token mixing saw"):
+            model(ids[:, 7:8], cache=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -309,6 +312,47 @@ def test_bad_requests_are_located_and_write_nothing(tmp_path, capsys, family, bo
     assert result.rc == 2 and len(result.err.splitlines()) == 1, result.err
     assert result.err.startswith(f"{recipe}:") and f": {where}: " in result.err and message in result.err, result.err
     assert_no_output(tmp_path / "out")
+
+
+def test_layer_surgery_after_add_modules_keeps_the_identity(tmp_path):
+    base, out = _add(tmp_path, "qwen2")
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{grown: {out}}}
+        steps: [{{op: expand_layers, model: grown, after: [1]}}]
+        """, name="expand.yaml")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "deeper"), "-q"]) == 0
+    ids, mask = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "deeper")(ids, attention_mask=mask).logits[mask.bool()],
+                                   load_causal_lm(base)(ids, attention_mask=mask).logits[mask.bool()],
+                                   atol=1e-6, rtol=0)
+    assert read_config(tmp_path / "deeper")["layer_types"] == read_config(base)["layer_types"][:2] + \
+        read_config(base)["layer_types"][1:]
+
+
+def test_without_transformers_the_op_still_builds_and_the_card_says_what_to_install(tmp_path):
+    base = make_model(tmp_path / "m", layers=2)
+    recipe = write_recipe(tmp_path, "recipe: 1\nmodels: {base: m}\n"
+                                    "steps: [{op: add_modules, model: base, modules: [token_mixing]}]\n")
+    script = ("import sys\n"
+              "class NoTransformers:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'transformers':\n"
+              "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+              "sys.meta_path.insert(0, NoTransformers())\n"
+              "import recipekit\n"
+              "from recipekit.engine.cli import main\n"
+              "assert main(['plan', sys.argv[1]]) == 0 and 'torch' not in sys.modules\n"
+              "assert main(['run', sys.argv[1], '-o', sys.argv[2], '-q']) == 0\n"
+              "try:\n    import transformers\nexcept ModuleNotFoundError:\n    print('no transformers')\n")
+    result = subprocess.run([sys.executable, "-c", script, str(recipe), str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "no transformers"
+    assert "pip install 'recipekit[modules]'" in (tmp_path / "out" / "README.md").read_text()
+    assert read_config(tmp_path / "out")["added_modules"] == {"token_mixing": {"kernel_size": 3}}
+    assert base.is_dir()
 
 
 def test_modules_are_added_once(tmp_path, capsys):
