@@ -68,8 +68,6 @@ class TokenMixing(nn.Module):
                                      "model or cut back (assisted generation); token_mixing supports generation "
                                      "that only appends (greedy, sampling), not beam search or assisted decoding")
                 past = states[self.layer_idx][1]
-            elif self.layer_idx in states:
-                del states[self.layer_idx]
         out, last = token_mix(x, self.weight, valid, past)
         if states is not None:
             states[self.layer_idx] = (seen + x.shape[1], last.detach())

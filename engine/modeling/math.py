@@ -25,10 +25,7 @@ def token_mix(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None 
     the last k-1 masked inputs (the `past` of the next call, for cached generation).
     """
     k = weight.shape[1]
-    if valid is not None:
-        x_in = x * valid[..., None].to(x.dtype)
-    else:
-        x_in = x
+    x_in = x * valid[..., None].to(x.dtype) if valid is not None else x
     if past is None:
         past = x_in.new_zeros(x.shape[0], k - 1, x.shape[2])
     padded = torch.cat((past.to(x.dtype), x_in), dim=1)  # [B, k-1+T, C]
