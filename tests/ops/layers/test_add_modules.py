@@ -241,7 +241,17 @@ def test_recipe_eval_computes_the_modules(tmp_path, capsys):
     add_char_tokenizer(plain)
     capsys.readouterr()
     assert main(["eval", str(plain), "--text", str(text), "--seq-len", "64", "--json"]) == 0
-    assert not math.isclose(json.loads(capsys.readouterr().out)["perplexity"], identity, rel_tol=1e-3)
+    at_identity = json.loads(capsys.readouterr().out)["perplexity"]
+    assert not math.isclose(at_identity, identity, rel_tol=1e-3)
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {tmp_path / "again" / "llama"}}}
+        steps: [{{op: add_modules, model: base, modules: [adaptive_norm, token_mixing, se_block]}}]
+        """, name="unwritten.yaml")
+    add_char_tokenizer(tmp_path / "again" / "llama")
+    for model in (recipe, tmp_path / "again" / "llama"):  # a recipe's output before it is written, and its base
+        assert main(["eval", str(model), "--text", str(text), "--seq-len", "64", "--json"]) == 0
+        assert math.isclose(json.loads(capsys.readouterr().out)["perplexity"], at_identity, rel_tol=1e-6)
 
 
 def test_import_recipekit_registers_the_classes_without_importing_transformers(tmp_path):
