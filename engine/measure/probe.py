@@ -65,10 +65,11 @@ class EngineProbe:
         return self.base_dir / Path(text).expanduser()
 
     def _forward_inputs(self, model: LazyModel) -> None:
-        """What a streamed forward over text needs besides the weights; checked here only when not measuring
-        (measuring checks it, with the weights, on the way)."""
+        """What a streamed forward over text needs besides the weights. The family is checked first, always (from
+        config.json alone), so a forward that cannot run is never announced; the tokenizer only when not
+        measuring (measuring checks it, with the weights, on the way)."""
+        forward_type(model.config)
         if not self.measure:
-            forward_type(model.config)
             TextTokenizer.of(model.side_files)
 
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
