@@ -63,6 +63,12 @@ EXPECTED_EXPAND = {
     "recipes/demo/story-expand.yaml": dict(model="story", layers=[0, 1, 2, 3, 3, 4, 5, 6, 7, 7], copies=(4, 9)),
 }
 
+# add_modules recipes: every tensor of `model` is kept bitwise, the named modules are added to each layer at
+# identity, and the output, loaded through recipekit's classes, computes the model's logits bitwise (float32)
+EXPECTED_MODULES = {
+    "recipes/demo/story-add-modules.yaml": dict(model="story", modules=["adaptive_norm", "token_mixing", "se_block"]),
+}
+
 # merge recipes: every output tensor against the method's math on the source tensors (written out here in plain
 # torch, independently of the kernels)
 EXPECTED_MERGE = {"recipes/demo/story-merge-ties.yaml", "recipes/demo/story-merge-linear.yaml",
@@ -76,8 +82,10 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     key = str(path.relative_to(ROOT))
-    assert any(key in table for table in (EXPECTED, EXPECTED_MOE, EXPECTED_LOW_RANK, EXPECTED_MERGE, EXPECTED_EXPAND)), \
-        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK, EXPECTED_MOE, EXPECTED_MERGE or EXPECTED_EXPAND"
+    assert any(key in table for table in (EXPECTED, EXPECTED_MOE, EXPECTED_LOW_RANK, EXPECTED_MERGE, EXPECTED_EXPAND,
+                                           EXPECTED_MODULES)), \
+        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK, EXPECTED_MOE, EXPECTED_MERGE, EXPECTED_EXPAND " \
+        "or EXPECTED_MODULES"
     assert main(["validate", str(path)]) == 0
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out), "-q"]) == 0
@@ -98,6 +106,9 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
         return
     if key in EXPECTED_EXPAND:
         assert_expand(out, models, EXPECTED_EXPAND[key])
+        return
+    if key in EXPECTED_MODULES:
+        assert_modules(out, models, EXPECTED_MODULES[key])
         return
     want = EXPECTED[key]
     assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"],
@@ -220,3 +231,22 @@ def assert_expand(out: Path, models: dict[str, Path], want: dict) -> None:
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     with torch.no_grad():
         assert torch.equal(load_causal_lm(out)(ids).logits, load_causal_lm(source)(ids).logits)
+
+
+def assert_modules(out: Path, models: dict[str, Path], want: dict) -> None:
+    import recipekit  # noqa: F401  (registers the classes the output needs)
+
+    source = models[want["model"]]
+    got, original = tensors_of(out), tensors_of(source)
+    assert all(torch.equal(got[name], value) for name, value in original.items())
+    config = read_config(out)
+    assert sorted(config["added_modules"]) == sorted(want["modules"])
+    for name in set(got) - set(original):
+        value = got[name]
+        if "down" not in name:  # what multiplies into the output is zero, the bias one: the identity
+            assert torch.equal(value, torch.ones_like(value) if name.endswith("up.bias") else torch.zeros_like(value))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    model = load_causal_lm(out)
+    assert type(model).__name__ == "RecipekitLlamaForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, load_causal_lm(source)(ids).logits)

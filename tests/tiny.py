@@ -27,6 +27,7 @@ FAMILIES = {
     "qwen3_moe": "Qwen3MoeConfig",
     "phi3": "Phi3Config",
     "olmo2": "Olmo2Config",
+    "granite": "GraniteConfig",  # Llama-like names, its own multipliers: a family the streamed forward does not run
 }
 
 
@@ -40,6 +41,8 @@ def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int 
     settings = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                     num_hidden_layers=layers, vocab_size=96, head_dim=8, max_position_embeddings=128,
                     tie_word_embeddings=tied)
+    if family == "phi3":  # its default pad and eos ids (32000) lie outside a tiny vocabulary
+        settings.update(pad_token_id=0, eos_token_id=1)
     settings.update(config)
     cfg = getattr(transformers, FAMILIES[family])(**settings)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
@@ -49,6 +52,29 @@ def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int 
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, **kwargs)
+    return path
+
+
+def make_multimodal_gemma3(path: Path, *, layers: int = 3, seed: int = 0, tied: bool = True, **text) -> Path:
+    """Save a randomly initialised tiny Gemma3ForConditionalGeneration (a 2-layer vision tower, its projector and a
+    text model of `layers` layers, `text` overriding its config) to `path`; norms made to differ from 0, the
+    identity of Gemma's (1 + weight) norms. Untied, its head is saved as `language_model.lm_head.weight`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                num_hidden_layers=layers, vocab_size=96, max_position_embeddings=128, tie_word_embeddings=tied) | text
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4, tie_word_embeddings=tied)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
     return path
 
 
