@@ -12,8 +12,8 @@
   `out_dtype`, or else in `dtype`, as mergekit writes it.
 
 The tokenizer comes from `tokenizer_source` or `tokenizer: {source, tokens, pad_to_multiple_of}` (a union, the
-base or a model; `output.tokenizer`), the chat template from `chat_template` (`auto` or a template). A field recipekit does not compute is refused,
-located in the config; nothing is silently ignored. Which methods exist is the recipe schema's business: an
+base or a model; `output.tokenizer`), the chat template from `chat_template` (`auto`, a built-in name or a
+template). A field recipekit does not compute is refused, located in the config; nothing is silently ignored. Which methods exist is the recipe schema's business: an
 unknown one is reported there, located at `merge_method`.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from recipekit.engine.errors import Path_
 from recipekit.engine.foreign.translation import ConfigTranslator, Translation
+from recipekit.engine.vocab.templates import TEMPLATES
 
 _KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
          "tokenizer", "random_seed", "chat_template")
@@ -336,7 +337,7 @@ class MergekitYaml(ConfigTranslator):
 
     def _token_source(self, entry: Any, path: Path_) -> dict:
         """One entry of mergekit's `tokenizer.tokens`: {source: model | {kind: zero} | {kind: model_token, model,
-        token}, force}."""
+        token | token_id}, force}; a model_token's token and token_id are checked by recipekit's schema."""
         self.paths[("output",) + path] = path
         if not isinstance(entry, dict):
             self._refuse(path, "expected a mapping {source, force}")
@@ -349,13 +350,12 @@ class MergekitYaml(ConfigTranslator):
             kind = source.get("kind")
             if kind == "zero":
                 out["source"] = "zero"
-            elif kind == "model_token" and source.get("token") is not None:
-                model = self._model(source.get("model"), path + ("source", "model"), None)
-                out["source"] = {"model": model, "token": source["token"]}
-                self.paths[("output",) + path + ("source", "token")] = path + ("source", "token")
             elif kind == "model_token":
-                self._refuse(path + ("source",), "a token source by token_id is not supported; name the token "
-                                                 "(token: ...)")
+                model = self._model(source.get("model"), path + ("source", "model"), None)
+                out["source"] = {"model": model, **{key: source[key] for key in ("token", "token_id")
+                                                    if source.get(key) is not None}}
+                for key in ("token", "token_id"):
+                    self.paths[("output",) + path + ("source", key)] = path + ("source", key)
             else:
                 self._refuse(path + ("source", "kind"), f"unknown token source kind {kind!r} (zero or model_token)")
         elif source is None:
@@ -367,17 +367,18 @@ class MergekitYaml(ConfigTranslator):
         return out
 
     def _chat_template(self) -> str | None:
-        """`chat_template`: auto, or a Jinja template. mergekit's built-in templates by name are its own data,
-        which recipekit does not carry."""
+        """`chat_template`: auto, one of the built-in names recipekit also knows (`vocab/templates.py`), or a
+        Jinja template."""
         value = self.data.get("chat_template")
         if value in (None, ""):
             return None
         self.paths[("output", "chat_template")] = ("chat_template",)
-        if value == "auto" or (isinstance(value, str) and ("{{" in value or "{%" in value)):
+        if isinstance(value, str) and (value == "auto" or value in TEMPLATES or "{{" in value or "{%" in value):
             return value
-        self._refuse(("chat_template",), f"chat_template {value!r}: write `auto` or the Jinja template itself "
-                                         "(mergekit's built-in templates by name are not included)")
+        self._refuse(("chat_template",), f"chat_template {value!r}: write auto, a built-in template name "
+                                         f"({', '.join(TEMPLATES)}) or the Jinja template itself")
         return None
+
 
 def _rules(value: Any) -> list:
     """A parameter value as filter rules (a plain value or gradient is one rule that matches everything)."""

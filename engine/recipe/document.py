@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, ValidationError, model_validator
 
 from recipekit.engine.core.schema import NAME_PATTERN, Name, Ref, StepBase, Strict
 from recipekit.engine.core.sizes import parse_size
 from recipekit.engine.errors import Path_, Problem, RecipeError, in_file_order
 from recipekit.engine.recipe.yamlsource import Locator
+from recipekit.engine.vocab.templates import TEMPLATES
 from recipekit.ops.registry import Step
 
 RECIPE_VERSION = 1
@@ -32,18 +33,27 @@ ShardSize = Annotated[
 
 
 class TokenRow(Strict):
-    """Another token's row: `{model: chat, token: "<|im_end|>"}`."""
+    """Another token's row: `{model: chat, token: "<|im_end|>"}`, or by its id: `{model: chat, token_id: 7}`."""
 
     model: Ref = Field(description="The model whose row is taken.")
-    token: str = Field(min_length=1, description="The token (as its tokenizer writes it) whose row is taken.")
+    token: str | None = Field(None, min_length=1, description=(
+        "The token (as its tokenizer writes it) whose row is taken; or give token_id."))
+    token_id: int | None = Field(None, ge=0, description=(
+        "The id of the token in the model's tokenizer (its embedding row) whose row is taken; or give token."))
+
+    @model_validator(mode="after")
+    def _one_token(self) -> TokenRow:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of token and token_id")
+        return self
 
 
 class TokenOverride(Strict):
     """Where one token's embedding and lm_head rows come from, instead of the default rule."""
 
     source: TokenRow | Ref = Field(description=(
-        "`zero` (a zero row), a model name (that model's row of this token), or {model, token} (that model's row "
-        "of another token)."))
+        "`zero` (a zero row), a model name (that model's row of this token), or {model, token} / {model, "
+        "token_id} (that model's row of another token)."))
     force: bool = Field(False, description=(
         "Use this row for every input model, also those that have the token (as mergekit's force); default: only "
         "for the models that lack it."))
@@ -77,8 +87,9 @@ class Output(Strict):
                           "settings; default: the tokenizer of the model that gives the output its embeddings "
                           "(inputs with different vocabularies need a setting).")
     chat_template: str | None = Field(None, min_length=1, description=(
-        "The output's chat template: a model name (its template), `auto` (the template most inputs share) or a "
-        "Jinja template; default: the tokenizer's own."))
+        "The output's chat template: a model name (its template), `auto` (the template most inputs share), a "
+        "well-known format by name (chatml, llama3, alpaca, mistral, exaone; a model of that name comes first) or "
+        "a Jinja template; default: the tokenizer's own."))
 
     def references(self) -> list[tuple[Path_, str]]:
         """The models the output settings name, with their paths (keywords like `union` and `zero` are not)."""
@@ -95,7 +106,8 @@ class Output(Strict):
                     refs.append((("tokenizer", "tokens", token, "source", "model"), source.model))
                 elif source != "zero":
                     refs.append((("tokenizer", "tokens", token, "source"), source))
-        if self.chat_template is not None and self.chat_template != "auto" and is_name(self.chat_template):
+        if (self.chat_template is not None and self.chat_template != "auto" and is_name(self.chat_template)
+                and self.chat_template not in TEMPLATES):
             refs.append((("chat_template",), self.chat_template))
         return refs
 
@@ -142,7 +154,7 @@ def parse_recipe(data: Any, locator: Locator) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        problems = [_problem(err, data, locator) for err in e.errors(include_url=False)]
+        problems = [_problem(err, data, locator) for err in _deepest(e.errors(include_url=False), data)]
         # report wrong references too, for the steps that are valid on their own
         models = data.get("models") if isinstance(data.get("models"), dict) else {}
         steps = data.get("steps") if isinstance(data.get("steps"), list) else []
@@ -243,9 +255,25 @@ def recipe_json_schema() -> dict:
     return schema
 
 
+# errors that say a value is not of one type: where a union's other member got further into the value, noise
+_TYPE_ERRORS = ("int_type", "int_parsing", "string_type", "list_type", "dict_type", "model_type", "tuple_type",
+                "bool_type", "float_type")
+
+
+def _deepest(errors: list[dict], data: Any) -> list[dict]:
+    """The errors without a type error at a value another error lies inside or says more about (an untagged union
+    such as a token source, `{model, token}` or a model name: a mistake in the mapping, not that it is no name)."""
+    found = [(_data_path(tuple(err["loc"]), data, err["type"]), err["type"] in _TYPE_ERRORS) for err in errors]
+
+    def noise(path: Path_) -> bool:
+        return any(other[:len(path)] == path and (len(other) > len(path) or not typed) for other, typed in found)
+
+    return [err for err, (path, typed) in zip(errors, found) if not (typed and noise(path))]
+
+
 def _problem(err: dict, data: Any, locator: Locator) -> Problem:
     loc = tuple(err["loc"])
-    path = _data_path(loc, data)
+    path = _data_path(loc, data, err["type"])
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind == "extra_forbidden":
         allowed = _keys_at(loc[:-1])
@@ -270,8 +298,7 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
         return Problem(f"{name!r} is not a valid name: use letters, digits, '_', '-' and '.', "
                        f"starting with a letter or '_'", locator.where(path, key=at_key), path)
     message = err["msg"].removeprefix("Value error, ")
-    if kind in ("int_type", "int_parsing", "string_type", "list_type", "dict_type", "model_type", "tuple_type",
-                "bool_type", "float_type", "literal_error", "enum", "finite_number"):
+    if kind in (*_TYPE_ERRORS, "literal_error", "enum", "finite_number"):
         value = _value_at(data, path)
         message = f"{message[0].lower()}{message[1:]}, got {value!r}"
         if kind == "literal_error" and path and isinstance(value, str):
@@ -279,15 +306,18 @@ def _problem(err: dict, data: Any, locator: Locator) -> Problem:
     return Problem(message, locator.where(path, key=at_key), path)
 
 
-def _data_path(loc: Path_, data: Any) -> Path_:
-    """Pydantic's location minus the union tags it inserts, i.e. a path into the data."""
+def _data_path(loc: Path_, data: Any, kind: str) -> Path_:
+    """Pydantic's location minus the union tags and member names it inserts, i.e. a path into the data (the last
+    part of a `missing` error's location is the key the data lacks)."""
     path: list[str | int] = []
     node = data
     discriminators = _discriminators()
-    for part in loc:
+    for k, part in enumerate(loc):
         if isinstance(node, dict):
             if part not in node and any(node.get(key) == part for key in discriminators):
                 continue  # the union tag pydantic inserts
+            if part not in node and (k < len(loc) - 1 or kind != "missing"):
+                continue  # an untagged union's member name
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int):
             node = node[part] if part < len(node) else None

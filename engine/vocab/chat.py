@@ -1,4 +1,5 @@
-"""The output's chat template: one model's, the one most inputs share (`auto`), or a template the recipe writes.
+"""The output's chat template: one model's, the one most inputs share (`auto`), a well-known one by name
+(`templates.py`; a model of that name comes first), or a template the recipe writes.
 
 It is written into `tokenizer_config.json` (transformers reads it there), and a copied `chat_template.jinja` or
 `chat_template.json` is left out, so that the output has one template.
@@ -12,6 +13,7 @@ from pathlib import Path
 from recipekit.engine.errors import PlanError, Problem
 from recipekit.engine.io.source import ModelSource
 from recipekit.engine.recipe.document import is_name
+from recipekit.engine.vocab.templates import TEMPLATES
 from recipekit.engine.vocab.tokenizer import json_bytes, read_json
 
 TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
@@ -46,6 +48,8 @@ def chat_files(choice: str, inputs: dict[str, ModelSource], side: ModelSource,
         if not votes:
             return files, read, "chat_template auto: no input has a chat template, so the output has none"
         template = json.loads(votes.most_common(1)[0][0])
+    elif choice in TEMPLATES and choice not in inputs:
+        template = TEMPLATES[choice]
     elif is_name(choice):
         template, read = template_of(inputs[choice])
         if template is None:

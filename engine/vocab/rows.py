@@ -61,11 +61,20 @@ def check_overrides(settings: TokenizerSettings, ids: dict[str, int], vocabulari
             problems.append(Problem(f"token {token!r} is {why}, so the output has no row for it to set", path=path))
             continue
         source = override.source
-        model, wanted = (source.model, source.token) if isinstance(source, TokenRow) else (source, token)
-        if model != "zero" and vocabularies[model].row(wanted) is None:
-            where = path + (("source", "token") if isinstance(source, TokenRow) else ("source",))
-            problems.append(Problem(f"model {model!r} has no row for token {wanted!r}" + (
-                "" if wanted in vocabularies[model].ids else " (its tokenizer lacks it)"), path=where))
+        if source == "zero":
+            continue
+        model = source.model if isinstance(source, TokenRow) else source
+        if _source_row(source, token, vocabularies) is not None:
+            continue
+        if isinstance(source, TokenRow) and source.token_id is not None:
+            rows = vocabularies[model].rows
+            problems.append(Problem(f"model {model!r} has {rows} rows (ids 0 to {rows - 1}), so it has no row "
+                                    f"{source.token_id}", path=path + ("source", "token_id")))
+            continue
+        wanted = source.token if isinstance(source, TokenRow) else token
+        where = path + (("source", "token") if isinstance(source, TokenRow) else ("source",))
+        problems.append(Problem(f"model {model!r} has no row for token {wanted!r}" + (
+            "" if wanted in vocabularies[model].ids else " (its tokenizer lacks it)"), path=where))
     if problems:
         raise PlanError(problems)
 
@@ -99,11 +108,18 @@ def row_maps(ids: dict[str, int], rows: int, vocabularies: dict[str, Vocabulary]
 
 
 def _override_row(source: TokenRow | str, token: str, vocabularies: dict[str, Vocabulary]) -> Row:
-    if isinstance(source, TokenRow):
-        return ("row", source.model, vocabularies[source.model].row(source.token))
     if source == "zero":
         return ("zero",)
-    return ("row", source, vocabularies[source].row(token))
+    return ("row", source.model if isinstance(source, TokenRow) else source, _source_row(source, token, vocabularies))
+
+
+def _source_row(source: TokenRow | str, token: str, vocabularies: dict[str, Vocabulary]) -> int | None:
+    """The row an override of `token` names in its model, or None when that model has no such row."""
+    if not isinstance(source, TokenRow):
+        return vocabularies[source].row(token)
+    if source.token_id is not None:
+        return source.token_id if source.token_id < vocabularies[source.model].rows else None
+    return vocabularies[source.model].row(source.token)
 
 
 def _row_map(name: str, vocabulary: Vocabulary, ids: dict[str, int], rows: int,

@@ -39,6 +39,14 @@ CASES = {
         '"<tool>": ^{source', "output.tokenizer.tokens.<tool>", "'<tool>' is in no input's tokenizer")),
     "an override row the model lacks": ("b: ./b", OVERRIDE.format(token="<s>"), line(
         '"<s>": {source: ^b}', "output.tokenizer.tokens.<s>.source", "model 'b' has no row for token '<s>'")),
+    "an override row id past the model's rows": ("b: ./b", OVERRIDE.replace("{{source: b}}", "{{source: {{model: b, "
+                                                                             "token_id: 32}}}}").format(token="w1"),
+                                                 line("token_id: ^32", "output.tokenizer.tokens.w1.source.token_id",
+                                                      "model 'b' has 32 rows (ids 0 to 31)", "no row 32")),
+    "an override with both token and token_id": ("b: ./b", OVERRIDE.replace("{{source: b}}", "{{source: {{model: b, "
+                                                 "token: w2, token_id: 3}}}}").format(token="w1"),
+                                                 line("{source: ^{model", "output.tokenizer.tokens.w1.source",
+                                                      "exactly one of token and token_id")),
     "a model without tokenizer.json under union": ("bare: ./bare", "output:\n  tokenizer: {source: union}\n", line(
         "bare: ^./bare", "models.bare", "model 'bare' has no tokenizer.json")),
     "an unknown source": ("b: ./b", "output:\n  tokenizer: {source: chat}\n", line(

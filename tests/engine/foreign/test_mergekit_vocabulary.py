@@ -72,3 +72,32 @@ chat_template: "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     torch.testing.assert_close(got[UNION.index("<tool>")], expected_rows("<tool>", rows, rows[0], weights)[0])
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_a_token_source_by_id_and_a_built_in_chat_template(tmp_path, capsys):
+    """`token_id` is a row of that model's tokenizer; `chat_template: chatml` is the ChatML format."""
+    models = vocab_models(tmp_path)
+    text = MODELS + """\
+tokenizer:
+  source: union
+  tokens:
+    "<think>": {source: {kind: model_token, model: ./a, token_id: 4}}
+    "<extra>": {source: {kind: model_token, model: ./b, token_id: 39}, force: true}
+chat_template: chatml
+"""
+    out, recipe = _run(tmp_path, capsys, text)
+    assert recipe["output"]["tokenizer"]["tokens"] == {
+        "<think>": {"source": {"model": "a", "token_id": 4}},
+        "<extra>": {"source": {"model": "b", "token_id": 39}, "force": True}}
+    assert recipe["output"]["chat_template"] == "chatml"
+    got = tensors_of(out)["model.embed_tokens.weight"]
+    rows = [token_rows(p) for p in models]
+    a_word = transformers.AutoTokenizer.from_pretrained(models[0]).convert_ids_to_tokens(4)
+    think = [rows[0][a_word][0], rows[1]["<think>"][0], rows[2]["<think>"][0]]
+    torch.testing.assert_close(got[UNION.index("<think>")], sum(w * r for w, r in zip((0.5, 0.3, 0.2), think)))
+    b_padding = tensors_of(models[1])["model.embed_tokens.weight"][39]  # b is padded: row 39 is no token's
+    torch.testing.assert_close(got[UNION.index("<extra>")], b_padding)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "c1"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|>user\nc1<|im_end|>\n<|im_start|>assistant\n"

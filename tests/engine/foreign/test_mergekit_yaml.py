@@ -113,7 +113,7 @@ slices:
       - model: ./b
         layer_range: [2, 4]
 tokenizer_source: union
-chat_template: chatml
+chat_template: zephyr
 """
 
 
@@ -124,7 +124,7 @@ def test_unsupported_fields_are_each_named_where_they_are(work: Path, capsys, co
         line("^slice:", "slice", "not a field of a mergekit-yaml config", "did you mean 'slices'",
              "supported: merge_method, slices, models, base_model, parameters"),
         line("^model: ./b\n        layer_range: [0, 2]", "slices[0].sources[1]", "one source per slice"),
-        line("chat_template: ^chatml", "chat_template", "write `auto` or the Jinja template itself"),
+        line("chat_template: ^zephyr", "chat_template", "a built-in template name (chatml, llama3, alpaca"),
     ])
 
 

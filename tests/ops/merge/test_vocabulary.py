@@ -153,6 +153,25 @@ def test_chat_template_from_a_model(tmp_path):
     assert "tokenizer_config.json" in lock["inputs"]["b"]["files"] and "tokenizer.json" in lock["inputs"]["c"]["files"]
 
 
+def test_chat_template_by_name(tmp_path):
+    """A built-in name is the format's template; a model of the recipe with that name comes first."""
+    vocab_models(tmp_path)
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}, chat_template: llama3}")).run(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    tokenizer.bos_token = "<s>"
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "c1"}], tokenize=False)
+    assert chat == "<s><|start_header_id|>user<|end_header_id|>\n\nc1<|eot_id|>"
+    (tmp_path / "chatml").symlink_to(tmp_path / "b")
+    (tmp_path / "b" / "chat_template.jinja").write_text("{{ 'the model called chatml' }}")
+    recipe = write_recipe(tmp_path, "recipe: 1\nmodels: {a: ./a, chatml: ./chatml}\nsteps:\n  - {op: merge, "
+                                    "method: linear, models: [{model: a, weight: 1}, {model: chatml, weight: 1}]}\n"
+                                    "output: {tokenizer: {source: union}, chat_template: chatml}\n", "named.yaml")
+    load_recipe(recipe).run(tmp_path / "named")
+    named = transformers.AutoTokenizer.from_pretrained(tmp_path / "named")
+    assert named.apply_chat_template([{"role": "user", "content": "c1"}], tokenize=False) == "the model called chatml"
+
+
 def test_frankenmerge_takes_embeddings_from_one_and_head_from_another(tmp_path):
     a, b, _ = vocab_models(tmp_path)
     recipe = write_recipe(tmp_path, """
