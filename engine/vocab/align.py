@@ -19,18 +19,23 @@ from recipekit.engine.errors import PlanError, Problem, RecipekitError
 from recipekit.engine.recipe.document import Recipe, TokenizerSettings
 from recipekit.engine.vocab.rows import RowMap, check_overrides, row_maps
 from recipekit.engine.vocab.tokenizer import (
+    EXTRA_SPECIAL_KEYS,
     Vocabulary,
     added_tokens_decoder,
     checked_text,
+    content,
+    contents,
+    extra_special_tokens,
     json_bytes,
     read_json,
     read_vocabulary,
     union,
+    with_extra_special_tokens,
 )
 
 # slow-tokenizer files that would describe another vocabulary than a union's tokenizer.json
 SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "spiece.model")
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
 _SHOWN = 5  # tokens without a row named in the plan
 
 
@@ -112,7 +117,7 @@ def align(recipe: Recipe, models: dict[str, LazyModel]) -> Aligned:
     if settings.source == "union":
         data, ids = union(vocabularies[base], [vocabularies[n] for n in names if n != base])
         if len(ids) > vocabularies[base].size:
-            files = _union_files(data, ids, models[base])
+            files = _union_files(data, ids, models[base], [models[n] for n in names if n != base])
     else:
         ids = dict(vocabularies[base].ids)
     rows = max(max(ids.values(), default=-1) + 1, vocabularies[base].rows)
@@ -222,12 +227,24 @@ def check_combined(output: LazyModel, models: dict[str, LazyModel], groups: dict
             raise PlanError(conflict(models, read[0], name))
 
 
-def _union_files(data: dict, ids: dict[str, int], base: LazyModel) -> dict[str, bytes | None]:
-    """The union's tokenizer.json and tokenizer_config.json, and the base's slow-tokenizer files left out."""
+def _union_files(data: dict, ids: dict[str, int], base: LazyModel, others: list[LazyModel]) -> dict[str, bytes | None]:
+    """The union's tokenizer.json, tokenizer_config.json and special_tokens_map.json (with the other models'
+    extra special tokens the union kept), and the base's slow-tokenizer files left out."""
     files: dict[str, bytes | None] = {"tokenizer.json": checked_text(data, ids).encode()}
+    extra = extra_special_tokens(base.side_files)
+    theirs = [extra_special_tokens(other.side_files) for other in others]
+    special = read_json(base.side_files.side_file("special_tokens_map.json"), "special_tokens_map.json") or {}
+    special = with_extra_special_tokens(special, extra, theirs, ids)
+    if special:
+        files["special_tokens_map.json"] = json_bytes(special)
     config = read_json(base.side_files.side_file("tokenizer_config.json"), "tokenizer_config.json")
     if config is not None:
-        files["tokenizer_config.json"] = json_bytes({**config, "added_tokens_decoder": added_tokens_decoder(data)})
+        # transformers 5 reads special_tokens_map.json only for a config without added_tokens_decoder, which this
+        # one has: the map's tokens (bos_token, ...) and the extra special tokens go in the config too
+        named = {key: content(value) for key, value in special.items() if key not in EXTRA_SPECIAL_KEYS}
+        config = with_extra_special_tokens({**named, **config, "added_tokens_decoder": added_tokens_decoder(data)},
+                                           contents(extra), list(map(contents, theirs)), ids)
+        files["tokenizer_config.json"] = json_bytes(config)
     files.update(dict.fromkeys(SLOW_FILES))
     return files
 

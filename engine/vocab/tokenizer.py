@@ -124,6 +124,43 @@ def added_tokens_decoder(data: dict) -> dict[str, dict]:
             for entry in data.get("added_tokens") or []}
 
 
+# where a model lists its extra special tokens: transformers before 5 and after (which reads either)
+EXTRA_SPECIAL_KEYS = ("additional_special_tokens", "extra_special_tokens")
+
+
+def extra_special_tokens(source: ModelSource) -> list:
+    """A model's extra special tokens (strings or AddedToken dicts): from `special_tokens_map.json`, else from
+    `tokenizer_config.json`."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        settings = read_json(source.side_file(name), name) or {}
+        found = next((settings[key] for key in EXTRA_SPECIAL_KEYS if isinstance(settings.get(key), list)), None)
+        if found is not None:
+            return found
+    return []
+
+
+def with_extra_special_tokens(settings: dict, base: list, others: list[list], ids: dict[str, int]) -> dict:
+    """`settings` (a special_tokens_map.json or tokenizer_config.json) whose extra special tokens are the base's,
+    then the other models' that the output vocabulary has, each once, in the order first seen (under the key
+    `settings` uses, else `additional_special_tokens`)."""
+    tokens, seen = list(base), {content(t) for t in base}
+    for token in (t for extra in others for t in extra):
+        if content(token) in ids and content(token) not in seen:
+            tokens.append(token)
+            seen.add(content(token))
+    key = next((k for k in EXTRA_SPECIAL_KEYS if k in settings), EXTRA_SPECIAL_KEYS[0])
+    return {**settings, key: tokens} if tokens or key in settings else settings
+
+
+def contents(tokens: list) -> list:
+    """Extra special tokens as strings, as tokenizer_config.json lists them (the flags are in added_tokens_decoder)."""
+    return [content(t) for t in tokens]
+
+
+def content(token: str | dict) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
 def read_json(path: Path | None, what: str) -> dict | None:
     """A JSON object file, or None when there is none; `SourceError` when it is not one."""
     if path is None:

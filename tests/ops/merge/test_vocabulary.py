@@ -118,7 +118,10 @@ def test_another_models_padded_vocabulary(tmp_path):
     config's special token ids follow."""
     a, b, _ = vocab_models(tmp_path)
     config = json.loads((a / "config.json").read_text())
-    (a / "config.json").write_text(json.dumps({**config, "bos_token_id": 26, "eos_token_id": [28, 25]}))
+    (a / "config.json").write_text(json.dumps({**config, "bos_token_id": 26, "eos_token_id": [28, 25],
+                                               "sep_token_id": 28, "decoder_start_token_id": 26}))
+    (a / "generation_config.json").write_text(json.dumps({"bos_token_id": 26, "eos_token_id": 28}))
+    (b / "generation_config.json").write_text(json.dumps({"bos_token_id": 27, "eos_token_id": [28, 29]}))
     out = tmp_path / "out"
     load_recipe(_linear(tmp_path, "{tokenizer: {source: b}}", models=("a", "b"), weights=(0.5, 0.5))).run(out)
     assert (out / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
@@ -134,6 +137,11 @@ def test_another_models_padded_vocabulary(tmp_path):
     config = json.loads((out / "config.json").read_text())
     # a's <s> (26) is b's 27, <|im_end|> (28) is b's 28, a4 (25) is not in b's vocabulary
     assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (40, 27, [28])
+    assert (config["sep_token_id"], config["decoder_start_token_id"]) == (28, 27)
+    # the generation config is the vocabulary source's own, so its ids are already the output's: b's <s>, ...
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert tokenizer.convert_ids_to_tokens([generation.bos_token_id, *generation.eos_token_id]) == \
+        ["<s>", "<|im_end|>", "<think>"]
 
 
 def test_chat_template_from_a_model(tmp_path):
@@ -151,6 +159,30 @@ def test_chat_template_from_a_model(tmp_path):
     assert chat == "<|im_start|>c1 b2<|im_end|>"
     lock = json.loads((out / "recipe.lock").read_text())
     assert "tokenizer_config.json" in lock["inputs"]["b"]["files"] and "tokenizer.json" in lock["inputs"]["c"]["files"]
+
+
+def test_union_special_tokens_map_has_every_models_extra_special_tokens(tmp_path):
+    """The base's special tokens map, plus the others' additional special tokens the union has, after the base's;
+    and the config model's token ids where the union keeps the base's ids."""
+    a, b, c = vocab_models(tmp_path)
+    (a / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}))
+    (b / "special_tokens_map.json").write_text(json.dumps(
+        {"additional_special_tokens": [{"content": "<think>", "special": True}, "<|im_end|>", "<ghost>"]}))
+    config = json.loads((c / "tokenizer_config.json").read_text())
+    (c / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": ["<extra>"]}))
+    (a / "generation_config.json").write_text(json.dumps({"bos_token_id": 26, "eos_token_id": 28}))
+    out = tmp_path / "out"
+    load_recipe(_linear(tmp_path, "{tokenizer: {source: union}}")).run(out)
+    written = json.loads((out / "special_tokens_map.json").read_text())
+    assert written["bos_token"] == "<s>"
+    assert written["additional_special_tokens"] == [  # <ghost> is in no tokenizer, so not in the union
+        "<|im_start|>", "<|im_end|>", {"content": "<think>", "special": True}, "<extra>"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.extra_special_tokens == ["<|im_start|>", "<|im_end|>", "<think>", "<extra>"]
+    assert tokenizer.bos_token == "<s>"
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert tokenizer.convert_ids_to_tokens([generation.bos_token_id, generation.eos_token_id]) == ["<s>", "<|im_end|>"]
 
 
 def test_chat_template_by_name(tmp_path):
