@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""What each merge kernel holds beyond its inputs, against what the planner assumes (`Op.scratch`).
+"""What each merge kernel (and the vocabulary row gatherer, `take_rows`) holds beyond its inputs, against what
+the planner assumes (`Op.scratch`).
 
 A benchmark, not a test: CI never runs it. For every merge method and a few model counts it runs the kernel
 once in a fresh process on bf16 inputs of `--shape`, computing in float32, and reads the process's peak RSS
 (VmHWM, reset just before the call). It prints the measured working copies (in units of one float32 copy of the
-tensor) beside the declared ones, and exits 1 when a kernel holds more than it declares: the declared figures
-are what `recipe plan` promises and what the writer's admission budgets by.
+tensor; for `take_rows`, of one copy in the inputs' dtype, besides its result) beside the declared ones, and
+exits 1 when a kernel holds more than it declares: the declared figures are what `recipe plan` promises and
+what the writer's admission budgets by.
 
     python benchmarks/kernel_memory.py --shape 16000x2048
 """
@@ -38,16 +40,21 @@ params = {
     "karcher": dict(max_iter=10, tol=1e-5), "task_arithmetic": tv, "ties": tv, "dare_ties": tv,
     "dare_linear": tv, "breadcrumbs": dict(tv, gammas=(0.01,) * o), "breadcrumbs_ties": dict(tv, gammas=(0.01,) * o),
     "della": dict(tv, epsilons=(0.15,) * o), "della_linear": dict(tv, epsilons=(0.15,) * o),
-}[method]
+}.get(method)
+# the row gatherer computes in its matrices' dtype; its result is counted apart by the planner, so it is taken off
+unit, result, options = 4 * rows * cols, 0.0, {"compute_dtype": "F32"}
+if method == "take_rows":  # every count-th row from each matrix in turn
+    take = torch.stack([torch.arange(rows) % count, torch.arange(rows)], 1).int().numpy().tobytes()
+    params, unit, result, options = dict(take=take, means=(), used=rows, rows=rows), 2 * rows * cols, 1.0, {}
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM starts again from the current RSS
 start = status("VmRSS")
-KERNELS[method](*inputs, **params, compute_dtype="F32")
-print(json.dumps((status("VmHWM") - start) / (4 * rows * cols)))
+KERNELS[method](*inputs, **params, **options)
+print(json.dumps((status("VmHWM") - start) / unit - result))
 """
 
 # how many models each method is measured with (inputs, the base included where it takes one)
-COUNTS = {"slerp": (2,), "nearswap": (2,), "arcee_fusion": (2,), "nuslerp": (2, 3)}
+COUNTS = {"slerp": (2,), "nearswap": (2,), "arcee_fusion": (2,), "nuslerp": (2, 3), "take_rows": (1, 2, 3)}
 
 
 def main() -> int:
@@ -60,7 +67,8 @@ def main() -> int:
     p.add_argument("--methods", default="all", help="comma list (default: every method)")
     args = p.parse_args()
     rows, cols = (int(v) for v in args.shape.split("x"))
-    methods = [m for m in METHODS if m != "passthrough"] if args.methods == "all" else args.methods.split(",")
+    methods = ([m for m in METHODS if m != "passthrough"] + ["take_rows"] if args.methods == "all"
+               else args.methods.split(","))
     over = []
     print(f"{'method':18s} {'inputs':>6s} {'measured':>9s} {'declared':>9s}")
     for method in methods:

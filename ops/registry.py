@@ -12,7 +12,7 @@ from typing import Annotated, Union, get_args
 from pydantic import Field
 
 from recipekit.engine.core.graph import LazyModel
-from recipekit.engine.core.kernels import SHARED_KERNELS
+from recipekit.engine.core.kernels import SHARED_KERNELS, SHARED_SCRATCH
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import StepBase
 
@@ -81,7 +81,7 @@ OPS, KERNELS = _register([
        {**interpolate.SCRATCH, **sphere.SCRATCH, **selection.SCRATCH, **task_vectors.SCRATCH}),
 ])
 ROWWISE = frozenset(k for op in OPS.values() for k in op.rowwise)
-SCRATCH = {k: copies for op in OPS.values() for k, copies in op.scratch.items()}
+SCRATCH = {**SHARED_SCRATCH, **{k: copies for op in OPS.values() for k, copies in op.scratch.items()}}
 
 Step = Annotated[Union[tuple(op.params for op in OPS.values())], Field(discriminator="op")]
 

@@ -190,14 +190,23 @@ def copy_threads() -> int:
 
 
 def working_set(node: Node) -> int:
-    """The tensor, its inputs, and the working copies in its compute dtype its kernel holds (`Op.scratch`)."""
+    """The most memory computing the tensor holds, as the evaluator computes it: its inputs one after the other
+    (each child's own peak, beside the results of the children before it and the input tensors those read that
+    a later child reads again), then all the children's results, the tensor, and the working copies its kernel
+    holds (`Op.scratch`, in its compute dtype; `take_rows` computes in its matrices' dtype)."""
     if isinstance(node, Load):
         return _nbytes(node)
-    element = DTYPE_SIZES[compute_dtype(node.params)]
+    element = DTYPE_SIZES[node.dtype if node.kernel == TAKE_ROWS else compute_dtype(node.params)]
     per_input, fixed = SCRATCH.get(node.kernel, (1.0, 1.0))
     copies = per_input * len(node.inputs) + fixed if node.kernel != "cast" else 0
     working = int(element * math.prod(node.shape) * copies)
-    return _nbytes(node) + working + sum(working_set(i) for i in node.inputs)
+    reads = [set(loads_of(child)) for child in node.inputs]
+    held, peak = 0, 0
+    for k, child in enumerate(node.inputs):
+        kept = set().union(*reads[:k]) & set().union(*reads[k + 1:]) - reads[k]  # cached for a later child
+        peak = max(peak, held + sum(map(_nbytes, kept)) + working_set(child))
+        held += _nbytes(child)
+    return max(peak, held + _nbytes(node) + working)
 
 
 def _output_config(config: dict, dtype: str | None) -> dict:
