@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import transformers
 import yaml
 
 from recipekit.engine.cli import main
+from tests.bad_inputs.checks import COMMANDS, assert_recipe_refused, line
 from tests.tiny import tensors_of
 from tests.vocab import UNION, expected_rows, token_rows, vocab_models
 
@@ -101,3 +103,20 @@ chat_template: chatml
     chat = [{"role": "user", "content": "c1"}]
     assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         "<|im_start|>user\nc1<|im_end|>\n<|im_start|>assistant\n"
+
+
+BAD_TOKEN_SOURCES = {
+    "a token id past the model's rows": ("{kind: model_token, model: ./b, token_id: 40}", line(
+        "token_id: ^40", "tokenizer.tokens.<think>.source.token_id", "model 'b' has 40 rows (ids 0 to 39)")),
+    "both a token and its id": ("{kind: model_token, model: ./b, token: c1, token_id: 3}", line(
+        "source: ^{kind", "tokenizer.tokens.<think>.source", "give exactly one of token and token_id")),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", BAD_TOKEN_SOURCES)
+def test_a_bad_token_source_is_located_in_the_config(tmp_path, capsys, command, case):
+    vocab_models(tmp_path)
+    source, expected = BAD_TOKEN_SOURCES[case]
+    text = MODELS + f'tokenizer:\n  tokens:\n    "<think>": {{source: {source}}}\n'
+    assert_recipe_refused(tmp_path, capsys, command, text, [expected])
