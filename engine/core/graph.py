@@ -85,7 +85,8 @@ class LazyModel:
     texts, tokenizers, weights; the inputs' own cards, whose license the card
     carries), which the lock hashes with the inputs it copies; `measure_memory`
     is what the largest of those measurements held (estimated bytes, 0 when none
-    ran), which the plan's peak memory includes.
+    ran), which the plan's peak memory includes. `files` are written beside the
+    model card, by name (a step's loss curve).
     """
 
     config: dict = field(repr=False)
@@ -100,6 +101,7 @@ class LazyModel:
     protected: tuple[ProtectedWeight, ...] = ()  # super weights every later step must keep
     read_files: tuple[Path, ...] = ()
     measure_memory: int = 0
+    files: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from recipekit.engine.measure.gates import GateRows
     from recipekit.engine.measure.similarity import Similarity
     from recipekit.engine.measure.superweights import SuperWeight, Verification
+    from recipekit.engine.train.heal import Healed
 
 RELATED = 0.5  # norm_correlation: fine-tunes of one base score well above this (0.99 for usual ones); unrelated near 0
 # verify_super_weights, as protect_super_weights and `recipe analyze --verify` use it by default. A single scalar
@@ -59,4 +60,13 @@ class Probe(Protocol):
 
     def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
         """How alike two models' norm weights are (Pearson); None when they cannot be compared."""
+        ...
+
+    def heal(self, student: LazyModel, name: str, teacher: LazyModel | None, teacher_name: str | None, *,
+             texts: list[str], held_out: str | None, trained: dict[int, list[str]], depths: list[int] | None,
+             mode: str, steps: int, lr: float, seq_len: int, batch_size: int, max_windows: int,
+             seed: int) -> Healed:
+        """Train `trained[j]` (tensor names after `layers.<j>.`) of the student's layers on windows of the text
+        files (`blockwise`: student layer j against the teacher's stream entering teacher layer `depths[j + 1]`;
+        `end_to_end`: the whole model's loss); the trained tensors as new nodes, with what was measured."""
         ...

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from recipekit.engine.measure.gates import GateRows
     from recipekit.engine.measure.similarity import Similarity
     from recipekit.engine.measure.superweights import SuperWeight, Verification
+    from recipekit.engine.train.heal import Healed
 
 
 class EngineProbe:
@@ -165,3 +166,36 @@ class EngineProbe:
 
         self._reads(a, b)
         return norm_correlation(a, a_name, b, b_name)
+
+    def heal(self, student: LazyModel, name: str, teacher: LazyModel | None, teacher_name: str | None, *,
+             texts: list[str], held_out: str | None, trained: dict[int, list[str]], depths: list[int] | None,
+             mode: str, steps: int, lr: float, seq_len: int, batch_size: int, max_windows: int,
+             seed: int) -> Healed:
+        """Train the named tensors of the student (see `core.probe.Probe.heal`)."""
+        from recipekit.engine.measure.texts import read_text
+
+        paths = [self._text(text) for text in texts]
+        held_path = None if held_out is None else self._text(held_out)
+        contents = [(text, read_text(path)) for text, path in zip(texts, paths)]
+        held = None if held_path is None else (held_out, read_text(held_path))
+        for model in (student, teacher):
+            if model is not None:
+                self._forward_inputs(model)
+        count = sum(1 for names in trained.values() if names)
+        what = (f"{counted(count, 'layer')} of {name!r} by distillation from {teacher_name!r}, layer by layer, "
+                f"{counted(steps, 'step')} each" if mode == "blockwise" else
+                f"{counted(count, 'layer')} of {name!r} end to end"
+                + (f" against {teacher_name!r}" if teacher is not None else "") + f", {counted(steps, 'step')}")
+        self._start(f"healing: training {what} on {', '.join(texts)} "
+                    f"({human(sum(len(c.encode()) for _, c in contents))}), windows of {seq_len} tokens")
+        from recipekit.engine.train.heal import heal
+        from recipekit.engine.train.loop import Settings
+
+        self._reads(student, *([teacher] if teacher is not None else []), tokenizer=student.side_files)
+        self.read.update(dict.fromkeys([*paths, *([held_path] if held_path else [])]))
+        settings = Settings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=self.device,
+                            progress=self.progress)
+        result = heal(student, name, teacher, teacher_name, texts=contents, held_out=held, trained=trained,
+                      depths=depths, mode=mode, seq_len=seq_len, max_windows=max_windows, settings=settings)
+        self.held = max(self.held, result.held_bytes)
+        return result
