@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from recipekit.engine.core.graph import LazyModel, MoeInfo
+    from recipekit.engine.errors import Path_
     from recipekit.engine.measure.gates import GateRows
     from recipekit.engine.measure.similarity import Similarity
     from recipekit.engine.measure.superweights import SuperWeight, Verification
@@ -63,10 +64,12 @@ class Probe(Protocol):
         ...
 
     def heal(self, student: LazyModel, name: str, teacher: LazyModel | None, teacher_name: str | None, *,
-             texts: list[str], held_out: str | None, trained: dict[int, list[str]], depths: list[int] | None,
+             texts: list[tuple[Path_, str]], held_out: tuple[Path_, str] | None, trained: dict[int, list[str]],
+             depths: list[int] | None,
              mode: str, steps: int, lr: float, seq_len: int, batch_size: int, max_windows: int,
              seed: int) -> Healed:
         """Train `trained[j]` (tensor names after `layers.<j>.`) of the student's layers on windows of the text
-        files (`blockwise`: student layer j against the teacher's stream entering teacher layer `depths[j + 1]`;
+        files, each given with the path of the step field that names it, so a file that cannot be read is a
+        located error (`blockwise`: student layer j against the teacher's stream entering teacher layer `depths[j + 1]`;
         `end_to_end`: the whole model's loss); the trained tensors as new nodes, with what was measured."""
         ...

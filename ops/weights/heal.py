@@ -99,7 +99,9 @@ def heal(step: Heal, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel
         settled = [j for j in _settled(student, teacher, depths, step) if j in trained]
         trained = {j: names for j, names in trained.items() if j not in settled}
     texts = [step.text] if isinstance(step.text, str) else step.text
-    result = probe.heal(student, step.model, teacher, step.teacher, texts=texts, held_out=step.held_out,
+    files = step.local_paths()
+    result = probe.heal(student, step.model, teacher, step.teacher, texts=[f for f in files if f[0][0] == "text"],
+                        held_out=next((f for f in files if f[0][0] == "held_out"), None),
                         trained=trained, depths=depths, mode=step.mode, steps=step.steps, lr=step.lr,
                         seq_len=step.seq_len, batch_size=step.batch_size, max_windows=step.max_windows,
                         seed=step.seed)
@@ -113,11 +115,12 @@ def heal(step: Heal, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel
     if result.before is not None:
         note += f"; held-out perplexity on {step.held_out}: {result.before:.4f} -> {result.after:.4f}"
     if settled:
-        note += (f"; {'layer' if len(settled) == 1 else 'layers'} {', '.join(map(str, settled))} left as they were: "
-                 "the teacher's own, before any removed layer, they already compute their targets")
+        which = f"layer {settled[0]} is" if len(settled) == 1 else f"layers {', '.join(map(str, settled))} are"
+        note += (f"; {which} left unchanged: the teacher's own layers before the first removed one already "
+                 "compute their targets")
     note += f"; loss curve: {plot})" if result.plot is not None else ")"
-    files = (*student.files, (plot, result.plot)) if result.plot is not None else student.files
-    return student.evolve(tensors={**student.tensors, **result.tensors}, files=files).absorb(note=note)
+    beside = (*student.files, (plot, result.plot)) if result.plot is not None else student.files
+    return student.evolve(tensors={**student.tensors, **result.tensors}, files=beside).absorb(note=note)
 
 
 def _chosen_layers(step: Heal, count: int) -> list[int]:
