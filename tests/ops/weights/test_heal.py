@@ -4,6 +4,8 @@ runs."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,3 +200,13 @@ def test_a_teacher_of_another_width_and_an_empty_text_are_refused(work, tmp_path
     for command in ("run", "validate"):
         assert_recipe_refused(tmp_path, capsys, command, text,
                               [line("text: ^train.txt", "steps[1].text", "train.txt: the text file is empty")])
+
+
+def test_validate_no_measure_checks_a_heal_without_torch(work):
+    script = ("import sys\nfrom recipekit.engine.cli import main\n"
+              "rc = main(['validate', sys.argv[1], '--no-measure'])\nprint('torch' in sys.modules, rc)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(_recipe(work, name="no-measure.yaml"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False 0"
+    assert "steps[1] heal: not measured: healing: training 2 layers of 'pruned'" in result.stdout
