@@ -91,7 +91,7 @@ def low_rank_kernel(x: torch.Tensor, *, rank: int | None, keep: tuple[tuple[int,
     import torch
 
     u, values, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
-    k = rank if rank is not None else int((values > noise_edge(values, tuple(x.shape))).sum())
+    k = rank if rank is not None else int(torch.count_nonzero(values > noise_edge(values, tuple(x.shape))))
     approx = (u[:, :k] * values[:k]) @ vh[:k]
     y = approx.to(x.dtype)
     for row, column in keep:
