@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from recipekit.engine.core.graph import LazyModel, Node
 from recipekit.engine.core.words import counted
@@ -26,8 +27,8 @@ FLOAT32 = 4
 class Healed:
     """What `heal` trained: the new node of every trained tensor, the loss of every optimiser step (blockwise:
     layer after layer), the windows and tokens trained on, the held-out perplexity before and after (None without
-    a held-out text), the loss curve as PNG bytes (None without matplotlib), the memory held (estimate, bytes)
-    and the seconds it took."""
+    a held-out text), the loss curve as PNG bytes (None without matplotlib) and the memory held (estimate,
+    bytes)."""
 
     tensors: dict[str, Node]
     losses: tuple[float, ...]
@@ -37,7 +38,6 @@ class Healed:
     after: float | None
     plot: bytes | None
     held_bytes: int
-    seconds: float
 
 
 def windows_of(tokenizer: TextTokenizer, texts: list[tuple[str, str]], seq_len: int,
@@ -61,38 +61,32 @@ def heal(student: LazyModel, name: str, teacher: LazyModel | None, teacher_name:
          depths: list[int] | None, mode: str, seq_len: int, max_windows: int, settings: Settings) -> Healed:
     """Train `trained[j]` (names after `layers.<j>.`) of `student`'s layers on windows of `texts` ((name, text)
     pairs); `depths[j]` is the teacher layer student layer j came from (blockwise only). Runs on one CPU thread
-    (`one_thread`): the held-out perplexities the card prints are computed so too."""
+    (`one_thread`), the held-out perplexities the card prints too."""
     with one_thread():
-        return _heal(student, name, teacher, teacher_name, texts=texts, held_out=held_out, trained=trained,
-                     depths=depths, mode=mode, seq_len=seq_len, max_windows=max_windows, settings=settings)
+        windows = windows_of(TextTokenizer.of(student.side_files), texts, seq_len, max_windows)
+        ours = Stack(student, name, settings.device)
+        theirs = Stack(teacher, teacher_name, settings.device) if teacher is not None else None
 
+        def score(model: LazyModel) -> float | None:
+            if held_out is None:
+                return None
+            return perplexity(model, held_out[1], text_name=held_out[0], seq_len=seq_len, device=settings.device,
+                              progress=settings.progress).perplexity
 
-def _heal(student: LazyModel, name: str, teacher: LazyModel | None, teacher_name: str | None, *,
-          texts: list[tuple[str, str]], held_out: tuple[str, str] | None, trained: dict[int, list[str]],
-          depths: list[int] | None, mode: str, seq_len: int, max_windows: int, settings: Settings) -> Healed:
-    start = time.perf_counter()
-    windows = windows_of(TextTokenizer.of(student.side_files), texts, seq_len, max_windows)
-    ours = Stack(student, name, settings.device)
-    theirs = Stack(teacher, teacher_name, settings.device) if teacher is not None else None
-    score = None
-    if held_out is not None:
-        score = lambda model: perplexity(model, held_out[1], text_name=held_out[0], seq_len=seq_len,  # noqa: E731
-                                         device=settings.device, progress=settings.progress).perplexity
-    before = score(student) if score else None
-    steps = settings.steps * (sum(1 for names in trained.values() if names) if mode == "blockwise" else 1)
-    meter = Meter(steps, settings.progress, f"heal ({mode})")
-    spill = Spill()
-    try:
-        if mode == "blockwise":
-            result = blockwise(ours, theirs, windows, trained, depths, settings, spill, meter)
-        else:
-            result = end_to_end(ours, theirs, windows, trained, settings, spill, meter)
-    finally:
-        meter.close()
-    after = score(student.evolve(tensors={**student.tensors, **result.tensors})) if score else None
+        before = score(student)
+        meter = Meter(settings.steps * (len(trained) if mode == "blockwise" else 1), settings.progress,
+                      f"heal ({mode})")
+        spill = Spill()
+        try:
+            if mode == "blockwise":
+                result = blockwise(ours, theirs, windows, trained, depths, settings, spill, meter)
+            else:
+                result = end_to_end(ours, theirs, windows, trained, settings, spill, meter)
+        finally:
+            meter.close()
+        after = score(student.evolve(tensors={**student.tensors, **result.tensors}))
     return Healed(result.tensors, tuple(result.losses), len(windows), meter.tokens, before, after,
-                  _curve(result.losses, mode), _held_bytes(ours, theirs, len(windows), seq_len, mode, trained),
-                  time.perf_counter() - start)
+                  _curve(result.losses, mode), _held_bytes(ours, theirs, len(windows), seq_len, mode, trained))
 
 
 def _curve(losses: list[float], mode: str) -> bytes | None:
@@ -101,11 +95,12 @@ def _curve(losses: list[float], mode: str) -> bytes | None:
         return None
     from recipekit.engine.measure.plot import curve
 
-    path = Spill().path.with_suffix(".png")
     what = "relative squared error, layer after layer" if mode == "blockwise" else "loss"
-    curve(path, list(range(1, len(losses) + 1)), losses, title=f"heal ({mode})", xlabel="optimiser step",
-          ylabel=what)
-    return path.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="recipekit-heal-") as folder:
+        path = Path(folder) / "loss.png"
+        curve(path, list(range(1, len(losses) + 1)), losses, title=f"heal ({mode})", xlabel="optimiser step",
+              ylabel=what)
+        return path.read_bytes()
 
 
 def _held_bytes(student: Stack, teacher: Stack | None, windows: int, seq_len: int, mode: str,

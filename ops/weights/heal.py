@@ -98,6 +98,10 @@ def heal(step: Heal, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel
         depths = _depths(step, student, teacher, len(layers))
         settled = [j for j in _settled(student, teacher, depths, step) if j in trained]
         trained = {j: names for j, names in trained.items() if j not in settled}
+        if not trained:
+            raise PlanError(Problem(f"in {step.model!r}, {_layers_are(settled)} the teacher's own before the first "
+                                    "removed layer, with the teacher's stream as input and target: nothing to heal; "
+                                    "choose layers from the one before a removed layer on", path=("layers",)))
     texts = [step.text] if isinstance(step.text, str) else step.text
     files = step.local_paths()
     result = probe.heal(student, step.model, teacher, step.teacher, texts=[f for f in files if f[0][0] == "text"],
@@ -115,12 +119,15 @@ def heal(step: Heal, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel
     if result.before is not None:
         note += f"; held-out perplexity on {step.held_out}: {result.before:.4f} -> {result.after:.4f}"
     if settled:
-        which = f"layer {settled[0]} is" if len(settled) == 1 else f"layers {', '.join(map(str, settled))} are"
-        note += (f"; {which} left unchanged: the teacher's own layers before the first removed one already "
-                 "compute their targets")
+        note += (f"; {_layers_are(settled)} left unchanged: the teacher's own layers before the first removed one "
+                 "already compute their targets")
     note += f"; loss curve: {plot})" if result.plot is not None else ")"
     beside = (*student.files, (plot, result.plot)) if result.plot is not None else student.files
     return student.evolve(tensors={**student.tensors, **result.tensors}, files=beside).absorb(note=note)
+
+
+def _layers_are(indices: list[int]) -> str:
+    return f"layer {indices[0]} is" if len(indices) == 1 else f"layers {', '.join(map(str, indices))} are"
 
 
 def _chosen_layers(step: Heal, count: int) -> list[int]:

@@ -170,6 +170,8 @@ BAD = {
     "unknown module": (("    steps: 15\n", "    steps: 15\n    train: [mlp.gate_prj]\n"), "train: [^mlp.gate_prj]",
                        "steps[1].train[0]", ("no module 'mlp.gate_prj'", "did you mean 'mlp.gate_proj'?")),
     "no steps": (("    steps: 15\n", "    steps: 0\n"), "steps: ^0", "steps[1].steps", ("greater than or equal to 1",)),
+    "nothing to learn": (("    steps: 15\n", "    steps: 15\n    layers: [0]\n"), "layers: ^[0]", "steps[1].layers",
+                         ("in 'pruned', layer 0 is the teacher's own", "nothing to heal")),
 }
 
 
@@ -210,3 +212,29 @@ def test_validate_no_measure_checks_a_heal_without_torch(work):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False 0"
     assert "steps[1] heal: not measured: healing: training 2 layers of 'pruned'" in result.stdout
+
+
+def test_a_student_pruned_elsewhere_heals_alike_given_its_teacher_layers(work, healed, tmp_path, capsys):
+    """The output of a plain drop, healed in a recipe of its own: the layer correspondence cannot be known, so it
+    is required (located); given, the bytes equal those of the heal inside the pruning recipe."""
+    text = f"""recipe: 1
+models:
+  base: {work / 'base'}
+  pruned: {work / 'dropped'}
+steps:
+  - op: heal
+    model: pruned
+    teacher: base
+    text: {work / 'train.txt'}
+    held_out: {work / 'held.txt'}
+    steps: 15
+    lr: 3e-3
+    seq_len: 48
+    batch_size: 4
+"""
+    assert_recipe_refused(tmp_path, capsys, "run", text, [
+        line("teacher: ^base", "steps[0].teacher", "does not come from a layer of the teacher", "teacher_layers")])
+    recipe = write_recipe(tmp_path, text + "    teacher_layers: [0, 1, 3]\n", "elsewhere.yaml")
+    _run(recipe, tmp_path / "out")
+    ours, theirs = tensors_of(tmp_path / "out"), tensors_of(healed)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
