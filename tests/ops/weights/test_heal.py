@@ -238,3 +238,18 @@ steps:
     _run(recipe, tmp_path / "out")
     ours, theirs = tensors_of(tmp_path / "out"), tensors_of(healed)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_blockwise_heals_other_families_the_forward_runs(tmp_path, family):
+    add_char_tokenizer(make_model(tmp_path / "base", family=family, layers=4, seed=1))
+    (tmp_path / "train.txt").write_text(_text(0, 60))
+    (tmp_path / "held.txt").write_text(_text(1, 20))
+    _run(_recipe(tmp_path), tmp_path / "healed")
+    drop = write_recipe(tmp_path, "recipe: 1\nmodels:\n  base: ./base\nsteps:\n  - op: drop_layers\n    model: base\n"
+                                  "    layers: [2]\n", "drop.yaml")
+    _run(drop, tmp_path / "dropped")
+    text = (tmp_path / "held.txt").read_text()
+    teacher = _hidden(tmp_path / "base", text)
+    before = (_hidden(tmp_path / "dropped", text) - teacher).pow(2).mean()
+    assert (_hidden(tmp_path / "healed", text) - teacher).pow(2).mean() < 0.7 * before
