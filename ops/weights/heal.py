@@ -18,6 +18,7 @@ from recipekit.engine.core.layers import decoder_of, out_of_range
 from recipekit.engine.core.names import MLP
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import LayerSpan, Ref, StepBase
+from recipekit.engine.core.tags import HEALED
 from recipekit.engine.core.words import counted, listed
 from recipekit.engine.errors import Path_, PlanError, Problem
 
@@ -123,7 +124,8 @@ def heal(step: Heal, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel
                  "already compute their targets")
     note += f"; loss curve: {plot})" if result.plot is not None else ")"
     beside = (*student.files, (plot, result.plot)) if result.plot is not None else student.files
-    return student.evolve(tensors={**student.tensors, **result.tensors}, files=beside).absorb(note=note)
+    return student.evolve(tensors={**student.tensors, **result.tensors}, files=beside).absorb(note=note,
+                                                                                             tags=(HEALED,))
 
 
 def _layers_are(indices: list[int]) -> str:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
@@ -93,6 +94,8 @@ def test_blockwise_trains_only_the_named_modules_of_layers_after_the_cut(work, h
     card = (healed / "README.md").read_text()
     assert "`heal` trained mlp.gate_proj, mlp.up_proj and mlp.down_proj of 2 layers of `pruned`" in card
     assert "layer 0 is left unchanged" in card
+    assert "nothing was trained" not in card
+    assert yaml.safe_load(card.split("---\n")[1])["tags"] == ["recipekit", "pruned", "healed"]
 
 
 def test_blockwise_brings_the_student_closer_to_the_teacher(work, healed):
