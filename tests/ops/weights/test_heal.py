@@ -3,9 +3,15 @@ changes, the same recipe gives the same bytes (on any thread count), and bad ste
 runs."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 import torch
@@ -256,3 +262,25 @@ def test_blockwise_heals_other_families_the_forward_runs(tmp_path, family):
     teacher = _hidden(tmp_path / "base", text)
     before = (_hidden(tmp_path / "dropped", text) - teacher).pow(2).mean()
     assert (_hidden(tmp_path / "healed", text) - teacher).pow(2).mean() < 0.7 * before
+
+
+def test_a_terminal_shows_steps_loss_and_tokens_per_second(work, tmp_path):
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 140, 0, 0))  # a new pty is 0 columns wide
+    child = subprocess.Popen([sys.executable, "-m", "recipekit.engine.cli", "run", str(_recipe(work, name="bar.yaml")),
+                              "-o", str(tmp_path / "out")], stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert child.wait() == 0
+    bars = [ln for ln in shown.decode().replace("\r", "\n").splitlines() if ln.startswith("heal (blockwise):")]
+    # 2 trained layers x 15 steps; tqdm may skip redrawing the last step before the bar is cleared
+    assert bars and re.search(r"\| [12]\d/30 \[.*(step/s|s/step), loss [\d.e-]+, [\d,]+ tok/s\]", bars[-1]), bars[-3:]
