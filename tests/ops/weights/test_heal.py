@@ -155,8 +155,10 @@ def test_trained_tensors_are_written_in_the_output_dtype(work, healed):
 @pytest.mark.parametrize("teacher", ["base", None])
 def test_end_to_end_lowers_the_loss_training_only_the_named_modules(work, healed, teacher):
     out = work / f"e2e-{teacher}"
-    _run(_recipe(work, "end_to_end", extra="    train: [mlp.down_proj]\n    layers: [[1, 3]]\n",
-                 name=f"e2e-{teacher}.yaml", teacher=teacher), out)
+    recipe = _recipe(work, "end_to_end", extra="    train: [mlp.down_proj]\n    layers: [[1, 3]]\n",
+                     name=f"e2e-{teacher}.yaml", teacher=teacher)
+    recipe.write_text(recipe.read_text().replace("text: train.txt", "text: [train.txt]"))  # a list of files
+    _run(recipe, out)
     got, dropped = tensors_of(out), tensors_of(work / "dropped")
     changed = {name for name in got if not torch.equal(got[name], dropped[name])}
     assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
