@@ -9,21 +9,14 @@ at a time, each once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from recipekit.engine.core.graph import Load
 from recipekit.engine.io.inputs import InputFiles
 from recipekit.engine.train.layer import Geometry, Stack
-from recipekit.engine.train.loop import Meter, Settings, batches, fit
+from recipekit.engine.train.loop import Meter, Settings, Trained, batches, fit
 from recipekit.engine.train.spill import Spill
-
-
-@dataclass(frozen=True)
-class Trained:
-    tensors: dict[str, Load]  # full tensor name -> the trained values, spilled
-    losses: list[float]
 
 
 def blockwise(student: Stack, teacher: Stack, windows: list[list[int]], trained: dict[int, list[str]],

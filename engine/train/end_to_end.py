@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from recipekit.engine.io.inputs import InputFiles
-from recipekit.engine.train.blockwise import Trained
 from recipekit.engine.train.layer import Geometry, Stack
-from recipekit.engine.train.loop import Meter, Settings, batches, fit
+from recipekit.engine.train.loop import Meter, Settings, Trained, batches, fit
 from recipekit.engine.train.spill import Spill
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recipekit.engine.core.graph import Load
 from recipekit.engine.core.kernels import generator
 from recipekit.engine.progress import progress_bar
 
@@ -20,6 +21,15 @@ class Settings:
     seed: int
     device: str = "cpu"
     progress: bool = False
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a mode trained: the full name of every trained tensor -> its spilled values, and the loss of every
+    optimiser step."""
+
+    tensors: dict[str, Load]
+    losses: list[float]
 
 
 @contextmanager
