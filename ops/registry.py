@@ -19,7 +19,7 @@ from recipekit.engine.core.schema import StepBase
 from .layers import add_modules, drop_layers, expand_layers, slice_layers
 from .merge import interpolate, merge, selection, sphere, task_vectors
 from .moe import init_gates, stack_experts
-from .weights import low_rank, super_weights
+from .weights import heal, low_rank, super_weights
 
 # (parameters, models and earlier results by name, the engine's measurements) -> the step's result
 OpFunction = Callable[[StepBase, Mapping[str, LazyModel], Probe], LazyModel]
@@ -76,6 +76,7 @@ OPS, KERNELS = _register([
     Op(init_gates.InitGates, init_gates.init_gates),
     Op(super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
     Op(low_rank.LowRank, low_rank.low_rank, low_rank.KERNELS),
+    Op(heal.Heal, heal.heal),
     Op(merge.Merge, merge.merge, {**interpolate.KERNELS, **sphere.KERNELS, **selection.KERNELS, **task_vectors.KERNELS},
        interpolate.ROWWISE | task_vectors.ROWWISE,
        {**interpolate.SCRATCH, **sphere.SCRATCH, **selection.SCRATCH, **task_vectors.SCRATCH}),

@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, metadata
 
 from recipekit.engine.core.added_modules import CONFIG_KEY
 from recipekit.engine.core.architectures import layer_config
+from recipekit.engine.core.tags import HEALED
 from recipekit.engine.core.words import counted, listed
 from recipekit.engine.io.source import ModelSource
 from recipekit.engine.recipe.document import Recipe
@@ -128,7 +129,9 @@ def _bases(plan: Plan) -> str:
     elif relation == "finetune":
         words.append("Every weight comes from one base model, which the Hub files as a fine-tune of it "
                      "(`base_model_relation: finetune`, the Hub's relation for a model derived from one base that "
-                     "is neither an adapter nor quantized), though nothing was trained: see the steps.")
+                     "is neither an adapter nor quantized)"
+                     + (", some of its weights trained: see the steps." if HEALED in model.tags else
+                        ", though nothing was trained: see the steps."))
     return " ".join(words)
 
 
