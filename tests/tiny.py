@@ -52,6 +52,32 @@ def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int 
     return path
 
 
+def make_gemma3_multimodal(path: Path, *, layers: int = 5, vision_layers: int = 2, seed: int = 0,
+                           sliding_window: int = 4) -> Path:
+    """Save a random tiny Gemma 3 image-text model (`Gemma3ForConditionalGeneration`: a SigLIP vision tower of
+    `vision_layers` layers, the projector, a Gemma 3 language model of `layers` layers, sliding and full attention
+    every third layer) to `path` and return `path`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                num_hidden_layers=layers, vocab_size=300, max_position_embeddings=128,
+                sliding_window=sliding_window, sliding_window_pattern=3)
+    # 32x32 images in 8x8 patches: 16 patches, pooled to mm_tokens_per_image = 4 tokens
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                  num_hidden_layers=vision_layers)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=290, eoi_token_index=291, image_token_index=292)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # norms and the projector away from their initial values, so mistakes show
+        for name, p in model.named_parameters():
+            if "norm" in name or "mm_input_projection" in name:
+                p.copy_(0.1 * torch.randn_like(p) + (1 if "norm" in name else 0))
+    model.save_pretrained(path)
+    return path
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
