@@ -130,3 +130,23 @@ def test_a_config_that_does_not_describe_the_fused_rows_is_refused(phi3, tmp_pat
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.qkv_proj.weight has 64 rows, but its config makes self_attn.qkv_proj " \
            "32 (q_proj) + 32 (k_proj) + 32 (v_proj)" in err, err
+
+
+def test_a_super_weight_named_in_a_fused_module_is_kept_by_low_rank(phi3, tmp_path):
+    """Row 3 of mlp.up_proj is row INTERMEDIATE + 3 of gate_up_proj: protected there, low_rank keeps it exactly."""
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {phi3}}}
+        steps:
+          - {{id: safe, op: protect_super_weights, model: base,
+              coordinates: [{{layer: 1, row: 3, column: 5, module: mlp.up_proj}}]}}
+          - {{op: low_rank, model: safe, modules: [mlp.up_proj], rank: 1}}
+        """)
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    before, after = tensors_of(phi3), tensors_of(tmp_path / "out")
+    name = "model.layers.1.mlp.gate_up_proj.weight"
+    expected = torch.cat([before[name][:INTERMEDIATE], rank_k(before[name][INTERMEDIATE:], 1)])
+    expected[INTERMEDIATE + 3, 5] = before[name][INTERMEDIATE + 3, 5]
+    assert torch.equal(after[name], expected)
+    assert not torch.equal(after[name][INTERMEDIATE + 3], before[name][INTERMEDIATE + 3])
+    assert "super weights kept exactly" in (tmp_path / "out" / "README.md").read_text()
