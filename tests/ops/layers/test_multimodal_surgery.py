@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from recipekit.engine import PlanError, load_recipe
-from tests.tiny import make_gemma3_multimodal, make_model, read_config, write_recipe
+from recipekit.engine.core.rmt import snr
+from tests.tiny import make_gemma3_multimodal, make_model, read_config, tensors_of, write_recipe
 
 TOKENS = torch.tensor([[5, 17, 42, 3, 88, 9, 61, 23, 200, 150, 7, 99]])  # longer than the sliding window (4)
 DECODER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
@@ -177,3 +178,17 @@ def test_layers_of_another_family_do_not_fit(gemma3, tmp_path):
         load_recipe(recipe).run(tmp_path / "out")
     assert e.value.problems[0].path[:2] == ("steps", 0)
     assert not (tmp_path / "out").exists()
+
+
+def test_snr_selector_measures_the_language_model(gemma3, tmp_path):
+    """The SNR of self_attn.v_proj is the language model's (the vision tower has a v_proj too)."""
+    tensors = tensors_of(gemma3)
+    values = [snr(tensors[f"language_model.model.layers.{i}.self_attn.v_proj.weight"]).snr for i in range(5)]
+    lowest = min(range(5), key=values.__getitem__)
+    recipe = write_recipe(tmp_path, f"""
+        recipe: 1
+        models: {{base: {gemma3}}}
+        steps: [{{op: drop_layers, model: base, select: {{metric: snr, module: self_attn.v_proj, lowest: 1}}}}]
+        """)
+    out = load_recipe(recipe).run(tmp_path / "out").out
+    assert_language_layers_from(out, [(gemma3, i) for i in range(5) if i != lowest], gemma3)
