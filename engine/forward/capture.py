@@ -26,6 +26,9 @@ class MaxAbs:
         key = (a.point, a.layer)
         self.values[key] = peak if key not in self.values else torch.maximum(self.values[key], peak)
 
+    def held_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.values.values())
+
 
 def _append(values: dict[tuple[str, int], torch.Tensor], a: Activation, rows: torch.Tensor) -> None:
     """Add one micro-batch's per-sequence rows [b, C] under (point, layer), in sequence order."""

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.words import counted
 from recipekit.engine.errors import Problem, SourceError
-from recipekit.engine.forward.streamed import StreamedForward
+from recipekit.engine.forward.streamed import FLOAT32, StreamedForward
 from recipekit.engine.forward.tokenize import TextTokenizer
+from recipekit.engine.io.safetensors_header import DTYPE_SIZES
 
 LOGIT_CHUNK = 256  # tokens per logits block: [256, vocab] floats at a time
 
@@ -36,6 +37,7 @@ class Perplexity:
     seq_len: int
     stride: int
     text_tokens: int  # tokens in the whole text, before `max_tokens` cut it
+    held_bytes: int = 0  # what scoring held at its peak (estimated), for the plan of a step that verifies
 
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "tokens": self.tokens,
@@ -90,4 +92,13 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
             total += float(F.cross_entropy(logits, targets[at:at + LOGIT_CHUNK], reduction="sum"))
         count += len(targets)
     mean = total / count
-    return Perplexity(math.exp(mean), mean, count, len(parts), seq_len, stride, text_tokens)
+    return Perplexity(math.exp(mean), mean, count, len(parts), seq_len, stride, text_tokens,
+                      _held_bytes(forward, [len(tokens) for tokens, _ in parts], final, head))
+
+
+def _held_bytes(forward: StreamedForward, lengths: list[int], final: torch.Tensor, head: torch.Tensor) -> int:
+    """The forward's peak, or after it the final states, the head in float32 beside its stored copy, and one
+    block of logits with cross-entropy's two temporaries of its size, whichever is more."""
+    stored = head.numel() * DTYPE_SIZES[forward.model.tensors[forward.head_name].dtype]
+    scoring = (final.numel() + head.numel() + 3 * LOGIT_CHUNK * head.shape[0]) * FLOAT32 + stored
+    return max(forward.held_bytes(lengths), scoring)

@@ -143,8 +143,10 @@ class EngineProbe:
         from recipekit.engine.measure.superweights import find_super_weights
 
         self._reads(model, tokenizer=model.side_files, text=path)
-        return find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
-                                  max_texts=max_texts, device=self.device, progress=self.progress).weights
+        search = find_super_weights(model, name, texts, threshold=threshold, rounds=rounds, seq_len=seq_len,
+                                    max_texts=max_texts, device=self.device, progress=self.progress)
+        self.held = max(self.held, search.held_bytes)
+        return search.weights
 
     def verify_super_weights(self, model: LazyModel, name: str, weights: list[SuperWeight], text: str | None, *,
                              seq_len: int, max_tokens: int) -> Verification:
@@ -156,7 +158,10 @@ class EngineProbe:
         path = None if text is None else self._text(text)
         self._reads(model, tokenizer=model.side_files, text=path)
         calibration = read_text(path) if path is not None else CALIBRATION_TEXT
-        return verify(model, name, weights, calibration, seq_len=seq_len, max_tokens=max_tokens, device=self.device)
+        verification = verify(model, name, weights, calibration, seq_len=seq_len, max_tokens=max_tokens,
+                              device=self.device)
+        self.held = max(self.held, verification.held_bytes)
+        return verification
 
     def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
         """How alike two models' norm weights are (Pearson); None when they cannot be compared. A few norm

@@ -85,6 +85,7 @@ class Search:
 
     weights: list[SuperWeight]  # in the order found
     layers: list[LayerPeaks]  # every layer with a single down_proj (a Mixture-of-Experts layer has none)
+    held_bytes: int = 0  # what the search held at its peak (estimated): one forward and the peaks kept
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Verification:
     perplexity: float  # the model's own
     tokens: int  # calibration tokens scored
     weights: list[SuperWeight]  # with perplexity_zeroed and effect, the largest effect first
+    held_bytes: int = 0  # what scoring held at its peak (estimated): one perplexity at a time
 
 
 def find_super_weights(model: LazyModel, name: str, texts: list[str], *, threshold: float = 50.0, rounds: int = 10,
@@ -104,10 +106,12 @@ def find_super_weights(model: LazyModel, name: str, texts: list[str], *, thresho
     decoder = StreamedForward(model, name=name).decoder
     found: list[SuperWeight] = []
     layers: list[LayerPeaks] = []
+    held = 0
     for round_ in range(1, rounds + 1):
         forward = StreamedForward(zeroed(model, name, found), device=device, name=name)
         peaks = MaxAbs(("down_in", "down_out"))
         forward.run(sequences, observer=peaks, progress=progress)
+        held = max(held, forward.held_bytes([len(s) for s in sequences]) + peaks.held_bytes())
         new = []
         for layer in range(len(decoder.layers)):
             if ("down_out", layer) not in peaks.values:
@@ -124,7 +128,7 @@ def find_super_weights(model: LazyModel, name: str, texts: list[str], *, thresho
         if not new:
             break
         found += _with_values(model, new)
-    return Search(found, layers)
+    return Search(found, layers, held)
 
 
 def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *, seq_len: int = 256,
@@ -144,12 +148,14 @@ def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *
                           progress=progress)
 
     own = score(model)
-    measured = []
+    measured, held = [], own.held_bytes
     for w in weights:
-        without = score(zeroed(model, name, [w])).perplexity
-        measured.append(replace(w, perplexity_zeroed=without, effect=without / own.perplexity - 1))
+        without = score(zeroed(model, name, [w]))
+        held = max(held, without.held_bytes)
+        effect = without.perplexity / own.perplexity - 1
+        measured.append(replace(w, perplexity_zeroed=without.perplexity, effect=effect))
     ranked = sorted(measured, key=lambda w: -w.effect)  # stable: equal effects keep the order found
-    return Verification(own.perplexity, own.tokens, ranked)
+    return Verification(own.perplexity, own.tokens, ranked, held)
 
 
 def zeroed(model: LazyModel, name: str, weights: list[SuperWeight]) -> LazyModel:

@@ -78,7 +78,7 @@ def check_finite(result: torch.Tensor, inputs: Callable[[], list[torch.Tensor]],
     sources = inputs()
     if any(s.is_floating_point() and not bool(torch.isfinite(s).all()) for s in sources):
         return
-    bad = int((~torch.isfinite(result)).sum())
+    bad = int(torch.count_nonzero(~torch.isfinite(result)))
     largest = max((float(s.abs().max()) for s in sources if s.is_floating_point() and s.numel()), default=0.0)
     raise PlanError(f"tensor {name!r} would have {bad} NaN or infinite value(s) in {str(result.dtype)[6:]}, from "
                     f"finite inputs (largest |input| {largest:.4g}): write a wider output dtype (bfloat16 or "

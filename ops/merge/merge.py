@@ -18,9 +18,10 @@ from recipekit.engine.core.graph import Apply, LazyModel, Node, keeps
 from recipekit.engine.core.layers import decoder_of, head_tensors, split_layer_name
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import Ref, StepBase, Strict
+from recipekit.engine.core.words import listed
 from recipekit.engine.errors import Path_, PlanError, Problem
 
-from .methods import METHODS, Method
+from .methods import METHODS, TITLES, Method
 from .values import Filtered, Gradient, Value, resolve
 
 FLOATS = ("F16", "BF16", "F32", "F64")
@@ -99,6 +100,12 @@ class Merge(StepBase):
     def references(self) -> list[tuple[Path_, str]]:
         refs: list[tuple[Path_, str]] = [(("models", k, "model"), m.model) for k, m in enumerate(self.models)]
         return refs + ([(("base",), self.base)] if self.base is not None else [])
+
+    def title(self, names: Mapping[str, str]) -> str:
+        onto = self.base is not None and METHODS[self.method].base != "ignored"  # the others are measured from it
+        merged = [names[m.model] for m in self.models if not (onto and m.model == self.base)]
+        return f"a {TITLES[self.method]} merge of {listed(list(dict.fromkeys(merged)))}" + (
+            f" onto {names[self.base]}" if onto else "")
 
 
 def merge(step: Merge, models: Mapping[str, LazyModel], probe: Probe) -> LazyModel:

@@ -71,3 +71,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     _task_vectors("della", _DELLA, normalize=True, rescale=True, extra={"epsilon": 0.15}, seeded=True),
     _task_vectors("della_linear", _DELLA, normalize=False, rescale=True, extra={"epsilon": 0.15}, seeded=True),
 ]}
+
+# how a model card names each method's result: "a TIES merge of a and b"
+TITLES = {
+    "linear": "linear", "passthrough": "passthrough", "slerp": "SLERP", "nuslerp": "NuSLERP",
+    "multislerp": "multi-SLERP", "karcher": "Karcher-mean", "nearswap": "NearSwap", "model_stock": "Model Stock",
+    "arcee_fusion": "Arcee Fusion", "sce": "SCE", "ram": "RAM", "ramplus_tl": "RAM+TL",
+    "task_arithmetic": "task-arithmetic", "ties": "TIES", "dare_ties": "DARE-TIES", "dare_linear": "DARE linear",
+    "breadcrumbs": "Model Breadcrumbs", "breadcrumbs_ties": "Model Breadcrumbs TIES", "della": "DELLA",
+    "della_linear": "DELLA linear",
+}
+assert TITLES.keys() == METHODS.keys()

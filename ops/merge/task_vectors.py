@@ -34,6 +34,8 @@ def _magnitude(delta: torch.Tensor, density: float, **_) -> torch.Tensor:
     """Keep the int(density * n) entries of largest magnitude (at least one, for a density above 0); among
     entries exactly at the threshold, the first in memory order. In place."""
 
+    import torch
+
     if density >= 1:
         return delta
     flat = delta.view(-1)
@@ -44,12 +46,27 @@ def _magnitude(delta: torch.Tensor, density: float, **_) -> torch.Tensor:
     magnitude = flat.abs()
     threshold = kth_largest(magnitude, k)
     keep = magnitude > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        keep[(magnitude == threshold).nonzero().view(-1)[:missing]] = True
+    _keep_first_ties(keep, magnitude, threshold, k - int(torch.count_nonzero(keep)))
     del magnitude
     flat.masked_fill_(~keep, 0)
     return delta
+
+
+def _keep_first_ties(keep: torch.Tensor, magnitude: torch.Tensor, threshold: torch.Tensor, missing: int) -> None:
+    """Mark the first `missing` entries equal to the threshold, block by block: a low-precision tensor can tie
+    millions of entries there, and their indices at once would cost eight bytes each."""
+    import torch
+
+    for start in range(0, magnitude.numel(), ELECT_BLOCK):
+        if missing <= 0:
+            return
+        tied = magnitude[start:start + ELECT_BLOCK] == threshold
+        count = int(torch.count_nonzero(tied))
+        if count <= missing:
+            keep[start:start + ELECT_BLOCK] |= tied
+        else:
+            keep[start + tied.nonzero().view(-1)[:missing]] = True
+        missing -= count
 
 
 SAMPLE = 2**20  # entries of the strided sample that brackets the k-th largest value
@@ -76,8 +93,12 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     low = torch.kthvalue(sample, max(1, int(rank - spread))).values
     high = torch.kthvalue(sample, min(m, int(rank + spread) + 1)).values
     del sample
-    above = int((values > high).sum())
-    inside = values[(values >= low) & (values <= high)]
+    above = int(torch.count_nonzero(values > high))  # a bool sum would widen to int64
+    if low == high:  # low precision: one value, tied by many entries, may fill the bracket
+        if above < k <= above + int(torch.count_nonzero(values == high)):
+            return high
+        return torch.kthvalue(values, n - k + 1).values
+    inside = torch.cat([block[(block >= low) & (block <= high)] for block in values.split(ELECT_BLOCK)])
     if above < k <= above + inside.numel():
         return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
     return torch.kthvalue(values, n - k + 1).values

@@ -116,7 +116,7 @@ def _rebuilt(x: torch.Tensor, rank: int | None) -> torch.Tensor:
     import torch
 
     u, values, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
-    k = rank if rank is not None else int((values > noise_edge(values, tuple(x.shape))).sum())
+    k = rank if rank is not None else int(torch.count_nonzero(values > noise_edge(values, tuple(x.shape))))
     return ((u[:, :k] * values[:k]) @ vh[:k]).to(x.dtype)
 
 

@@ -149,9 +149,12 @@ def test_the_same_kind_of_step_gets_the_same_tags(models, steps, tags):
 
 @pytest.mark.parametrize(("steps", "title"), [
     ("[{op: drop_layers, model: a, layers: [1, [3, 5]]}]", "a with layers 1, 3-4 dropped"),
-    ("[{op: merge, method: ties, base: a, models: [{model: b, weight: 1, density: 0.5}]}]", "a merge of b and a"),
+    ("[{op: merge, method: ties, base: a, models: [{model: b, weight: 1, density: 0.5}]}]",
+     "a TIES merge of b onto a"),
+    ("[{op: merge, method: slerp, base: a, parameters: {t: 0.5}, models: [{model: a}, {model: b}]}]",
+     "a SLERP merge of b onto a"),
     ("[{id: m, op: merge, method: linear, parameters: {weight: 1}, models: [{model: a}, {model: b}]},"
-     " {op: drop_layers, model: m, layers: [0]}]", "a merge of a and b with layer 0 dropped"),
+     " {op: drop_layers, model: m, layers: [0]}]", "a linear merge of a and b with layer 0 dropped"),
     ("[{op: slice_layers, slices: [{model: a, range: [0, 3]}, {model: b, range: [3, 6]}]}]",
      "a frankenmerge of a and b"),
     ("[{op: slice_layers, slices: [{model: a, range: [0, 4]}, {model: a, range: [3, 4]}]}]",

@@ -263,3 +263,15 @@ def test_the_peak_memory_estimate_of_a_measuring_step_is_what_a_run_peaks_at(wid
     assert 1 / FACTOR < estimated["angular"] / measured["angular"] < FACTOR, figures
     forward = estimated["angular"] - estimated["plain"], measured["angular"] - measured["plain"]
     assert 1 / FACTOR < forward[0] / forward[1] < FACTOR, figures
+
+
+def test_the_peak_memory_estimate_counts_the_super_weight_search(wide, tmp_path, capsys):
+    """A protect step's search runs forwards over the texts as a selector does; the plan counts them."""
+    recipe = write_recipe(wide, "recipe: 1\nmodels: {m: m}\nsteps:\n"
+                                "  - {id: p, op: protect_super_weights, model: m, text: texts.txt, rounds: 1}\n"
+                                "  - {op: drop_layers, model: p, layers: [0]}\n", "protect.yaml")
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--json"]) == 0
+    estimated = json.loads(capsys.readouterr().out)["peak_memory"]
+    measured = _peak_rss("run", str(recipe), "-o", str(tmp_path / "out"), "-q")
+    assert 1 / FACTOR < estimated / measured < FACTOR, f"estimated {estimated}, measured {measured}"

@@ -156,11 +156,26 @@ def test_kth_largest_is_exact_through_the_sampled_bracket(monkeypatch, fraction:
     import recipekit.ops.merge.task_vectors as tv
 
     monkeypatch.setattr(tv, "SAMPLE", 1024)  # the sampled path on a small tensor
+    monkeypatch.setattr(tv, "ELECT_BLOCK", 4096)  # and the bracket gathered over many blocks
     values = _randn(200_000, seed=5).abs()
     coarse = values.to(torch.bfloat16).float()  # many exact ties, as in bf16 checkpoints
-    for v in (values, coarse):
+    coarser = (values * 4).round() / 4  # so few values that the bracket's ends meet
+    for v in (values, coarse, coarser):
         k = int(fraction * v.numel())
         assert tv.kth_largest(v, k) == torch.kthvalue(v, v.numel() - k + 1).values
+
+
+@pytest.mark.parametrize("block", [64, 300, 2**22])
+def test_ties_keeps_the_first_tied_entries_across_blocks(monkeypatch, block: int) -> None:
+    import recipekit.ops.merge.task_vectors as tv
+
+    monkeypatch.setattr(tv, "ELECT_BLOCK", block)
+    a = torch.ones(1000)
+    a[::7] = 2.0  # 143 entries above the tie; 157 of the ties make up a density of 0.3
+    got = task_vector_merge("ties", torch.zeros(1000), a, weights=(1.0,), densities=(0.3,), normalize=True)
+    ties_kept = ((got == 1) & (a == 1)).nonzero().view(-1)
+    assert int((got != 0).sum()) == 300 and bool((got[a == 2] == 2).all())
+    assert ties_kept.tolist() == (a == 1).nonzero().view(-1)[:157].tolist()  # the first in memory order
 
 
 def test_ties_keeps_exactly_density_even_among_equal_magnitudes() -> None:
