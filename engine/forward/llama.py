@@ -1,16 +1,16 @@
-"""The Llama family's forward math (Llama, Mistral, Qwen2, Qwen3 and their MoE forms Mixtral, Qwen2-MoE,
-Qwen3-MoE), as pure functions of tensors.
+"""The Llama family's forward math, as pure functions of tensors: Llama, Mistral, Qwen2, Qwen3, their MoE forms
+(Mixtral, Qwen2-MoE, Qwen3-MoE), Phi-3 and OLMo 2.
 
-`LlamaSpec` reads what the math needs from a config dict; `decoder_layer`
-runs one layer on a micro-batch given that layer's weights (by the name
-after `layers.<i>.`), in the hidden states' dtype (float32): weights may be
-held in a narrower dtype and are upcast one at a time. Matches transformers'
-implementation in float32.
+The members differ only by flags of `LlamaSpec`: Phi-3 fuses q/k/v into
+`qkv_proj` and gate/up into `gate_up_proj` (split here, in the math, so the
+stored tensors are read as they are) and may rotate part of each head or use
+longrope; OLMo 2 normalises the attention and MLP outputs instead of their
+inputs, and q/k over the whole projection. `decoder_layer` runs one layer on
+a micro-batch given that layer's weights (by the name after `layers.<i>.`),
+in the hidden states' dtype (float32). Matches transformers in float32.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +18,17 @@ import torch.nn.functional as F
 
 from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.core.moe_layouts import LAYOUTS
-from recipekit.engine.core.names import DOWN, GATE, UP
+from recipekit.engine.core.names import DOWN, GATE, MLP_TENSORS, UP
+from recipekit.engine.core.words import counted
 from recipekit.engine.errors import PlanError
+from recipekit.engine.forward import rope as rotary
+from recipekit.engine.forward.blocks import Observe, Rope, apply_rope, attend, linear, rms_norm
 from recipekit.engine.forward.support import forward_type
 
 ROPE_TYPES = ("default", "linear", "llama3")
+PHI3_ROPE_TYPES = ("default", "longrope")  # what transformers' Phi-3 accepts
+
+Expected = dict[str, tuple[tuple[int, ...] | None, str]]  # tensor -> (its shape, or None for any; the config's why)
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,12 @@ class LlamaSpec:
     eps: float
     tied: bool
     sliding: tuple[int | None, ...]  # per layer: the window, or None for full attention
-    rope_theta: float
-    rope: dict
+    rope: dict  # as `rope.parameters` reads it
     experts_per_token: int = 0  # MoE: top-k
     norm_topk: bool = False  # MoE: renormalise the top-k routing weights
+    fused: bool = False  # Phi-3: qkv_proj and gate_up_proj
+    post_norms: bool = False  # OLMo 2: norms after attention and MLP, q/k norms over the whole projection
+    embed_scale: float = 1.0
 
     @classmethod
     def from_config(cls, config: dict) -> LlamaSpec:
@@ -49,13 +57,11 @@ class LlamaSpec:
             heads, hidden, layers = int(c["num_attention_heads"]), int(c["hidden_size"]), int(c["num_hidden_layers"])
         except (KeyError, TypeError, ValueError):
             raise PlanError("config.json lacks hidden_size, num_attention_heads or num_hidden_layers") from None
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ROPE_TYPES or rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise PlanError(f"RoPE type {rope_type!r} is not supported by the streamed forward "
-                            f"(supported: {', '.join(ROPE_TYPES)})")
+        phi3 = model_type == "phi3"
+        rope = rotary.parameters(c.get("rope_parameters") or c.get("rope_scaling"), c, partial=phi3,
+                                 kinds=PHI3_ROPE_TYPES if phi3 else ROPE_TYPES)
         window = c.get("sliding_window")
-        if model_type == "mistral" or (model_type == "mixtral" and window):
+        if model_type == "mistral" or (model_type in ("mixtral", "phi3") and window):
             sliding = tuple(window for _ in range(layers))
         elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and isinstance(c.get("layer_types"), list):
             sliding = tuple(window if t == "sliding_attention" else None for t in c["layer_types"])
@@ -64,39 +70,75 @@ class LlamaSpec:
         try:
             spec = cls(
                 model_type=model_type, hidden=hidden, heads=heads,
-                kv_heads=_number(c, "num_key_value_heads", heads, int),
-                head_dim=_number(c, "head_dim", hidden // max(heads, 1), int),
-                eps=_number(c, "rms_norm_eps", 1e-6, float),
+                kv_heads=number(c, "num_key_value_heads", heads, int),
+                head_dim=number(c, "head_dim", hidden // max(heads, 1), int),
+                eps=number(c, "rms_norm_eps", 1e-6, float),
                 tied=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-                sliding=sliding,
-                rope_theta=float(rope.get("rope_theta", _number(c, "rope_theta", 10000.0, float))),
-                rope={**rope, "rope_type": rope_type},
-                experts_per_token=_number(c, "num_experts_per_tok", 0, int) if model_type in LAYOUTS else 0,
+                sliding=sliding, rope=rope,
+                experts_per_token=number(c, "num_experts_per_tok", 0, int) if model_type in LAYOUTS else 0,
                 norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
+                fused=phi3, post_norms=model_type == "olmo2",
             )
         except (TypeError, ValueError) as e:
             raise PlanError(f"config.json: {e}") from None
-        if min(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim) <= 0:
-            raise PlanError(f"config.json: hidden_size {spec.hidden}, num_attention_heads {spec.heads}, "
-                            f"num_key_value_heads {spec.kv_heads} and head_dim {spec.head_dim} must all be positive")
-        if spec.heads % spec.kv_heads:
-            raise PlanError(f"config.json: num_attention_heads {spec.heads} is not a multiple of "
-                            f"num_key_value_heads {spec.kv_heads}")
+        check_heads(spec)
         return spec
 
-    def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies, [head_dim / 2], as transformers computes them."""
-        dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        kind = self.rope["rope_type"]
-        if kind == "linear":
-            inv = inv / float(self.rope["factor"])
-        elif kind == "llama3":
-            inv = _llama3_inv_freq(inv, self.rope)
-        return inv
+    def rope_tables(self, length: int, device: torch.device) -> list[Rope]:
+        """Per layer, cos and sin [length, rotary dims] (one table, shared by every layer)."""
+        table = rotary.tables(self.rope, self.head_dim, length, device)
+        return [table for _ in self.sliding]
+
+    def final_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, weight, self.eps)
+
+    def logits(self, states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """[..., C] states, [vocab, C] head -> [..., vocab]."""
+        return states @ head.T
+
+    def layer_tensors(self, layer: int, shapes: dict[str, tuple[int, ...]], at: str) -> Expected:
+        """What layer `layer` must hold, given what it does hold (`shapes`, by the name after `at`), with the
+        shapes the config implies; `PlanError` when an MoE layer's experts and router do not fit together."""
+        q, kv, hidden = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
+        heads = f"num_attention_heads {self.heads} x head_dim {self.head_dim}, hidden_size {hidden}"
+        kv_heads = f"num_key_value_heads {self.kv_heads} x head_dim {self.head_dim}, hidden_size {hidden}"
+        width = (f"hidden_size {hidden}",)
+        norms = ("post_attention_layernorm", "post_feedforward_layernorm") if self.post_norms else (
+            "input_layernorm", "post_attention_layernorm")
+        out: Expected = {f"{n}.weight": ((hidden,), width[0]) for n in norms}
+        if self.fused:
+            out["self_attn.qkv_proj.weight"] = ((q + 2 * kv, hidden), f"{heads}; {kv_heads}")
+        else:
+            out["self_attn.q_proj.weight"] = ((q, hidden), heads)
+            out.update({f"self_attn.{p}.weight": ((kv, hidden), kv_heads) for p in ("k_proj", "v_proj")})
+        out["self_attn.o_proj.weight"] = ((hidden, q), heads)
+        if self.post_norms:
+            out["self_attn.q_norm.weight"] = ((q,), f"num_attention_heads {self.heads} x head_dim {self.head_dim}")
+            out["self_attn.k_norm.weight"] = ((kv,), f"num_key_value_heads {self.kv_heads} x head_dim {self.head_dim}")
+        layout = LAYOUTS.get(self.model_type)
+        if layout is not None and layout.router in shapes:
+            experts = shapes[layout.router][0]
+            missing = [layout.expert_tensor(e, t) for e in range(experts) for t in MLP_TENSORS
+                       if layout.expert_tensor(e, t) not in shapes]
+            if missing:
+                raise PlanError(f"layer {layer} has a router for {counted(experts, 'expert')} but no {at}{missing[0]}")
+            if not 0 < self.experts_per_token <= experts:
+                raise PlanError(f"config.json: num_experts_per_tok {self.experts_per_token} must lie in 1..{experts}, "
+                                f"the experts of layer {layer}")
+            out[layout.router] = (None, "")
+        elif layout is not None and any(".experts." in rest for rest in shapes):
+            raise PlanError(f"layer {layer} has experts but no router ({at}{layout.router})")
+        elif self.fused:
+            inner = shapes.get(DOWN, (0, 0))[-1]
+            out["mlp.gate_up_proj.weight"] = ((2 * inner, hidden),
+                                              f"twice {DOWN}'s inputs ({inner}), hidden_size {hidden}")
+            out[DOWN] = (None, "")
+        else:
+            out.update({name: (None, "") for name in MLP_TENSORS})
+        return out
 
 
-def _number(config: dict, key: str, default: float, kind: type) -> float:
+def number(config: dict, key: str, default: float, kind: type) -> float:
     """A number of the config (`default` when absent or null); text or a boolean where a number belongs is a
     ValueError naming the key."""
     value = config.get(key)
@@ -107,87 +149,68 @@ def _number(config: dict, key: str, default: float, kind: type) -> float:
     return kind(value)
 
 
-def _llama3_inv_freq(inv: torch.Tensor, rope: dict) -> torch.Tensor:
-    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-    old_context = float(rope["original_max_position_embeddings"])
-    low_wavelen, high_wavelen = old_context / low, old_context / high
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_tables(spec: LlamaSpec, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [length, head_dim], for positions 0..length-1."""
-    positions = torch.arange(length, device=device).float()
-    freqs = positions[:, None] * spec.inv_freq().to(device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """[..., C] -> [..., C]."""
-    return weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def attention_mask(valid: torch.Tensor, window: int | None) -> torch.Tensor:
-    """valid: [B, T] bool -> [B, 1, T, T] bool, True where query i may attend key j."""
-    length = valid.shape[1]
-    i = torch.arange(length, device=valid.device)[:, None]
-    j = torch.arange(length, device=valid.device)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed = allowed & (i - j < window)
-    return allowed[None, None] & valid[:, None, None, :]
-
-
-def _linear(x: torch.Tensor, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """x @ W.T + b in x's dtype; weights are held in their stored dtype and upcast here, one at a time."""
-    bias = weights.get(f"{name}.bias")
-    return F.linear(x, weights[f"{name}.weight"].to(x.dtype), bias.to(x.dtype) if bias is not None else None)
-
-
-Observe = Callable[[str, torch.Tensor], None]
+def check_heads(spec) -> None:
+    """The attention sizes of a spec must be positive and the query heads a multiple of the key/value heads."""
+    if min(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim) <= 0:
+        raise PlanError(f"config.json: hidden_size {spec.hidden}, num_attention_heads {spec.heads}, "
+                        f"num_key_value_heads {spec.kv_heads} and head_dim {spec.head_dim} must all be positive")
+    if spec.heads % spec.kv_heads:
+        raise PlanError(f"config.json: num_attention_heads {spec.heads} is not a multiple of "
+                        f"num_key_value_heads {spec.kv_heads}")
 
 
 def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor], hidden: torch.Tensor,
-                  mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, observe: Observe) -> torch.Tensor:
-    """One decoder layer: hidden [B, T, C] -> [B, T, C]; `mask` from `attention_mask`, [B, 1, T, T]."""
-    batch, length, _ = hidden.shape
+                  mask: torch.Tensor, rope: Rope, observe: Observe) -> torch.Tensor:
+    """One decoder layer: hidden [B, T, C] -> [B, T, C]; `mask` from `blocks.attention_mask`, [B, 1, T, T];
+    `rope` this layer's cos and sin."""
     observe("residual", hidden)
-    x = rms_norm(hidden, weights["input_layernorm.weight"], spec.eps)
+    x = hidden if spec.post_norms else rms_norm(hidden, weights["input_layernorm.weight"], spec.eps)
     observe("attn_in", x)
-    q = _linear(x, weights, "self_attn.q_proj").view(batch, length, spec.heads, spec.head_dim)
-    k = _linear(x, weights, "self_attn.k_proj").view(batch, length, spec.kv_heads, spec.head_dim)
-    v = _linear(x, weights, "self_attn.v_proj").view(batch, length, spec.kv_heads, spec.head_dim)
-    if "self_attn.q_norm.weight" in weights:  # Qwen3: RMSNorm over each head before RoPE
-        q = rms_norm(q, weights["self_attn.q_norm.weight"], spec.eps)
-        k = rms_norm(k, weights["self_attn.k_norm.weight"], spec.eps)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    groups = spec.heads // spec.kv_heads
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.head_dim ** -0.5)
-    attended = attended.transpose(1, 2).reshape(batch, length, spec.heads * spec.head_dim)
-    hidden = hidden + _linear(attended, weights, "self_attn.o_proj")
-    x = rms_norm(hidden, weights["post_attention_layernorm.weight"], spec.eps)
+    attended = linear(_attention(spec, weights, x, mask, rope), weights, "self_attn.o_proj")
+    if spec.post_norms:
+        attended = rms_norm(attended, weights["post_attention_layernorm.weight"], spec.eps)
+    hidden = hidden + attended
+    x = hidden if spec.post_norms else rms_norm(hidden, weights["post_attention_layernorm.weight"], spec.eps)
     observe("mlp_in", x)
     if spec.model_type in LAYOUTS and LAYOUTS[spec.model_type].router in weights:
         return hidden + _moe_block(spec, weights, x, observe)
-    gated = F.silu(_linear(x, weights, "mlp.gate_proj")) * _linear(x, weights, "mlp.up_proj")
+    gated = _swiglu(spec, weights, x)
     observe("down_in", gated)
-    down = _linear(gated, weights, "mlp.down_proj")
+    down = linear(gated, weights, "mlp.down_proj")
     observe("down_out", down)
+    if spec.post_norms:
+        down = rms_norm(down, weights["post_feedforward_layernorm.weight"], spec.eps)
     return hidden + down
+
+
+def _swiglu(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up [B, T, intermediate]; its own function so the gate and up projections are freed on return."""
+    if spec.fused:  # Phi-3: gate_up_proj holds the gate's rows, then the up projection's
+        gate, up = linear(x, weights, "mlp.gate_up_proj").chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, weights, "mlp.gate_proj"), linear(x, weights, "mlp.up_proj")
+    return F.silu(gate) * up
+
+
+def _attention(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor,
+               rope: Rope) -> torch.Tensor:
+    """Self-attention of the normed input x [B, T, C] -> [B, T, heads * head_dim], before o_proj."""
+    batch, length, _ = x.shape
+    q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    if spec.fused:
+        q, k, v = linear(x, weights, "self_attn.qkv_proj").split((q_size, kv_size, kv_size), dim=-1)
+    else:
+        q, k, v = (linear(x, weights, f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj"))
+    if spec.post_norms:  # OLMo 2: one norm over the whole projection, before the split into heads
+        q = rms_norm(q, weights["self_attn.q_norm.weight"], spec.eps)
+        k = rms_norm(k, weights["self_attn.k_norm.weight"], spec.eps)
+    q = q.view(batch, length, spec.heads, spec.head_dim)
+    k, v = (t.view(batch, length, spec.kv_heads, spec.head_dim) for t in (k, v))
+    if not spec.post_norms and "self_attn.q_norm.weight" in weights:  # Qwen3: RMSNorm over each head
+        q = rms_norm(q, weights["self_attn.q_norm.weight"], spec.eps)
+        k = rms_norm(k, weights["self_attn.k_norm.weight"], spec.eps)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return attend(apply_rope(q, rope), apply_rope(k, rope), v, mask, scale=spec.head_dim ** -0.5)
 
 
 def _moe_block(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor, observe: Observe) -> torch.Tensor:
@@ -207,11 +230,11 @@ def _moe_block(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tenso
         if tokens.numel():
             gate, up, down = (layout.expert_tensor(e, t).removesuffix(".weight") for t in (GATE, UP, DOWN))
             part = flat[tokens]
-            y = _linear(F.silu(_linear(part, weights, gate)) * _linear(part, weights, up), weights, down)
-            out.index_add_(0, tokens, y * top[tokens, slot, None])
+            y = linear(F.silu(linear(part, weights, gate)) * linear(part, weights, up), weights, down)
+            out = out.index_add(0, tokens, y * top[tokens, slot, None])
     out = out.reshape(x.shape)
     if layout.shared_gate is not None and layout.shared_gate in weights:
         gate, up, down = (layout.shared_tensor(t).removesuffix(".weight") for t in (GATE, UP, DOWN))
-        shared = _linear(F.silu(_linear(x, weights, gate)) * _linear(x, weights, up), weights, down)
-        out = out + torch.sigmoid(_linear(x, weights, layout.shared_gate.removesuffix(".weight"))) * shared
+        shared = linear(F.silu(linear(x, weights, gate)) * linear(x, weights, up), weights, down)
+        out = out + torch.sigmoid(linear(x, weights, layout.shared_gate.removesuffix(".weight"))) * shared
     return out

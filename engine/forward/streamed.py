@@ -3,7 +3,8 @@
 Layer-major: every sequence of a pass goes through layer i before layer i+1
 is read, so each weight is read once and only activations stay in memory. A
 background thread reads the next layer while this one computes. Observers see
-named activations (see `llama.decoder_layer`) without the forward keeping them.
+named activations (see `llama.decoder_layer`; each family's math is in its
+own module, reached through `families`) without the forward keeping them.
 """
 from __future__ import annotations
 
@@ -16,19 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from recipekit.engine.core.graph import LazyModel, Load, Node, cast_source
-from recipekit.engine.core.kernels import cast
-from recipekit.engine.core.layers import decoder_of
-from recipekit.engine.core.moe_layouts import LAYOUTS
-from recipekit.engine.core.names import ATTENTION_WEIGHTS, MLP_TENSORS, NORMS
-from recipekit.engine.core.words import counted
+from recipekit.engine.core.kernels import cast, torch_dtype
+from recipekit.engine.core.layers import Decoder, decoder_of
 from recipekit.engine.errors import PlanError
-from recipekit.engine.forward.llama import LlamaSpec, attention_mask, decoder_layer, rms_norm, rope_tables
+from recipekit.engine.forward.blocks import attention_mask
+from recipekit.engine.forward.families import Spec, decoder_layer, spec_of
 from recipekit.engine.io.inputs import InputFiles
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES
 from recipekit.engine.progress import progress_bar
 from recipekit.engine.run.evaluate import Evaluator, read_rows
 
-LAYER_TENSORS = NORMS + ATTENTION_WEIGHTS
 # attention scores of one micro-batch stay below this many floats (256 MB)
 SCORE_BUDGET = 2**26
 FLOAT32 = 4  # bytes: the forward computes in float32
@@ -54,67 +52,45 @@ class Activation:
 Observer = Callable[[Activation], None]
 
 
-def _check_shapes(spec: LlamaSpec, model: LazyModel, decoder, embed_name: str) -> None:
-    """The config and the weights must describe the same model before anything is computed: a config that
-    contradicts its tensors would otherwise fail deep inside a matrix product, or worse, not fail."""
-    q, kv, hidden = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.hidden
-
-    def expect(name: str, shape: tuple[int, ...], why: str) -> None:
+def _check_tensors(spec: Spec, model: LazyModel, decoder: Decoder, embed_name: str, norm_name: str) -> None:
+    """The weights must hold every tensor the family's math reads, and the config and the weights must describe
+    the same model, before anything is computed: a config that contradicts its tensors would otherwise fail deep
+    inside a matrix product, or worse, not fail."""
+    missing = [n for n in (embed_name, norm_name) if n not in model.tensors]
+    shaped = []  # (name, expected shape, why)
+    for i, layer in enumerate(decoder.layers):
+        at = f"{decoder.prefix}.{i}."
+        wanted = spec.layer_tensors(i, {rest: model.tensors[name].shape for rest, name in layer.items()}, at)
+        missing += [at + rest for rest in wanted if rest not in layer]
+        shaped += [(at + rest, shape, why) for rest, (shape, why) in wanted.items() if shape and rest in layer]
+    if missing:
+        raise PlanError(f"the model lacks tensors the forward needs: {', '.join(missing[:4])}"
+                        + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    embed = model.tensors[embed_name].shape
+    if len(embed) != 2 or embed[1] != spec.hidden:
+        raise PlanError(f"config.json and the weights disagree: {embed_name} has shape {list(embed)}, the config "
+                        f"says [vocab, {spec.hidden}] (hidden_size)")
+    for name, shape, why in shaped:
         got = model.tensors[name].shape
         if got != shape:
             raise PlanError(f"config.json and the weights disagree: {name} has shape {list(got)}, the config "
                             f"({why}) says {list(shape)}")
 
-    embed = model.tensors[embed_name].shape
-    if len(embed) != 2 or embed[1] != hidden:
-        raise PlanError(f"config.json and the weights disagree: {embed_name} has shape {list(embed)}, the config "
-                        f"says [vocab, {hidden}] (hidden_size)")
-    layout = LAYOUTS.get(spec.model_type)
-    for i, layer in enumerate(decoder.layers):
-        at = f"{decoder.prefix}.{i}."
-        heads = f"num_attention_heads {spec.heads} x head_dim {spec.head_dim}, hidden_size {hidden}"
-        expect(at + "self_attn.q_proj.weight", (q, hidden), heads)
-        for proj in ("k_proj", "v_proj"):
-            expect(at + f"self_attn.{proj}.weight", (kv, hidden),
-                   f"num_key_value_heads {spec.kv_heads} x head_dim {spec.head_dim}, hidden_size {hidden}")
-        expect(at + "self_attn.o_proj.weight", (hidden, q), heads)
-        for norm in NORMS:
-            expect(at + norm, (hidden,), f"hidden_size {hidden}")
-        if layout is not None and layout.router in layer:
-            experts = model.tensors[at + layout.router].shape[0]
-            missing = [layout.expert_tensor(e, t) for e in range(experts) for t in MLP_TENSORS
-                       if layout.expert_tensor(e, t) not in layer]
-            if missing:
-                raise PlanError(f"layer {i} has a router for {counted(experts, 'expert')} but no {at}{missing[0]}")
-            if not 0 < spec.experts_per_token <= experts:
-                raise PlanError(f"config.json: num_experts_per_tok {spec.experts_per_token} must lie in 1..{experts}, "
-                                f"the experts of layer {i}")
-
-
 
 class StreamedForward:
-    """The forward pass of a Llama-family LazyModel with one layer's weights in memory (two while prefetching)."""
+    """The forward pass of a LazyModel of a supported family with one layer's weights in memory (two while
+    prefetching)."""
 
     def __init__(self, model: LazyModel, *, device: str = "cpu", name: str = "model"):
         self.model = model
-        self.spec = LlamaSpec.from_config(model.config)
+        self.spec = spec_of(model.config)
         self.decoder = decoder_of(model, name)
         self.device = torch.device(device)
         root = self.decoder.prefix.removesuffix("layers")
         self.embed_name = f"{root}embed_tokens.weight"
         self.norm_name = f"{root}norm.weight"
         self.head_name = "lm_head.weight" if "lm_head.weight" in model.tensors else self.embed_name
-        missing = [n for n in (self.embed_name, self.norm_name) if n not in model.tensors]
-        router = LAYOUTS[self.spec.model_type].router if self.spec.model_type in LAYOUTS else ""
-        for i, layer in enumerate(self.decoder.layers):
-            if router and router not in layer and any(".experts." in rest for rest in layer):
-                raise PlanError(f"layer {i} has experts but no router ({self.decoder.prefix}.{i}.{router})")
-            mlp = () if router in layer else MLP_TENSORS  # an MoE layer, or a dense one
-            missing += [f"{self.decoder.prefix}.{i}.{rest}" for rest in LAYER_TENSORS + mlp if rest not in layer]
-        if missing:
-            raise PlanError(f"the model lacks tensors the forward needs: {', '.join(missing[:4])}"
-                            + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
-        _check_shapes(self.spec, model, self.decoder, self.embed_name)
+        _check_tensors(self.spec, model, self.decoder, self.embed_name, self.norm_name)
         self.weight_bytes_held = 0
         self.peak_weight_bytes = 0  # most weight bytes held at once during `run`, for memory checks
         self._held_lock = threading.Lock()  # the reader thread and the main thread both count
@@ -132,13 +108,13 @@ class StreamedForward:
             ids[b, :len(seq)] = torch.tensor(seq)
             valid[b, :len(seq)] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
-        cos, sin = rope_tables(self.spec, length, self.device)
+        ropes = self.spec.rope_tables(length, self.device)
         micro = self._micro_batch(length)
         batches = [range(start, min(start + micro, len(sequences))) for start in range(0, len(sequences), micro)]
         count = len(self.decoder.layers)
 
         with InputFiles() as files, ThreadPoolExecutor(max_workers=1) as reader:
-            hidden = self.embed(ids, files)
+            hidden = self._scaled(self.embed(ids, files))
             pending = reader.submit(self._read_layer, 0, files)
             bar = progress_bar(count, progress, unit="layer", desc="forward")
             for i in range(count):
@@ -156,14 +132,14 @@ class StreamedForward:
                         observe(Activation(name, i, tensor, valid[part], rows))
 
                     hidden[part] = decoder_layer(self.spec, i, weights, hidden[part], masks[window][part],
-                                                 cos, sin, point)
+                                                 ropes[i], point)
                 self._release(weights)
                 del weights
                 bar.update(1)
             bar.close()
             observe(Activation("residual", count, hidden, valid, range(len(sequences))))  # after the last layer
             norm = self._read({"norm": self.model.tensors[self.norm_name]}, files)
-            final = rms_norm(hidden, norm["norm"], self.spec.eps)
+            final = self.spec.final_norm(hidden, norm["norm"])
             self._release(norm)
         observe(Activation("final", count, final, valid, range(len(sequences))))
         return final, valid
@@ -219,6 +195,19 @@ class StreamedForward:
         if node is not source:  # a dtype cast: round the rows as the whole tensor would be
             rows = cast(rows, dtype=node.dtype)
         return rows.to(device=self.device, dtype=torch.float32)[where.to(self.device)]
+
+    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        """Embedding rows times the family's `embed_scale` (Gemma: sqrt(hidden_size)), multiplied in the
+        embedding's own dtype as transformers does (a bf16 model rounds the scale and the product to bf16)."""
+        if self.spec.embed_scale == 1.0:
+            return rows
+        stored = torch_dtype(self.model.tensors[self.embed_name].dtype)
+        return (rows.to(stored) * torch.tensor(self.spec.embed_scale, dtype=stored, device=rows.device)).float()
+
+    def logits(self, states: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Final normed states [..., C] and `lm_head()` [vocab, C] -> logits [..., vocab], soft-capped where the
+        family does (Gemma 2)."""
+        return self.spec.logits(states, head)
 
     def lm_head(self) -> torch.Tensor:
         """The output projection [vocab, C] in float32 (the embedding when tied)."""

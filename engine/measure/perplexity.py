@@ -88,7 +88,7 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
         targets = torch.tensor(tokens[first:], device=final.device)
         states = final[row, first - 1:len(tokens) - 1]
         for at in range(0, len(targets), LOGIT_CHUNK):
-            logits = states[at:at + LOGIT_CHUNK] @ head.T
+            logits = forward.logits(states[at:at + LOGIT_CHUNK], head)
             total += float(F.cross_entropy(logits, targets[at:at + LOGIT_CHUNK], reduction="sum"))
         count += len(targets)
     mean = total / count

@@ -31,7 +31,27 @@ FAMILIES = {
                                              "decoder_sparse_step": 2, "mlp_only_layers": [2]}),
     "qwen3-moe-normalised": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 3, "moe_intermediate_size": 48,
                                            "norm_topk_prob": True}),
+    "phi3": ("phi3", {}),
+    "phi3-sliding": ("phi3", {"sliding_window": 3}),
+    # BATCH is 10 tokens long, past the pretraining context of 8: the long factors apply (SHORT_BATCH: the short)
+    "phi3-longrope": ("phi3", {"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 4.0],
+                                                "long_factor": [2.0, 3.0, 5.0, 9.0]},
+                               "original_max_position_embeddings": 8, "max_position_embeddings": 64}),
+    "phi3-su-partial-rotary": ("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": {
+        "type": "su", "short_factor": [1.0, 2.0], "long_factor": [3.0, 5.0], "original_max_position_embeddings": 8}}),
+    "olmo2": ("olmo2", {}),
+    "gemma2": ("gemma2", {"sliding_window": 3, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.02,
+                          "final_logit_softcapping": 2.0}),
+    "gemma2-tied": ("gemma2", {"tied": True, "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+                               "sliding_window": 2}),
+    "gemma3-text": ("gemma3_text", {"sliding_window": 3, "query_pre_attn_scalar": 12, "layer_types": [
+        "sliding_attention", "full_attention", "sliding_attention"], "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0}}}),
+    "gemma3-text-softcap": ("gemma3_text", {"tied": True, "final_logit_softcapping": 2.0, "sliding_window": 2,
+                                            "sliding_window_pattern": 2}),
 }
+SHORT_BATCH = [[5, 17, 42, 3, 88, 9, 61, 23], [1, 2, 3], [90]]
 
 
 def lazy(path) -> LazyModel:
@@ -45,6 +65,24 @@ def padded(batch):
     return ids, mask
 
 
+def assert_forward_equals(reference, forward: StreamedForward, batch: list[list[int]], layers: int) -> None:
+    """Hidden states entering every layer, the final normed states and the logits of the streamed forward equal
+    transformers' own on a right-padded batch, at every real token, to 1e-4."""
+    ids, mask = padded(batch)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask, output_hidden_states=True)
+    residuals = {}
+    final, valid = forward.run(batch, observer=lambda a: residuals.__setitem__(a.layer, a.tensor.clone())
+                               if a.point == "residual" else None)
+    assert torch.equal(valid, mask.bool())
+    assert len(expected.hidden_states) == layers + 1
+    for layer in range(layers):
+        torch.testing.assert_close(residuals[layer][valid], expected.hidden_states[layer][valid], atol=1e-4, rtol=0)
+    torch.testing.assert_close(final[valid], expected.hidden_states[layers][valid], atol=1e-4, rtol=0)
+    logits = forward.logits(final, forward.lm_head())
+    torch.testing.assert_close(logits[valid], expected.logits[valid], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("case", FAMILIES)
 def test_hidden_states_and_logits_equal_transformers(case, tmp_path):
     family, settings = FAMILIES[case]
@@ -52,20 +90,76 @@ def test_hidden_states_and_logits_equal_transformers(case, tmp_path):
     reference = load_causal_lm(path)
     if "qwen2" in case:
         assert reference.model.layers[0].self_attn.q_proj.bias is not None
-    ids, mask = padded(BATCH)
-    with torch.no_grad():
-        expected = reference(ids, attention_mask=mask, output_hidden_states=True)
-
-    residuals = {}
     forward = StreamedForward(lazy(path))
-    final, valid = forward.run(BATCH, observer=lambda a: residuals.__setitem__(a.layer, a.tensor.clone())
-                               if a.point == "residual" else None)
-    assert torch.equal(valid, mask.bool())
-    for layer in range(3):
-        torch.testing.assert_close(residuals[layer][valid], expected.hidden_states[layer][valid], atol=1e-4, rtol=0)
-    torch.testing.assert_close(final[valid], expected.hidden_states[3][valid], atol=1e-4, rtol=0)
-    logits = final @ forward.lm_head().T
-    torch.testing.assert_close(logits[valid], expected.logits[valid], atol=1e-4, rtol=0)
+    assert_forward_equals(reference, forward, BATCH, 3)
+    if "longrope" in case or "su" in case:  # within the pretraining context: the short factors
+        assert_forward_equals(reference, forward, SHORT_BATCH, 3)
+
+
+def test_what_makes_each_new_family_differ_is_in_play(tmp_path):
+    """The cases above would pass vacuously if a feature were inert in them: each changes the output."""
+    def last_logits(path, **changes):
+        if changes:
+            _edit_config(path, **changes)
+        forward = StreamedForward(lazy(path))
+        final, _ = forward.run(BATCH)
+        return forward.logits(final, forward.lm_head())[0]
+
+    gemma2 = make_model(tmp_path / "g2", family="gemma2", layers=3, seed=3, **FAMILIES["gemma2"][1])
+    capped = last_logits(gemma2)
+    assert capped.abs().max() < 2.0  # the final soft cap
+    assert not torch.allclose(capped, last_logits(gemma2, attn_logit_softcapping=None), atol=1e-3)
+    assert not torch.allclose(capped, last_logits(gemma2, sliding_window=64), atol=1e-3)
+    longrope = make_model(tmp_path / "p", family="phi3", layers=2, seed=3, **FAMILIES["phi3-longrope"][1])
+    assert not torch.allclose(last_logits(longrope), last_logits(longrope, original_max_position_embeddings=16),
+                              atol=1e-3)  # long against short factors
+    gemma3 = make_model(tmp_path / "g3", family="gemma3_text", layers=3, seed=3, **FAMILIES["gemma3-text"][1])
+    two_bases = last_logits(gemma3)
+    rope = FAMILIES["gemma3-text"][1]["rope_parameters"]
+    assert not torch.allclose(two_bases, last_logits(gemma3, rope_parameters={
+        **rope, "sliding_attention": rope["full_attention"]}), atol=1e-3)
+
+
+def test_a_multimodal_gemma3_runs_its_language_model_text_only(tmp_path):
+    """Gemma3ForConditionalGeneration: the decoder under `language_model.model`, the spec from `text_config`,
+    the vision tower and projector left unread."""
+    import transformers
+
+    torch.manual_seed(4)
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, num_hidden_layers=3, vocab_size=96, max_position_embeddings=128,
+                         sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "mm")
+    reference = load_causal_lm(tmp_path / "mm")
+    assert type(reference).__name__ == "Gemma3ForConditionalGeneration"
+    forward = StreamedForward(lazy(tmp_path / "mm"))
+    assert forward.decoder.prefix == "language_model.model.layers"
+    assert not any("vision" in name or "projector" in name for layer in forward.decoder.layers for name in layer.values())
+    assert_forward_equals(reference, forward, BATCH, 3)
+
+
+def test_a_bf16_gemma_scales_its_embeddings_in_bf16_as_transformers_does(tmp_path):
+    """sqrt(hidden_size) is rounded to bfloat16 and so is the product, as transformers' scaled embedding module
+    computes it for a bfloat16 model."""
+    import transformers
+
+    path = make_model(tmp_path / "g", family="gemma3_text", layers=2, dtype="bfloat16", hidden_size=40, head_dim=10)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ids, _ = padded(BATCH)
+    with torch.no_grad():
+        expected = reference.model.embed_tokens(ids).float()
+    seen = {}
+    StreamedForward(lazy(path)).run(BATCH, observer=lambda a: seen.setdefault(a.point, a.tensor.clone()))
+    assert torch.equal(seen["residual"], expected)
+    assert not torch.equal(seen["residual"], reference.model.embed_tokens.weight[ids].float() * 40 ** 0.5)
 
 
 def test_observers_see_every_point_of_every_layer(tmp_path):
@@ -77,10 +171,12 @@ def test_observers_see_every_point_of_every_layer(tmp_path):
         ("residual", 2, (3, 10, 32)), ("final", 2, (3, 10, 32))]
 
 
-def test_weights_held_do_not_grow_with_depth(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "phi3", "olmo2", "gemma2", "gemma3_text"])
+def test_weights_held_do_not_grow_with_depth(tmp_path, family):
     peaks = {}
     for layers in (4, 16):
-        forward = StreamedForward(lazy(make_model(tmp_path / f"m{layers}", layers=layers, vocab_size=16)))
+        forward = StreamedForward(lazy(make_model(tmp_path / f"m{layers}", family=family, layers=layers,
+                                                  vocab_size=16)))
         forward.run([[1, 2, 3, 4]])
         peaks[layers] = forward.peak_weight_bytes
         assert forward.weight_bytes_held == 0
@@ -90,8 +186,9 @@ def test_weights_held_do_not_grow_with_depth(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    path = make_model(tmp_path / "g", family="gemma2", layers=2)
-    with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe; this model is 'gemma2'"):
+    path = make_model(tmp_path / "g", family="granite", layers=2)
+    with pytest.raises(PlanError, match="supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, "
+                                        "qwen3_moe, phi3, olmo2, gemma2, gemma3_text; this model is 'granite'"):
         StreamedForward(lazy(path))
 
 
@@ -176,3 +273,41 @@ def test_an_moe_without_a_router_or_an_expert_is_named_as_such(tmp_path, capsys)
     capsys.readouterr()
     assert main(["eval", str(model), "--text", str(text), "--seq-len", "4"]) == 2
     assert "num_experts_per_tok 3 must lie in 1..2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, changes, words", [
+    ("phi3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "RoPE type 'dynamic' is not supported by the streamed forward for model type 'phi3' (supported RoPE types: "
+     "default, longrope)"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4}},
+     "config.json: RoPE type 'longrope' needs long_factor"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported by the streamed forward "
+                                              "for model type 'llama' (supported: 1.0, every dim rotates)"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0},
+                                         "sliding_attention": {"rope_type": "default"}}},
+     "RoPE type 'yarn' is not supported by the streamed forward for model type 'gemma3_text' (supported RoPE "
+     "types: default, linear)"),
+    ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention is not supported"),
+    ("gemma2", {"hidden_activation": "silu"}, "hidden_activation 'silu' is not supported by the streamed forward "
+                                              "for 'gemma2' (supported: gelu_pytorch_tanh, gelu)"),
+])
+def test_what_a_family_does_not_support_is_refused_by_name(tmp_path, family, changes, words):
+    path = make_model(tmp_path / "m", family=family, layers=2)
+    _edit_config(path, **changes)
+    with pytest.raises(PlanError) as refused:
+        StreamedForward(lazy(path))
+    assert words in str(refused.value)
+
+
+def test_a_fused_phi3_layer_is_checked_against_its_config(tmp_path, capsys):
+    from recipekit.engine.cli import main
+
+    model = add_char_tokenizer(make_model(tmp_path / "m", family="phi3", layers=2))
+    _edit_config(model, num_key_value_heads=4)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    capsys.readouterr()
+    assert main(["eval", str(model), "--text", str(text), "--seq-len", "4"]) == 2
+    err = capsys.readouterr().err
+    assert ("model.layers.0.self_attn.qkv_proj.weight has shape [64, 32], the config (num_attention_heads 4 x "
+            "head_dim 8, hidden_size 32; num_key_value_heads 4 x head_dim 8, hidden_size 32) says [96, 32]") in err, err

@@ -117,8 +117,8 @@ def test_eval_bad_inputs(with_tokenizer, tmp_path, capsys):
     no_tokenizer = tmp_path / "no-tok"
     shutil.copytree(with_tokenizer, no_tokenizer)
     (no_tokenizer / "tokenizer.json").unlink()
-    gemma = make_model(tmp_path / "gemma", family="gemma2", layers=2, vocab_size=258)
-    shutil.copy(DEMO / "tokenizer.json", gemma / "tokenizer.json")
+    granite = make_model(tmp_path / "granite", family="granite", layers=2, vocab_size=258)
+    shutil.copy(DEMO / "tokenizer.json", granite / "tokenizer.json")
 
     assert _eval_error(capsys, with_tokenizer, "--text", empty) == f"{empty}: the text file is empty"
     assert _eval_error(capsys, with_tokenizer, "--text", short) == (
@@ -127,8 +127,9 @@ def test_eval_bad_inputs(with_tokenizer, tmp_path, capsys):
     assert _eval_error(capsys, with_tokenizer, "--text", tmp_path / "nope.txt") == f"{tmp_path / 'nope.txt'}: text file not found"
     assert _eval_error(capsys, no_tokenizer, "--text", text, "--seq-len", "32") == (
         f"{no_tokenizer}: model '{no_tokenizer}' has no tokenizer.json (needed to turn text into tokens)")
-    assert "supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe; this model is 'gemma2'" in _eval_error(
-        capsys, gemma, "--text", text, "--seq-len", "32")
+    assert ("supports model types llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, phi3, olmo2, gemma2, "
+            "gemma3_text; this model is 'granite'") in _eval_error(
+        capsys, granite, "--text", text, "--seq-len", "32")
     assert "longer than --seq-len" in _eval_error(capsys, with_tokenizer, "--text", text, "--seq-len", "32",
                                                   "--stride", "64")
     assert "not found" in _eval_error(capsys, tmp_path / "missing-model", "--text", text)

@@ -179,7 +179,7 @@ def test_validate_measures_unless_told_not_to(folder, capsys):
 def test_no_measure_still_checks_what_a_measurement_would_read(folder, tmp_path, capsys, case):
     """What the measurement would read is checked without measuring: exit 2, located at the step."""
     if case == "unsupported family":
-        add_char_tokenizer(make_model(tmp_path / "m", family="gemma2", layers=4, seed=5))
+        add_char_tokenizer(make_model(tmp_path / "m", family="granite", layers=4, seed=5))
         (tmp_path / "texts.txt").write_text("A text.\n")
     else:
         (tmp_path / "m").symlink_to(folder / "m")  # and no texts.txt
