@@ -28,8 +28,7 @@ def by_hand(tensors: dict, layer: int, module: str) -> torch.Tensor:
 def phi3(tmp_path_factory):
     """A tiny Phi-3 whose v rows of qkv_proj hold a strong low-rank signal (rank PLANTED[layer]) over noise, so
     their SNR differs from the q and k rows around them."""
-    path = make_model(tmp_path_factory.mktemp("models") / "phi3", family="phi3", layers=3, pad_token_id=0,
-                      bos_token_id=0, eos_token_id=1)
+    path = make_model(tmp_path_factory.mktemp("models") / "phi3", family="phi3", layers=3)
     tensors = tensors_of(path)
     generator = torch.Generator().manual_seed(3)
     for layer, rank in PLANTED.items():
