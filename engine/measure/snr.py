@@ -16,7 +16,7 @@ from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.core.modules import layer_modules, module_weights
 from recipekit.engine.core.names import PROJECTIONS
 from recipekit.engine.core.rmt import snr
-from recipekit.engine.errors import Path_, PlanError, Problem
+from recipekit.engine.errors import PlanError
 from recipekit.engine.io.inputs import InputFiles
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES
 from recipekit.engine.progress import progress_bar
@@ -39,19 +39,18 @@ class SNRRow:
                 "signal_values": self.signal_values}
 
 
-def chosen_modules(model: LazyModel, name: str, modules: tuple[str, ...] | None = None,
-                   path: Path_ = ()) -> list[str]:
-    """The modules an SNR table covers (default: those of `MODULES` the model has, fused or not); `PlanError` at
-    `path` unless every layer has each one's weight as a matrix. Reads no tensor and needs no torch, so a check
-    without measuring runs it too."""
+def chosen_modules(model: LazyModel, name: str, modules: tuple[str, ...] | None = None) -> list[str]:
+    """The modules an SNR table covers (default: those of `MODULES` the model has, fused or not); `PlanError`
+    unless every layer has each one's weight as a matrix. Reads no tensor and needs no torch, so a check without
+    measuring runs it too."""
     decoder = decoder_of(model, name)
     present = [m for m in MODULES if m in layer_modules(model, decoder.layers[0])]
     chosen = list(modules) if modules else present
     for module in chosen:
-        shape = module_weights(model, name, module, path)[0].shape
+        shape = module_weights(model, name, module)[0].shape
         if len(shape) != 2:
-            raise PlanError(Problem(f"{module}.weight of model {name!r} has shape {list(shape)}: SNR is measured "
-                                    f"on matrices (modules such as {', '.join(present[:3])})", path=path))
+            raise PlanError(f"{module}.weight of model {name!r} has shape {list(shape)}: SNR is measured on "
+                            f"matrices (modules such as {', '.join(present[:3])})")
     return chosen
 
 
