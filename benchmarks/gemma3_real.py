@@ -16,13 +16,16 @@ A verification script, not a test: CI never runs it. It
    `recipe eval` does (`measure/perplexity.windows`, with recipekit's
    tokenizer; transformers' own tokenizer is checked to give the same ids);
 4. scores those windows with transformers (`from_pretrained(dtype=float32)`,
-   one window per forward) and with `recipe eval --json`, each in its own
+   one window per forward; for the dense model also with the embedding scale
+   applied in bfloat16, as recipekit's streamed forward applies it in the
+   stored dtype) and with `recipe eval --json`, each in its own
    process under `/usr/bin/time -v` (peak RSS) after reading the weights into
    the page cache: perplexity, tokens/s (window tokens over the process's
    wall time, and over transformers' forward alone) and peak RSS;
 5. runs `recipe analyze --metric super-weights --verify --json` on it at
    each of `--thresholds` (default 50, recipekit's default, and 25), and
-   checks each candidate's effect with transformers' forward;
+   checks each candidate's effect with transformers' forward (embedding
+   scaled in bfloat16);
 6. builds a pruned copy with a `drop_layers` recipe (`--drop`, default the
    two layers 13 and 14) and scores it the same two ways.
 
@@ -57,9 +60,13 @@ TRANSFORMERS = """
 import json, math, sys, time
 import torch, torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-model_dir, windows_file = sys.argv[1], sys.argv[2]
+model_dir, windows_file, scale, here = sys.argv[1:5]
 start = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+if scale == "stored":
+    sys.path.insert(0, here)
+    from gemma3_real import scale_embedding_in_bf16
+    scale_embedding_in_bf16(model)
 windows = json.loads(open(windows_file).read())
 begin = time.perf_counter()
 total, count = 0.0, 0
@@ -73,6 +80,17 @@ end = time.perf_counter()
 print("RESULT " + json.dumps({"perplexity": math.exp(total / count), "tokens": count, "windows": len(windows),
                               "forward_s": end - begin, "load_s": begin - start}))
 """
+
+
+def scale_embedding_in_bf16(model) -> None:
+    """Make a float32 Gemma multiply its embedding rows by sqrt(hidden) in bfloat16, as the checkpoint's stored
+    dtype does and as recipekit's streamed forward does (transformers in float32 multiplies in float32)."""
+    import torch
+    import torch.nn.functional as F
+
+    embed = model.model.embed_tokens
+    scale = torch.tensor(embed.scalar_embed_scale, dtype=torch.bfloat16)
+    embed.forward = lambda ids: (F.embedding(ids, embed.weight).bfloat16() * scale).float()
 
 
 def gguf_file(workdir: Path) -> Path:
@@ -178,9 +196,11 @@ def timed(argv: list[str]) -> tuple[str, float, float]:
     return done.stdout, wall, rss_kb * 1024 / 1e6
 
 
-def score_transformers(model: Path, windows_file: Path, window_tokens: int) -> dict:
+def score_transformers(model: Path, windows_file: Path, window_tokens: int, scale: str = "exact") -> dict:
+    """With `scale="stored"`, the Gemma embedding scale is applied in bfloat16, as the streamed forward does."""
     warm(model)
-    out, wall, rss = timed([sys.executable, "-c", TRANSFORMERS, str(model), str(windows_file)])
+    out, wall, rss = timed([sys.executable, "-c", TRANSFORMERS, str(model), str(windows_file), scale,
+                            str(Path(__file__).resolve().parent)])
     result = json.loads(out.split("RESULT ", 1)[1])
     return {**result, "wall_s": wall, "peak_rss_mb": rss, "tokens_per_s": window_tokens / wall,
             "forward_tokens_per_s": window_tokens / result["forward_s"]}
@@ -275,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{t['tokens']} in {t['windows']}: the windows differ")
         results[name] = {"transformers": t, "recipekit": r}
         print("\n".join(report(name, t, r)), flush=True)
+        if name == "dense" and r is not None:
+            # the streamed forward scales the embedding rows in the stored dtype; so does this run of transformers
+            log(f"{name}: transformers, embedding scaled in bfloat16")
+            stored = score_transformers(path, windows_file, window_tokens, scale="stored")
+            results[name]["transformers_bf16_embedding_scale"] = stored
+            print(f"{name}: transformers with the embedding scaled in bf16: perplexity {stored['perplexity']:.4f}; "
+                  f"relative difference from recipe eval {abs(r['perplexity'] / stored['perplexity'] - 1):.2e}",
+                  flush=True)
         save()
     if not args.transformers_only:
         results["super_weights"] = {}
@@ -289,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def super_weight_lines(found: dict, model: Path, threshold: float) -> list[str]:
     """The candidates and their measured effects, each checked against transformers' forward with the entry
-    zeroed (`superweights.transformers_effects`); without candidates, the layers that came closest."""
+    zeroed (`superweights.transformers_effects`, the embedding scaled in bf16 as recipekit does); without
+    candidates, the layers that came closest."""
     if not found["weights"]:
         close = sorted(found["layers"], key=lambda peaks: -min(peaks["in_ratio"], peaks["out_ratio"]))[:3]
         return [f"super weights at threshold {threshold:g}: none ({found['wall_s']:.0f} s); closest layers (down_proj "
                 "in/out over median): " + ", ".join(f"{p['layer']}: {p['in_ratio']:.0f}/{p['out_ratio']:.0f}"
                                                    for p in close)]
-    own, zeroed = transformers_effects(model, found["weights"])
+    own, zeroed = transformers_effects(model, found["weights"], prepare=scale_embedding_in_bf16)
     lines = [f"super weights at threshold {threshold:g}: {len(found['weights'])} candidates, perplexity "
              f"{found['baseline_perplexity']:.4f} on {found['calibration_tokens']} calibration tokens "
              f"(transformers {own:.4f}), {found['wall_s']:.0f} s"]
