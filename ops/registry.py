@@ -34,6 +34,9 @@ class Op:
     # kernels whose output rows depend only on the same rows of their inputs: the writer streams them a block
     # of rows at a time, straight from the input files to the output file
     rowwise: frozenset[str] = frozenset()
+    # kernels' working copies besides their inputs, in copies of the tensor in its compute dtype, as (per input,
+    # fixed); a kernel not named holds a copy of each input and of its result, (1, 1)
+    scratch: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def op_name(params: type[StepBase]) -> str:
@@ -46,9 +49,10 @@ def _register(ops: list[Op]) -> tuple[dict[str, Op], dict[str, Kernel]]:
     table: dict[str, Op] = {}
     kernels: dict[str, Kernel] = dict(SHARED_KERNELS)
     for op in ops:
-        if not op.rowwise <= set(op.kernels):
-            raise TypeError(f"op {op_name(op.params)!r}: rowwise kernels {sorted(op.rowwise - set(op.kernels))} "
-                            "are not among its kernels")
+        for kind, named in (("rowwise", set(op.rowwise)), ("scratch", set(op.scratch))):
+            if not named <= set(op.kernels):
+                raise TypeError(f"op {op_name(op.params)!r}: {kind} kernels {sorted(named - set(op.kernels))} "
+                                "are not among its kernels")
     for op in ops:
         name = op_name(op.params)
         if name in table:
@@ -72,9 +76,11 @@ OPS, KERNELS = _register([
     Op(super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
     Op(low_rank.LowRank, low_rank.low_rank, low_rank.KERNELS),
     Op(merge.Merge, merge.merge, {**interpolate.KERNELS, **sphere.KERNELS, **selection.KERNELS, **task_vectors.KERNELS},
-       interpolate.ROWWISE | task_vectors.ROWWISE),
+       interpolate.ROWWISE | task_vectors.ROWWISE,
+       {**interpolate.SCRATCH, **sphere.SCRATCH, **selection.SCRATCH, **task_vectors.SCRATCH}),
 ])
 ROWWISE = frozenset(k for op in OPS.values() for k in op.rowwise)
+SCRATCH = {k: copies for op in OPS.values() for k, copies in op.scratch.items()}
 
 Step = Annotated[Union[tuple(op.params for op in OPS.values())], Field(discriminator="op")]
 

@@ -156,10 +156,13 @@ class EngineProbe:
         from recipekit.engine.measure.texts import read_text
 
         path = None if text is None else self._text(text)
+        self._start(f"the effect of each of {counted(len(weights), 'super-weight candidate')} of {name!r}: the "
+                    f"perplexity of {text or 'a built-in calibration text'} (at most {max_tokens} tokens) with each "
+                    f"zeroed, {counted(len(weights) + 1, 'streamed forward')}")
         self._reads(model, tokenizer=model.side_files, text=path)
         calibration = read_text(path) if path is not None else CALIBRATION_TEXT
         verification = verify(model, name, weights, calibration, seq_len=seq_len, max_tokens=max_tokens,
-                              device=self.device)
+                              device=self.device, progress=self.progress)
         self.held = max(self.held, verification.held_bytes)
         return verification
 

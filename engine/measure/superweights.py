@@ -26,6 +26,7 @@ from recipekit.engine.forward.capture import MaxAbs
 from recipekit.engine.forward.streamed import StreamedForward
 from recipekit.engine.forward.tokenize import TextTokenizer
 from recipekit.engine.io.inputs import InputFiles
+from recipekit.engine.progress import progress_bar
 from recipekit.engine.run.evaluate import Evaluator
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -143,9 +144,12 @@ def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *
     tokens = min(len(tokenizer.encode_plain(text)), max_tokens)
     window = min(seq_len, tokens + (tokenizer.bos_id is not None))
 
+    bar = progress_bar(len(weights) + 1, progress, unit="perplexity", desc="verifying")
+
     def score(m: LazyModel):
-        return perplexity(m, text, text_name=name, seq_len=window, max_tokens=max_tokens, device=device,
-                          progress=progress)
+        result = perplexity(m, text, text_name=name, seq_len=window, max_tokens=max_tokens, device=device)
+        bar.update(1)
+        return result
 
     own = score(model)
     measured, held = [], own.held_bytes
@@ -154,6 +158,7 @@ def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *
         held = max(held, without.held_bytes)
         effect = without.perplexity / own.perplexity - 1
         measured.append(replace(w, perplexity_zeroed=without.perplexity, effect=effect))
+    bar.close()
     ranked = sorted(measured, key=lambda w: -w.effect)  # stable: equal effects keep the order found
     return Verification(own.perplexity, own.tokens, ranked, held)
 

@@ -15,7 +15,7 @@ from recipekit.engine.core.graph import Apply, LazyModel, Load, Node, cast_sourc
 from recipekit.engine.core.kernels import compute_dtype
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 from recipekit.engine.recipe.document import OUTPUT_DTYPES, Output
-from recipekit.ops.registry import ROWWISE
+from recipekit.ops.registry import ROWWISE, SCRATCH
 
 INDEX_FILE = "model.safetensors.index.json"
 # What a process holds besides tensors: Python, pydantic, and (when computing) torch.
@@ -178,11 +178,13 @@ def copy_threads() -> int:
 
 
 def working_set(node: Node) -> int:
-    """The tensor, its inputs, and the copies in its compute dtype a kernel makes of each, and of its result."""
+    """The tensor, its inputs, and the working copies in its compute dtype its kernel holds (`Op.scratch`)."""
     if isinstance(node, Load):
         return _nbytes(node)
     element = DTYPE_SIZES[compute_dtype(node.params)]
-    working = element * math.prod(node.shape) * (len(node.inputs) + 1) if node.kernel != "cast" else 0
+    per_input, fixed = SCRATCH.get(node.kernel, (1.0, 1.0))
+    copies = per_input * len(node.inputs) + fixed if node.kernel != "cast" else 0
+    working = int(element * math.prod(node.shape) * copies)
     return _nbytes(node) + working + sum(working_set(i) for i in node.inputs)
 
 

@@ -97,4 +97,7 @@ def model_stock(base: torch.Tensor, *others: torch.Tensor, filter_wise: bool, co
 
 
 KERNELS = {"linear": linear, "slerp": slerp, "nearswap": nearswap, "model_stock": model_stock}
+# working copies each kernel holds at its peak besides its inputs, in float32 copies of the tensor, as
+# (per input, fixed): measured by benchmarks/kernel_memory.py; the plan and the writer's admission count them
+SCRATCH = {"linear": (0.0, 2.5), "slerp": (0.0, 7.5), "nearswap": (0.0, 6.5), "model_stock": (2.0, 2.5)}
 ROWWISE = frozenset({"linear", "nearswap"})  # slerp and model_stock need whole-tensor norms

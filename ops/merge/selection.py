@@ -109,3 +109,6 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor, *, seed: int, name: st
 
 
 KERNELS = {"sce": sce, "ram": ram, "ramplus_tl": ramplus_tl, "arcee_fusion": arcee_fusion}
+# working copies each kernel holds at its peak besides its inputs, in float32 copies of the tensor, as
+# (per input, fixed): measured by benchmarks/kernel_memory.py; the plan and the writer's admission count them
+SCRATCH = {"sce": (3.0, 2.5), "ram": (5.25, 1.75), "ramplus_tl": (5.25, 1.75), "arcee_fusion": (0.0, 7.0)}

@@ -139,3 +139,6 @@ def karcher(*tensors: torch.Tensor, max_iter: int, tol: float, compute_dtype: st
 
 
 KERNELS = {"nuslerp": nuslerp, "multislerp": multislerp, "karcher": karcher}
+# working copies each kernel holds at its peak besides its inputs, in float32 copies of the tensor, as
+# (per input, fixed): measured by benchmarks/kernel_memory.py; the plan and the writer's admission count them
+SCRATCH = {"nuslerp": (3.0, 0.5), "multislerp": (5.0, -2.5), "karcher": (2.0, 5.5)}

@@ -244,4 +244,8 @@ def _kernel(method: str):
 
 
 KERNELS = {method: _kernel(method) for method in SPARSIFY}
+# working copies each kernel holds at its peak besides its inputs, in float32 copies of the tensor, as
+# (per input, fixed): measured by benchmarks/kernel_memory.py; the plan and the writer's admission count them
+SCRATCH = {"task_arithmetic": (1.0, 0.5), "ties": (1.25, 1.0), "dare_ties": (1.25, 1.75), "dare_linear": (1.25, 1.75),
+           "breadcrumbs": (1.0, 6.5), "breadcrumbs_ties": (1.0, 6.5), "della": (1.0, 6.5), "della_linear": (1.0, 6.5)}
 ROWWISE = frozenset({"task_arithmetic"})  # the others sparsify by whole-tensor ranks or draw masks

@@ -15,6 +15,7 @@ from recipekit.engine import load_recipe
 from recipekit.engine.core.graph import Apply
 from recipekit.ops.merge.interpolate import linear, slerp
 from recipekit.ops.merge.methods import METHODS
+from recipekit.ops.registry import SCRATCH
 from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark, snapshot
 from tests.tiny import finetune, load_causal_lm, make_model, tensors_of, write_recipe
 
@@ -238,8 +239,11 @@ def test_the_memory_estimate_counts_working_copies_in_the_compute_dtype(family: 
     peaks = {dtype: load_recipe(_recipe(tmp_path, family, _in(dtype, "ties"))).plan().peak_memory
              for dtype in ("bfloat16", "float32", "float64")}
     largest = max(math.prod(t.shape) for t in tensors_of(family / "base").values())
-    # TIES of the base and two models: a working copy of each input and of the result, of the largest tensor
-    assert peaks["float64"] - peaks["float32"] == 2 * (peaks["float32"] - peaks["bfloat16"]) == 4 * 4 * largest
+    # TIES of the base and two models: the working copies its kernel declares, of the largest tensor
+    per_input, fixed = SCRATCH["ties"]
+    copies = largest * (3 * per_input + fixed)
+    assert peaks["float64"] - peaks["float32"] == int(8 * copies) - int(4 * copies)
+    assert peaks["float32"] - peaks["bfloat16"] == int(4 * copies) - int(2 * copies)
 
 
 def test_the_output_dtype_is_rounded_once_from_float32(family: Path, tmp_path: Path) -> None:

@@ -279,3 +279,29 @@ def test_a_verification_text_counts_as_a_local_path() -> None:
 
     step = ProtectSuperWeights(op="protect_super_weights", model="m", text="a.txt", verify_text="b.txt")
     assert step.local_paths() == [(("text",), "a.txt"), (("verify_text",), "b.txt")]
+
+
+def test_verification_says_what_it_scores_and_shows_one_bar_over_the_candidates(spiky, tmp_path, capsys,
+                                                                                monkeypatch) -> None:
+    import sys
+
+    from recipekit.engine.measure import superweights
+    from recipekit.engine.progress import progress_bar
+
+    bars = []
+
+    def recording(total, enabled, *, unit, desc):
+        bars.append((desc, total, enabled, capsys.readouterr().err))
+        return progress_bar(total, False, unit=unit, desc=desc)
+
+    monkeypatch.setattr(superweights, "progress_bar", recording)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    recipe = write_recipe(tmp_path, "recipe: 1\nmodels: {m: " + str(spiky) + "}\nsteps:\n"
+                                    "  - {id: p, op: protect_super_weights, model: m}\n"
+                                    "  - {op: drop_layers, model: p, layers: [0]}\n")
+    capsys.readouterr()
+    assert main(["plan", str(recipe)]) == 0
+    assert [(desc, total, enabled) for desc, total, enabled, _ in bars] == [("verifying", 4, True)]
+    assert bars[0][3].splitlines()[-1] == (
+        "recipe: steps[0] protect_super_weights: measuring the effect of each of 3 super-weight candidates of 'm': "
+        "the perplexity of a built-in calibration text (at most 4096 tokens) with each zeroed, 4 streamed forwards")
