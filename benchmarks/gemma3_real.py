@@ -215,8 +215,9 @@ def score_recipekit(recipe: str, model: Path, text: Path, seq_len: int, max_toke
 
 
 def super_weights(recipe: str, model: Path, threshold: float) -> dict:
+    # --seq-len 1024: the built-in calibration text as one window, as transformers_effects scores it
     argv = [recipe, "analyze", str(model), "--metric", "super-weights", "--verify", "--threshold", str(threshold),
-            "--json", "-q"]
+            "--seq-len", "1024", "--json", "-q"]
     start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
