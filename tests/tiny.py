@@ -55,28 +55,29 @@ def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int 
     return path
 
 
-def make_gemma3_multimodal(path: Path, *, layers: int = 5, vision_layers: int = 2, seed: int = 0,
-                           sliding_window: int = 4) -> Path:
-    """Save a random tiny Gemma 3 image-text model (`Gemma3ForConditionalGeneration`: a SigLIP vision tower of
-    `vision_layers` layers, the projector, a Gemma 3 language model of `layers` layers, sliding and full attention
-    every third layer) to `path` and return `path`."""
+def make_multimodal_gemma3(path: Path, *, layers: int = 3, vision_layers: int = 2, seed: int = 0, tied: bool = True,
+                           **text) -> Path:
+    """Save a randomly initialised tiny Gemma3ForConditionalGeneration (a SigLIP vision tower of `vision_layers`
+    layers, its projector and a text model of `layers` layers, `text` overriding its config) to `path`; norms made
+    to differ from 0, the identity of Gemma's (1 + weight) norms, and the projector from its initial zeros, so a
+    tensor taken from the wrong place shows. Untied, its head is saved as `language_model.lm_head.weight`."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                num_hidden_layers=layers, vocab_size=300, max_position_embeddings=128,
-                sliding_window=sliding_window, sliding_window_pattern=3)
-    # 32x32 images in 8x8 patches: 16 patches, pooled to mm_tokens_per_image = 4 tokens
-    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                  num_hidden_layers=vision_layers)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                       boi_token_index=290, eoi_token_index=291, image_token_index=292)
+                num_hidden_layers=layers, vocab_size=96, max_position_embeddings=128, tie_word_embeddings=tied) | text
+    config = transformers.Gemma3Config(
+        text_config=text,
+        # 28x28 images in 14x14 patches: 4 patches, as many as mm_tokens_per_image
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=vision_layers,
+                           num_attention_heads=2, image_size=28, patch_size=14), mm_tokens_per_image=4,
+        tie_word_embeddings=tied)
     model = transformers.Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():  # norms and the projector away from their initial values, so mistakes show
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "mm_input_projection" in name:
-                p.copy_(0.1 * torch.randn_like(p) + (1 if "norm" in name else 0))
+                p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return path
 

@@ -24,13 +24,10 @@ from recipekit.engine.core.names import MLP_TENSORS
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward import rope as rotary
 from recipekit.engine.forward.blocks import Observe, Rope, apply_rope, attend, linear, rms_norm
-from recipekit.engine.forward.llama import Expected, check_heads, number
-from recipekit.engine.forward.support import forward_type
+from recipekit.engine.forward.llama import Expected, check_heads
+from recipekit.engine.forward.support import FULL, SLIDING, forward_type, gemma_activation, gemma_ropes, number
 
-ROPE_TYPES = ("default", "linear")
-SLIDING, FULL = "sliding_attention", "full_attention"
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # config name -> F.gelu's `approximate`
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class GemmaSpec:
     tied: bool
     layer_types: tuple[str, ...]  # per layer: sliding_attention or full_attention
     sliding: tuple[int | None, ...]  # per layer: the window, or None for full attention
-    ropes: dict  # layer type -> RoPE parameters, as `rope.parameters` reads them
+    ropes: dict  # layer type -> RoPE parameters, as `support.gemma_ropes` reads them
     scale: float  # of the attention scores: query_pre_attn_scalar ** -0.5
     attn_softcap: float | None  # Gemma 2
     final_softcap: float | None
@@ -62,13 +59,7 @@ class GemmaSpec:
             types = tuple(str(t) for t in c["layer_types"])
         except (KeyError, TypeError, ValueError):
             raise PlanError("config.json lacks hidden_size, num_attention_heads or num_hidden_layers") from None
-        if c.get("use_bidirectional_attention"):
-            raise PlanError(f"use_bidirectional_attention is not supported by the streamed forward for {model_type!r} "
-                            "(it runs causal language models)")
-        activation = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
-        if activation not in ACTIVATIONS:
-            raise PlanError(f"hidden_activation {activation!r} is not supported by the streamed forward for "
-                            f"{model_type!r} (supported: {', '.join(ACTIVATIONS)})")
+        approximate = gemma_activation(c)
         gemma3 = model_type != "gemma2"
         try:
             window = number(c, "sliding_window", 4096, int)
@@ -79,18 +70,22 @@ class GemmaSpec:
                 eps=number(c, "rms_norm_eps", 1e-6, float),
                 tied=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
                 layer_types=types, sliding=tuple(window if t == SLIDING else None for t in types),
-                ropes=_ropes(c) if gemma3 else dict.fromkeys(
-                    (SLIDING, FULL), rotary.parameters(c.get("rope_parameters") or c.get("rope_scaling"), c,
-                                                       kinds=ROPE_TYPES)),
+                ropes=gemma_ropes(c),
                 scale=number(c, "query_pre_attn_scalar", 256, float) ** -0.5,
                 attn_softcap=None if gemma3 else _softcap(c, "attn_logit_softcapping", 50.0),
                 final_softcap=_softcap(c, "final_logit_softcapping", None if gemma3 else 30.0),
-                approximate=ACTIVATIONS[activation], qk_norm=gemma3, embed_scale=math.sqrt(hidden),
+                approximate=approximate, qk_norm=gemma3, embed_scale=math.sqrt(hidden),
             )
         except (TypeError, ValueError) as e:
             raise PlanError(f"config.json: {e}") from None
         check_heads(spec)
         return spec
+
+    @property
+    def score_copies(self) -> int:
+        """[B, heads, T, T] attention scores held at once: two (the capped scores and their softmax, each made from
+        the last, measured) where Gemma 2 soft-caps them; none where the fused kernel runs (Gemma 3)."""
+        return 0 if self.attn_softcap is None else 2
 
     def rope_tables(self, length: int, device: torch.device) -> list[Rope]:
         """Per layer, cos and sin [length, head_dim]: the local table for sliding layers, the global one for full."""
@@ -121,19 +116,6 @@ class GemmaSpec:
                         for n in ("q_norm", "k_norm")})
         out.update({name: (None, "") for name in MLP_TENSORS})
         return out
-
-
-def _ropes(c: dict) -> dict:
-    """Gemma 3's two RoPEs by layer type: from `rope_parameters` nested by layer type, or from the older
-    `rope_theta` (global), `rope_local_base_freq` (local) and `rope_scaling` (global layers only)."""
-    given = c.get("rope_parameters")
-    if isinstance(given, dict) and (FULL in given or SLIDING in given):
-        full, local = given.get(FULL), given.get(SLIDING)
-    else:
-        full, local = given or c.get("rope_scaling"), None
-    local_theta = number(c, "rope_local_base_freq", 10000.0, float)
-    return {FULL: rotary.parameters(full, c, kinds=ROPE_TYPES, theta=1_000_000.0),
-            SLIDING: rotary.parameters(local, {**c, "rope_theta": local_theta}, kinds=ROPE_TYPES)}
 
 
 def _softcap(c: dict, key: str, default: float | None) -> float | None:

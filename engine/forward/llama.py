@@ -23,10 +23,7 @@ from recipekit.engine.core.words import counted
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward import rope as rotary
 from recipekit.engine.forward.blocks import Observe, Rope, apply_rope, attend, linear, rms_norm
-from recipekit.engine.forward.support import forward_type
-
-ROPE_TYPES = ("default", "linear", "llama3")
-PHI3_ROPE_TYPES = ("default", "longrope")  # what transformers' Phi-3 accepts
+from recipekit.engine.forward.support import forward_type, llama_rope, number
 
 Expected = dict[str, tuple[tuple[int, ...] | None, str]]  # tensor -> (its shape, or None for any; the config's why)
 
@@ -41,12 +38,13 @@ class LlamaSpec:
     eps: float
     tied: bool
     sliding: tuple[int | None, ...]  # per layer: the window, or None for full attention
-    rope: dict  # as `rope.parameters` reads it
+    rope: dict  # as `support.rope_parameters` reads it
     experts_per_token: int = 0  # MoE: top-k
     norm_topk: bool = False  # MoE: renormalise the top-k routing weights
     fused: bool = False  # Phi-3: qkv_proj and gate_up_proj
     post_norms: bool = False  # OLMo 2: norms after attention and MLP, q/k norms over the whole projection
     embed_scale: float = 1.0
+    score_copies = 0  # (not a field) [B, heads, T, T] attention scores held: none, the fused kernel makes none
 
     @classmethod
     def from_config(cls, config: dict) -> LlamaSpec:
@@ -57,9 +55,6 @@ class LlamaSpec:
             heads, hidden, layers = int(c["num_attention_heads"]), int(c["hidden_size"]), int(c["num_hidden_layers"])
         except (KeyError, TypeError, ValueError):
             raise PlanError("config.json lacks hidden_size, num_attention_heads or num_hidden_layers") from None
-        phi3 = model_type == "phi3"
-        rope = rotary.parameters(c.get("rope_parameters") or c.get("rope_scaling"), c, partial=phi3,
-                                 kinds=PHI3_ROPE_TYPES if phi3 else ROPE_TYPES)
         window = c.get("sliding_window")
         if model_type == "mistral" or (model_type in ("mixtral", "phi3") and window):
             sliding = tuple(window for _ in range(layers))
@@ -74,10 +69,10 @@ class LlamaSpec:
                 head_dim=number(c, "head_dim", hidden // max(heads, 1), int),
                 eps=number(c, "rms_norm_eps", 1e-6, float),
                 tied=bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-                sliding=sliding, rope=rope,
+                sliding=sliding, rope=llama_rope(c),
                 experts_per_token=number(c, "num_experts_per_tok", 0, int) if model_type in LAYOUTS else 0,
                 norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
-                fused=phi3, post_norms=model_type == "olmo2",
+                fused=model_type == "phi3", post_norms=model_type == "olmo2",
             )
         except (TypeError, ValueError) as e:
             raise PlanError(f"config.json: {e}") from None
@@ -138,17 +133,6 @@ class LlamaSpec:
         return out
 
 
-def number(config: dict, key: str, default: float, kind: type) -> float:
-    """A number of the config (`default` when absent or null); text or a boolean where a number belongs is a
-    ValueError naming the key."""
-    value = config.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ValueError(f"{key} should be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return kind(value)
-
-
 def check_heads(spec) -> None:
     """The attention sizes of a spec must be positive and the query heads a multiple of the key/value heads."""
     if min(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim) <= 0:
@@ -184,12 +168,12 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
 
 
 def _swiglu(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up [B, T, intermediate]; its own function so the gate and up projections are freed on return."""
+    """silu(gate) * up [B, T, intermediate]. The gate projection is not kept by a name: it is freed as soon as
+    silu has read it, so three [B, T, intermediate] tensors are held at most (Phi-3's fused output counts two)."""
     if spec.fused:  # Phi-3: gate_up_proj holds the gate's rows, then the up projection's
         gate, up = linear(x, weights, "mlp.gate_up_proj").chunk(2, dim=-1)
-    else:
-        gate, up = linear(x, weights, "mlp.gate_proj"), linear(x, weights, "mlp.up_proj")
-    return F.silu(gate) * up
+        return F.silu(gate) * up
+    return F.silu(linear(x, weights, "mlp.gate_proj")) * linear(x, weights, "mlp.up_proj")
 
 
 def _attention(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor,

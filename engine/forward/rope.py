@@ -1,11 +1,5 @@
-"""Rotary position embeddings: the config's RoPE parameters read into one plain dict, and the cos/sin tables.
-
-Configs spell RoPE several ways (`rope_parameters`, the older `rope_theta` /
-`rope_scaling`, Phi-3's `su`); `parameters` reads any of them into
-`{"rope_type", "rope_theta", "partial_rotary_factor", ...the type's own keys}`
-and refuses, naming what is supported, a type the forward does not compute.
-`tables` computes what transformers' rotary embedding module returns.
-"""
+"""Rotary position embeddings: the cos/sin tables of RoPE parameters as `support.rope_parameters` reads them
+from a config, computed as transformers' rotary embedding modules compute them."""
 from __future__ import annotations
 
 import math
@@ -13,40 +7,6 @@ import math
 import torch
 
 from recipekit.engine.errors import PlanError
-
-# the keys each RoPE type needs besides rope_theta
-_NEEDS = {"default": (), "linear": ("factor",),
-          "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-          "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
-
-
-def parameters(rope: dict | None, config: dict, *, kinds: tuple[str, ...], theta: float = 10000.0,
-               partial: bool = False) -> dict:
-    """The RoPE dict `rope` (from the config, or None) completed from `config`: the type (`rope_type` or the older
-    `type`), `rope_theta` (else the config's, else `theta`), `partial_rotary_factor` (only where the family
-    rotates part of each head, `partial`), and for longrope the context lengths. `PlanError` when the type is
-    not in `kinds` or lacks a key it needs."""
-    out = dict(rope or {})
-    kind = out.get("rope_type", out.get("type", "default"))
-    if kind in ("su", "yarn") and "longrope" in kinds:  # Phi-3's older names for longrope, as transformers reads them
-        kind = "longrope"
-    factor = out.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if kind not in kinds:
-        raise PlanError(f"RoPE type {kind!r} is not supported by the streamed forward for model type "
-                        f"{config.get('model_type')!r} (supported RoPE types: {', '.join(kinds)})")
-    if not isinstance(factor, (int, float)) or (factor != 1.0 and not partial):
-        raise PlanError(f"partial_rotary_factor {factor!r} is not supported by the streamed forward for model type "
-                        f"{config.get('model_type')!r} (supported: 1.0, every dim rotates)")
-    if kind == "longrope":  # transformers prefers the config's own pretraining length to the rope dict's
-        out["original_max_position_embeddings"] = config.get("original_max_position_embeddings",
-                                                             out.get("original_max_position_embeddings"))
-        out.setdefault("max_position_embeddings", config.get("max_position_embeddings"))
-    missing = [key for key in _NEEDS[kind] if out.get(key) is None]
-    if missing:
-        raise PlanError(f"config.json: RoPE type {kind!r} needs {', '.join(missing)}")
-    out.update(rope_type=kind, rope_theta=float(out.get("rope_theta", config.get("rope_theta") or theta)),
-               partial_rotary_factor=float(factor))
-    return out
 
 
 def tables(rope: dict, head_dim: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

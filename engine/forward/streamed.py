@@ -89,7 +89,9 @@ class StreamedForward:
         root = self.decoder.prefix.removesuffix("layers")
         self.embed_name = f"{root}embed_tokens.weight"
         self.norm_name = f"{root}norm.weight"
-        self.head_name = "lm_head.weight" if "lm_head.weight" in model.tensors else self.embed_name
+        # beside the decoder's parent: `lm_head.weight`, or `language_model.lm_head.weight` in a multimodal Gemma 3
+        heads = [n for n in ("lm_head.weight", f"{root.removesuffix('model.')}lm_head.weight") if n in model.tensors]
+        self.head_name = heads[0] if heads else self.embed_name
         _check_tensors(self.spec, model, self.decoder, self.embed_name, self.norm_name)
         self.weight_bytes_held = 0
         self.peak_weight_bytes = 0  # most weight bytes held at once during `run`, for memory checks
@@ -158,7 +160,8 @@ class StreamedForward:
         (repeated to every head) and the attention output, which stay until the layer returns; beside them the
         MLP's gate and up projections and their product [b, T, intermediate], the normed input and the new
         residual [b, T, C]. torch's fused attention (flash on the CPU, memory-efficient on CUDA) never holds the
-        [b, heads, T, T] scores. After the last layer, the final norm holds the stream, its result and two
+        [b, heads, T, T] scores; a family whose attention computes them itself (Gemma 2's soft cap) holds
+        `spec.score_copies` of them. After the last layer, the final norm holds the stream, its result and two
         temporaries of the same size.
         """
         length, count, spec = max(lengths), len(lengths), self.spec
@@ -172,7 +175,8 @@ class StreamedForward:
                     if DTYPE_SIZES[node.dtype] < FLOAT32:
                         upcast = max(upcast, math.prod(node.shape) * FLOAT32)
         batch = min(count, self._micro_batch(length))
-        inside = FLOAT32 * batch * length * (4 * spec.heads * spec.head_dim + 3 * width + 2 * spec.hidden)
+        inside = FLOAT32 * batch * length * (4 * spec.heads * spec.head_dim + 3 * width + 2 * spec.hidden
+                                             + spec.score_copies * spec.heads * length)
         stream = FLOAT32 * count * length * spec.hidden
         return max(2 * layer_bytes + upcast + stream + count * length * length + inside, 4 * stream)
 

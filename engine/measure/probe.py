@@ -14,7 +14,7 @@ from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.core.probe import NotMeasured
 from recipekit.engine.core.sizes import human
 from recipekit.engine.core.words import counted
-from recipekit.engine.forward.support import forward_type
+from recipekit.engine.forward.support import check_config
 from recipekit.engine.forward.tokenize import TOKENIZER_FILES, TextTokenizer
 from recipekit.engine.io.source import ModelSource
 
@@ -65,10 +65,11 @@ class EngineProbe:
         return self.base_dir / Path(text).expanduser()
 
     def _forward_inputs(self, model: LazyModel) -> None:
-        """What a streamed forward over text needs besides the weights; checked here only when not measuring
-        (measuring checks it, with the weights, on the way)."""
+        """What a streamed forward over text needs besides the weights. The family is checked first, always (from
+        config.json alone, RoPE and activation too), so a forward that cannot run is never announced; the tokenizer
+        only when not measuring (measuring checks it, with the weights, on the way)."""
+        check_config(model.config)
         if not self.measure:
-            forward_type(model.config)
             TextTokenizer.of(model.side_files)
 
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:

@@ -8,7 +8,7 @@ from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.errors import PlanError
 from recipekit.engine.forward.streamed import StreamedForward
 from recipekit.engine.io.source import open_model
-from tests.tiny import add_char_tokenizer, load_causal_lm, make_model
+from tests.tiny import add_char_tokenizer, load_causal_lm, make_model, make_multimodal_gemma3
 
 BATCH = [[5, 17, 42, 3, 88, 9, 61, 23, 7, 11], [1, 2, 3, 4, 5, 6], [90, 4]]
 
@@ -120,29 +120,47 @@ def test_what_makes_each_new_family_differ_is_in_play(tmp_path):
         **rope, "sliding_attention": rope["full_attention"]}), atol=1e-3)
 
 
-def test_a_multimodal_gemma3_runs_its_language_model_text_only(tmp_path):
-    """Gemma3ForConditionalGeneration: the decoder under `language_model.model`, the spec from `text_config`,
-    the vision tower and projector left unread."""
-    import transformers
+OLDER_SPELLINGS = {  # config.json as checkpoints on the Hub spell RoPE, before `rope_parameters`
+    "gemma3_text": {"rope_theta": 50000.0, "rope_local_base_freq": 100.0,
+                    "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "sliding_window_pattern": 2,
+                    "sliding_window": 3},
+    "phi3": {"rope_theta": 500.0, "original_max_position_embeddings": 8, "max_position_embeddings": 64,
+             "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 4.0],
+                              "long_factor": [2.0, 3.0, 5.0, 9.0]}},
+}
 
-    torch.manual_seed(4)
-    config = transformers.Gemma3Config(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, num_hidden_layers=3, vocab_size=96, max_position_embeddings=128,
-                         sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14), mm_tokens_per_image=4)
-    model = transformers.Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "mm")
+
+@pytest.mark.parametrize("family", OLDER_SPELLINGS)
+def test_older_rope_spellings_are_read_as_transformers_reads_them(tmp_path, family):
+    import json
+
+    path = make_model(tmp_path / family, family=family, layers=3, seed=5)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.pop("layer_types", None)
+    config.update(OLDER_SPELLINGS[family])
+    (path / "config.json").write_text(json.dumps(config))
+    reference = load_causal_lm(path)
+    assert reference.config.rope_parameters  # transformers turned the older keys into its own
+    forward = StreamedForward(lazy(path))
+    assert_forward_equals(reference, forward, BATCH, 3)
+    assert_forward_equals(reference, forward, SHORT_BATCH, 3)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_multimodal_gemma3_runs_its_language_model_text_only(tmp_path, tied):
+    """Gemma3ForConditionalGeneration: the decoder under `language_model.model`, the spec from `text_config`,
+    the head tied or `language_model.lm_head`, the vision tower and projector left unread."""
+    make_multimodal_gemma3(tmp_path / "mm", layers=3, seed=4, tied=tied, sliding_window=3,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     reference = load_causal_lm(tmp_path / "mm")
     assert type(reference).__name__ == "Gemma3ForConditionalGeneration"
     forward = StreamedForward(lazy(tmp_path / "mm"))
     assert forward.decoder.prefix == "language_model.model.layers"
-    assert not any("vision" in name or "projector" in name for layer in forward.decoder.layers for name in layer.values())
+    head = "language_model.model.embed_tokens.weight" if tied else "language_model.lm_head.weight"
+    assert forward.head_name == head
+    read = [name for layer in forward.decoder.layers for name in layer.values()]
+    assert read and not any("vision" in name or "projector" in name for name in read)
     assert_forward_equals(reference, forward, BATCH, 3)
 
 
@@ -311,3 +329,63 @@ def test_a_fused_phi3_layer_is_checked_against_its_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert ("model.layers.0.self_attn.qkv_proj.weight has shape [64, 32], the config (num_attention_heads 4 x "
             "head_dim 8, hidden_size 32; num_key_value_heads 4 x head_dim 8, hidden_size 32) says [96, 32]") in err, err
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2-moe-shared-expert", "phi3-su-partial-rotary", "olmo2", "gemma2",
+                                  "gemma3-text"])
+def test_a_decoder_layer_is_differentiable_in_its_weights_and_input(tmp_path, case):
+    """Training runs the same layers under autograd: every weight of a layer and its input get a finite,
+    non-zero gradient, and the forward leaves the tensors it was given unchanged."""
+    from recipekit.engine.forward.blocks import attention_mask
+    from recipekit.engine.forward.families import decoder_layer
+
+    family, settings = FAMILIES[case]
+    from safetensors.torch import load_file
+
+    forward = StreamedForward(lazy(make_model(tmp_path / case, family=family, layers=3, seed=3, **settings)))
+    stored = load_file(str(next((tmp_path / case).glob("*.safetensors"))))
+    at = f"{forward.decoder.prefix}.1."
+    weights = {rest: stored[name].clone().requires_grad_() for rest, name in forward.decoder.layers[1].items()}
+    before = {rest: w.detach().clone() for rest, w in weights.items()}
+    hidden = torch.randn(3, 10, 32, requires_grad=True)
+    valid = padded(BATCH)[1].bool()
+    out = decoder_layer(forward.spec, 1, weights, hidden, attention_mask(valid, forward.spec.sliding[1]),
+                        forward.spec.rope_tables(10, torch.device("cpu"))[1], lambda point, tensor: None)
+    (out[valid] ** 2).sum().backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
+    for rest, w in weights.items():
+        assert w.grad is not None and torch.isfinite(w.grad).all(), at + rest
+        assert w.grad.abs().sum() > 0 or ".experts." in rest, at + rest  # an expert no token chose gets none
+        assert torch.equal(w.detach(), before[rest]), at + rest
+
+
+GEMMA2_PEAK = """
+import re, sys
+from pathlib import Path
+from recipekit.engine.core.graph import LazyModel
+from recipekit.engine.forward.streamed import StreamedForward
+from recipekit.engine.io.source import open_model
+path = Path(sys.argv[1])
+forward = StreamedForward(LazyModel.from_source("m", open_model(str(path), base_dir=path.parent)))
+sequences = [[(7 * i + j) % 90 + 1 for j in range(512)] for i in range(24)]
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+before = status("VmRSS")
+forward.run(sequences)
+print(forward.held_bytes([512] * 24), status("VmHWM") - before)
+"""
+
+
+def test_the_memory_estimate_counts_the_scores_gemma2_soft_capping_holds(tmp_path):
+    """Gemma 2 computes its attention scores itself: [24, 8, 512, 512] floats, 200 MB a copy, twice the rest of
+    the forward; the estimate that plans count stays within 1.5x of the peak RSS a fresh process adds."""
+    import subprocess
+    import sys
+
+    path = make_model(tmp_path / "g", family="gemma2", layers=2, hidden_size=64, intermediate_size=256,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=1024)
+    result = subprocess.run([sys.executable, "-c", GEMMA2_PEAK, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    estimated, measured = map(int, result.stdout.split())
+    assert measured > 2 * 24 * 8 * 512 * 512 * 4  # the scores dominate
+    assert 1 / 1.5 < estimated / measured < 1.5, (estimated, measured)

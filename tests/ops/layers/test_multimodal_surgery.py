@@ -10,9 +10,10 @@ import torch
 
 from recipekit.engine import PlanError, load_recipe
 from recipekit.engine.core.rmt import snr
-from tests.tiny import make_gemma3_multimodal, make_model, read_config, tensors_of, write_recipe
+from tests.tiny import make_model, make_multimodal_gemma3, read_config, tensors_of, write_recipe
 
-TOKENS = torch.tensor([[5, 17, 42, 3, 88, 9, 61, 23, 200, 150, 7, 99]])  # longer than the sliding window (4)
+TOKENS = torch.tensor([[5, 17, 42, 3, 88, 9, 61, 23, 90, 50, 7, 77]])  # longer than the sliding window
+TEXT = dict(sliding_window=4, sliding_window_pattern=3)  # sliding and full attention, every third layer full
 DECODER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
 
 
@@ -69,7 +70,7 @@ def with_layers(model, layers: list) -> None:
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-    return make_gemma3_multimodal(tmp_path_factory.mktemp("models") / "gemma3", layers=5)
+    return make_multimodal_gemma3(tmp_path_factory.mktemp("models") / "gemma3", layers=5, **TEXT)
 
 
 def test_dropping_layers_changes_only_the_language_model(gemma3, tmp_path):
@@ -97,7 +98,7 @@ def test_dropping_layers_changes_only_the_language_model(gemma3, tmp_path):
 
 def test_a_vision_tower_as_deep_as_the_language_model_is_left_alone(tmp_path):
     """Once the language model has as many layers as the vision encoder, the count cannot tell the decoder."""
-    model = make_gemma3_multimodal(tmp_path / "even", layers=3, vision_layers=3)
+    model = make_multimodal_gemma3(tmp_path / "even", layers=3, vision_layers=3, **TEXT)
     recipe = write_recipe(tmp_path, f"""
         recipe: 1
         models: {{base: {model}}}
@@ -113,7 +114,7 @@ def test_a_vision_tower_as_deep_as_the_language_model_is_left_alone(tmp_path):
 
 
 def test_frankenmerge_of_two_multimodal_models(gemma3, tmp_path):
-    other = make_gemma3_multimodal(tmp_path / "other", layers=5, seed=1)
+    other = make_multimodal_gemma3(tmp_path / "other", layers=5, seed=1, **TEXT)
     recipe = write_recipe(tmp_path, f"""
         recipe: 1
         models: {{a: {gemma3}, b: {other}}}
@@ -165,7 +166,7 @@ def test_a_multimodal_model_cannot_be_the_base_of_experts(gemma3, tmp_path):
 
 
 def test_layers_of_another_family_do_not_fit(gemma3, tmp_path):
-    llama = make_model(tmp_path / "llama", layers=2, vocab_size=300)
+    llama = make_model(tmp_path / "llama", layers=2)
     recipe = write_recipe(tmp_path, f"""
         recipe: 1
         models: {{a: {gemma3}, b: {llama}}}
