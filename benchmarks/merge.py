@@ -13,7 +13,11 @@ A benchmark, not a test: CI never runs it. It
 3. speed: generates models of about `--size` bytes and times, alternating, linear (two models) and ties (base
    plus one) with `dtype: bfloat16` (both tools compute and write in bf16) through both tools, reading the inputs
    into the page cache before each timed run, with peak RSS from `/usr/bin/time -v`;
-4. prints the table and the ratios recipekit / mergekit (`--json FILE` too).
+4. vocabularies (`--skip-vocabulary` leaves it out): copies of two of the small models get word-level tokenizers
+   that differ (shared words at other ids, words and an added token of each one's own), and a linear merge with
+   `tokenizer_source: union` runs through both tools; every embedding and lm_head row is compared by token,
+   looked up through each output's own tokenizer.json (the two tools number the new tokens differently);
+5. prints the table and the ratios recipekit / mergekit (`--json FILE` too).
 
     python benchmarks/merge.py --size 1.7GB --repeats 3 --torch torch==2.13.0
 """
@@ -123,6 +127,54 @@ def agreement(method: str, ours: Path, theirs: Path, base: Path) -> dict:
     return stats
 
 
+def vocabulary_models(models: list[Path], workdir: Path) -> list[Path]:
+    """Copies of two models (weights hard-linked) whose word-level tokenizers differ: the second has the first's
+    words backwards after 64 words of its own, and each has one added special token the other lacks."""
+    import os
+
+    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+    from tokenizers import models as kinds
+
+    rows = read_tensors(models[0])["model.embed_tokens.weight"].shape[0]
+    words = [f"w{i}" for i in range(rows - 2)]
+    copies = []
+    for k, model in enumerate(models[:2]):
+        copy = workdir / f"merge-vocab-{k}"
+        clear(copy)
+        copy.mkdir()
+        for file in model.iterdir():
+            if not file.name.startswith("tokenizer"):
+                os.link(file, copy / file.name)
+        own = words if k == 0 else [f"n{i}" for i in range(64)] + words[64:][::-1]
+        tokenizer = Tokenizer(kinds.WordLevel({"<unk>": 0, **{w: i + 1 for i, w in enumerate(own)}}, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer.add_special_tokens([AddedToken(f"<|only-{k}|>", special=True, normalized=False)])
+        tokenizer.save(str(copy / "tokenizer.json"))
+        (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+        copies.append(copy)
+    return copies
+
+
+def agreement_by_token(ours: Path, theirs: Path) -> dict:
+    """Every row of every output token, found through each output's tokenizer; other tensors by name."""
+    from tokenizers import Tokenizer
+
+    a, b = read_tensors(ours), read_tensors(theirs)
+    ids = [Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True) for out in (ours, theirs)]
+    if set(ids[0]) != set(ids[1]):
+        return {"error": f"the vocabularies differ: {sorted(set(ids[0]) ^ set(ids[1]))[:4]}", "ok": False}
+    worst, where = 0.0, ""
+    for name in a:
+        x, y = a[name].float(), b[name].float()
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            order = sorted(ids[0], key=ids[0].get)
+            x, y = x[[ids[0][t] for t in order]], y[[ids[1][t] for t in order]]
+        rel = float((x - y).abs().max()) / (float(y.abs().max()) or 1.0)
+        if rel > worst:
+            worst, where = rel, name
+    return {"tokens": len(ids[0]), "max_rel_diff": worst, "worst_tensor": where, "ok": worst <= 1e-5}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="all", help="comma list for agreement (default: every method)")
     p.add_argument("--skip-agreement", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--skip-vocabulary", action="store_true")
     p.add_argument("--timed", default=",".join(TIMED), help="comma list of timed merges (default: linear,ties)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rk-bench")
     p.add_argument("--mergekit-venv", type=Path, default=Path(tempfile.gettempdir()) / "rk-bench" / "mergekit-venv")
@@ -144,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     recipe = find_recipe(args.recipe)
     mergekit = ensure_mergekit(args.mergekit_venv, args.mergekit_version, args.torch, log).parent / "mergekit-yaml"
-    results: dict = {"agreement": {}, "timing": {}}
+    results: dict = {"agreement": {}, "timing": {}, "vocabulary": {}}
 
     if not args.skip_agreement:
         spec = choose_spec(args.small)
@@ -170,6 +223,24 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {method:17} {json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items() if not isinstance(v, dict)})}")
             if method in SEEDED:
                 log(f"  {'':17} recipekit {result['recipekit']}  mergekit {result['mergekit']}")
+
+    if not args.skip_vocabulary:
+        spec = choose_spec(args.small)
+        models = [workdir / f"merge-small-{k}" for k in range(2)]
+        for k, m in enumerate(models):
+            generate_expert(spec, m, 100 + k, log)
+        copies = vocabulary_models(models, workdir)
+        config = workdir / "merge-union.yml"
+        config.write_text(json.dumps({"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+                                      "models": [{"model": str(copies[0]), "parameters": {"weight": 0.4}},
+                                                 {"model": str(copies[1]), "parameters": {"weight": 0.6}}]}))
+        ours, theirs = workdir / "merge-out-recipekit", workdir / "merge-out-mergekit"
+        clear(ours), clear(theirs)
+        inputs = [f for m in copies for f in m.glob("*.safetensors")]
+        run([recipe, "run", str(config), "-o", str(ours), "-q"], workdir, inputs)
+        run([str(mergekit), str(config), str(theirs), "--out-shard-size", "2B"], workdir, inputs)
+        results["vocabulary"] = agreement_by_token(ours, theirs)
+        log(f"  linear union      {json.dumps(results['vocabulary'])}")
 
     if not args.skip_timing:
         spec = choose_spec(args.size)
@@ -211,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {method:17} max |diff| / max |value| = {r.get('max_rel_diff', float('nan')):.2e}, entries "
                   f"differing by more than 1e-5 of it: {r.get('differing_fraction', float('nan')):.2e}  "
                   f"{'ok' if r.get('ok') else 'DIFFERENT: ' + str(r.get('worst_tensor', r.get('error')))}")
+    if results["vocabulary"]:
+        r = results["vocabulary"]
+        verdict = "ok" if r["ok"] else f"DIFFERENT: {r.get('error', r.get('worst_tensor'))}"
+        print(f"vocabulary union (linear, by token): {r.get('tokens')} tokens, max |diff| / max |value| = "
+              f"{r.get('max_rel_diff', float('nan')):.2e}  {verdict}")
     if results["timing"]:
         print(f"timing ({human(choose_spec(args.size).nbytes)} bf16 models, medians of {args.repeats}):")
     for method, s in results["timing"].items():

@@ -99,7 +99,8 @@ class LoadedRecipe:
             if lock is not None:
                 _check_lock(lock, hashing.lock())
             recipe = standalone(self.text, self.recipe, self.base_dir, hub_only=self.hub_only)
-            files = {"README.md": render_card(plan, self.recipe, self.text, recipe, locked=hash_inputs).encode(),
+            card = render_card(plan, self.recipe, self.text, recipe, locked=hash_inputs)
+            files = {**dict(plan.model.files), "README.md": card.encode(),
                      "recipe.yaml": recipe.text.encode()}
             late = (lambda: {"recipe.lock": lock_bytes(hashing.lock())}) if hash_inputs else None
             result = write_model(plan, Path(out), files, late_files=late, overwrite=overwrite, progress=progress,

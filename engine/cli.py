@@ -340,6 +340,7 @@ def plan_summary(plan: Plan) -> dict:
         "peak_memory": plan.peak_memory,
         "peak_memory_measuring": plan.measure_memory,
         "peak_memory_writing": plan.write_memory,
+        "vocabulary": plan.model.vocabulary.to_dict() if plan.model.vocabulary is not None else None,
     }
 
 

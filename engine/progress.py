@@ -6,6 +6,9 @@ class _Silent:
     def update(self, n: int) -> None:
         pass
 
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

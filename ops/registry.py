@@ -16,10 +16,10 @@ from recipekit.engine.core.kernels import SHARED_KERNELS
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import StepBase
 
-from .layers import drop_layers, expand_layers, slice_layers
+from .layers import add_modules, drop_layers, expand_layers, slice_layers
 from .merge import interpolate, merge, selection, sphere, task_vectors
 from .moe import init_gates, stack_experts
-from .weights import low_rank, super_weights
+from .weights import heal, low_rank, super_weights
 
 # (parameters, models and earlier results by name, the engine's measurements) -> the step's result
 OpFunction = Callable[[StepBase, Mapping[str, LazyModel], Probe], LazyModel]
@@ -71,10 +71,12 @@ OPS, KERNELS = _register([
     Op(drop_layers.DropLayers, drop_layers.drop_layers),
     Op(slice_layers.SliceLayers, slice_layers.slice_layers),
     Op(expand_layers.ExpandLayers, expand_layers.expand_layers),
+    Op(add_modules.AddModules, add_modules.add_modules, add_modules.KERNELS),
     Op(stack_experts.StackExperts, stack_experts.stack_experts, stack_experts.KERNELS),
     Op(init_gates.InitGates, init_gates.init_gates),
     Op(super_weights.ProtectSuperWeights, super_weights.protect_super_weights),
     Op(low_rank.LowRank, low_rank.low_rank, low_rank.KERNELS),
+    Op(heal.Heal, heal.heal),
     Op(merge.Merge, merge.merge, {**interpolate.KERNELS, **sphere.KERNELS, **selection.KERNELS, **task_vectors.KERNELS},
        interpolate.ROWWISE | task_vectors.ROWWISE,
        {**interpolate.SCRATCH, **sphere.SCRATCH, **selection.SCRATCH, **task_vectors.SCRATCH}),

@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"engine": "recipekit.engine", "ops": "recipekit.ops"}
 # where torch may be imported at module level: the modules that compute tensors
-TORCH_MODULES = ("recipekit.engine.run.evaluate", "recipekit.engine.forward.", "recipekit.engine.measure.")
+TORCH_MODULES = ("recipekit.engine.run.evaluate", "recipekit.engine.forward.", "recipekit.engine.measure.",
+                 "recipekit.engine.modeling.", "recipekit.engine.train.")
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def torch_rule(imp: Import) -> str | None:
     """torch at module level only where tensors are computed; elsewhere only inside (kernel) functions."""
     if under(imp.target, "torch") and not imp.in_function:
         if not any(imp.module == m or (m.endswith(".") and imp.module.startswith(m)) for m in TORCH_MODULES):
-            return "torch is imported at module level outside run.evaluate, forward/ and measure/"
+            return "torch is imported at module level outside run.evaluate, forward/, measure/, modeling/ and train/"
     return None
 
 

@@ -2,6 +2,8 @@
 and holds exactly the layers it says it does."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,18 @@ EXPECTED_EXPAND = {
     "recipes/demo/story-expand.yaml": dict(model="story", layers=[0, 1, 2, 3, 3, 4, 5, 6, 7, 7], copies=(4, 9)),
 }
 
+# add_modules recipes: every tensor of `model` is kept bitwise, the named modules are added to each layer at
+# identity, and the output, loaded through recipekit's classes, computes the model's logits bitwise (float32)
+EXPECTED_MODULES = {
+    "recipes/demo/story-add-modules.yaml": dict(model="story", modules=["adaptive_norm", "token_mixing", "se_block"]),
+}
+
+# heal recipes: the layers of `drop` (a recipe) with only the MLPs of `trained` layers changed, and the healed
+# held-out perplexity the README claims, recovering at least half of what the drop cost
+EXPECTED_HEAL = {
+    "recipes/demo/story-prune-and-heal.yaml": dict(drop="recipes/demo/story-drop-middle.yaml", trained=(2, 3, 4, 5)),
+}
+
 # merge recipes: every output tensor against the method's math on the source tensors (written out here in plain
 # torch, independently of the kernels)
 EXPECTED_MERGE = {"recipes/demo/story-merge-ties.yaml", "recipes/demo/story-merge-linear.yaml",
@@ -76,8 +90,11 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     key = str(path.relative_to(ROOT))
-    assert any(key in table for table in (EXPECTED, EXPECTED_MOE, EXPECTED_LOW_RANK, EXPECTED_MERGE, EXPECTED_EXPAND)), \
-        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK, EXPECTED_MOE, EXPECTED_MERGE or EXPECTED_EXPAND"
+    tables = (EXPECTED, EXPECTED_MOE, EXPECTED_LOW_RANK, EXPECTED_MERGE, EXPECTED_EXPAND, EXPECTED_MODULES,
+              EXPECTED_HEAL)
+    assert any(key in table for table in tables), \
+        f"add what {key} must produce to EXPECTED, EXPECTED_LOW_RANK, EXPECTED_MOE, EXPECTED_MERGE, EXPECTED_EXPAND, " \
+        "EXPECTED_MODULES or EXPECTED_HEAL"
     assert main(["validate", str(path)]) == 0
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out), "-q"]) == 0
@@ -98,6 +115,12 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
         return
     if key in EXPECTED_EXPAND:
         assert_expand(out, models, EXPECTED_EXPAND[key])
+        return
+    if key in EXPECTED_MODULES:
+        assert_modules(out, models, EXPECTED_MODULES[key])
+        return
+    if key in EXPECTED_HEAL:
+        assert_heal(out, tmp_path, capsys, EXPECTED_HEAL[key])
         return
     want = EXPECTED[key]
     assert_layers_from(out, [(models[m], i) for m, i in want["layers"]], models[want["base"]], want["dtype"],
@@ -220,3 +243,44 @@ def assert_expand(out: Path, models: dict[str, Path], want: dict) -> None:
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     with torch.no_grad():
         assert torch.equal(load_causal_lm(out)(ids).logits, load_causal_lm(source)(ids).logits)
+
+
+def assert_modules(out: Path, models: dict[str, Path], want: dict) -> None:
+    import recipekit  # noqa: F401  (registers the classes the output needs)
+
+    source = models[want["model"]]
+    got, original = tensors_of(out), tensors_of(source)
+    assert all(torch.equal(got[name], value) for name, value in original.items())
+    config = read_config(out)
+    assert sorted(config["added_modules"]) == sorted(want["modules"])
+    for name in set(got) - set(original):
+        value = got[name]
+        if "down" not in name:  # what multiplies into the output is zero, the bias one: the identity
+            assert torch.equal(value, torch.ones_like(value) if name.endswith("up.bias") else torch.zeros_like(value))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    model = load_causal_lm(out)
+    assert type(model).__name__ == "RecipekitLlamaForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, load_causal_lm(source)(ids).logits)
+
+
+def assert_heal(out: Path, tmp_path: Path, capsys, want: dict) -> None:
+    dropped = tmp_path / "dropped"
+    assert main(["run", str(ROOT / want["drop"]), "-o", str(dropped), "-q"]) == 0
+    healed, plain = tensors_of(out), tensors_of(dropped)
+    assert healed.keys() == plain.keys()
+    changed = {name for name in healed if not torch.equal(healed[name], plain[name])}
+    assert changed == {f"model.layers.{j}.mlp.{m}.weight" for j in want["trained"]
+                       for m in ("gate_proj", "up_proj", "down_proj")}
+    readme = (ROOT / "README.md").read_text()
+    table = {m["target"]: float(m["ppl"]) for m in re.finditer(
+        r"^\| `(?P<target>recipes/[^`]+)` \| \d+ \| (?P<ppl>[\d.]+) \|$", readme, re.M)}
+    claim = re.search(r"held-out perplexity of (?P<ppl>[\d.]+) \(pruned", readme)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(ROOT / "recipes/demo/heldout.txt"), "--seq-len", "256",
+                 "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)["perplexity"]
+    assert f"{measured:.4f}" == claim["ppl"]
+    full, pruned = table["recipes/demo/models/tiny-story"], table[want["drop"]]
+    assert measured <= pruned - (pruned - full) / 2  # at least half of the gap recovered
+    assert f"held-out perplexity on heldout.txt: {pruned:.4f} -> {measured:.4f}" in (out / "README.md").read_text()

@@ -270,3 +270,21 @@ def _input_rms(model, norms: list, ids) -> list:
     for hook in hooks:
         hook.remove()
     return [seen[k].pow(2).mean(-1).sqrt() for k in range(len(norms))]
+
+
+def add_word_tokenizer(path: Path, words: list[str], added: list[tuple[str, dict]] = ()) -> Path:
+    """Give a tiny model a word-level `tokenizer.json`: `<unk>` = 0, then `words` in order, then the `added` tokens
+    (content, AddedToken flags such as `special=True`) at the next ids; and a `tokenizer_config.json` that
+    transformers loads as a fast tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for content, flags in added:
+        token = AddedToken(content, **{"normalized": False, **flags})
+        (tokenizer.add_special_tokens if flags.get("special") else tokenizer.add_tokens)([token])
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "model_max_length": 128}))
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from recipekit.engine.core.added_modules import family_of
 from recipekit.engine.core.words import counted
 
 # Keys holding one value per layer, re-indexed with the layer picks.
@@ -108,7 +109,7 @@ def layer_config(config: dict) -> dict:
 def materialise(config: dict) -> dict:
     """A copy of a layer config with every derivable per-layer list spelt out."""
     out = dict(config)
-    rule = _DERIVED.get(str(config.get("model_type", "")))
+    rule = _DERIVED.get(family_of(str(config.get("model_type", ""))))  # recipekit_qwen2 derives as qwen2
     n = config.get("num_hidden_layers")
     if rule is not None and isinstance(n, int):
         for key, value in rule(config, n).items():

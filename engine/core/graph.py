@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from recipekit.engine.io.safetensors_header import TensorInfo
     from recipekit.engine.io.source import ModelSource
+    from recipekit.engine.vocab.align import VocabularyReport
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ class LazyModel:
     texts, tokenizers, weights; the inputs' own cards, whose license the card
     carries), which the lock hashes with the inputs it copies; `measure_memory`
     is what the largest of those measurements held (estimated bytes, 0 when none
-    ran), which the plan's peak memory includes.
+    ran), which the plan's peak memory includes. `files` are written beside the
+    model card, by name (a step's loss curve).
     """
 
     config: dict = field(repr=False)
@@ -100,6 +102,10 @@ class LazyModel:
     protected: tuple[ProtectedWeight, ...] = ()  # super weights every later step must keep
     read_files: tuple[Path, ...] = ()
     measure_memory: int = 0
+    side_overrides: tuple[tuple[str, bytes | None], ...] = ()  # side files written instead of copied (None: left out)
+    vocabulary: VocabularyReport | None = None  # set when the inputs were given one vocabulary (engine/vocab)
+    token_rows: tuple[int, ...] | None = None  # its tokenizer's id -> its row, when the alignment moved them
+    files: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_source(cls, name: str, source: ModelSource) -> LazyModel:

@@ -9,6 +9,7 @@ in it, so that the output is rounded once; the planner and the executor size its
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -84,5 +85,49 @@ def zero_at(x: torch.Tensor, *, coordinates: tuple[tuple[int, int], ...]) -> tor
     return y
 
 
+def take_rows(*matrices: torch.Tensor, take: bytes, means: tuple[tuple[tuple[int, int], ...], ...], used: int,
+              rows: int) -> torch.Tensor:
+    """A vocabulary matrix (rows, ...) gathered row by row from `matrices` (each (any, ...)), the first being the
+    model's own: `take` holds an int32 (source, row) pair per output row, source -1 a zero row, -2 the mean of the
+    (source, row) pairs of `means[row]`, -3 the mean of the first `used` rows of the own matrix (`engine/vocab/
+    rows.py`). Means are taken in float32; the result has the own matrix's dtype."""
+    own = matrices[0]
+    pairs = row_pairs(take).to(own.device)
+    own_mean = own[:used].double().mean(0).float() if bool((pairs[:, 0] == OWN_MEAN).any()) else None
+    return gather_rows(pairs, means, own_mean, lambda k, picked: matrices[k][picked], own.dtype, own.shape[1:])
+
+
+TAKE_ROWS = "take_rows"
+ZERO_ROW, MEAN_ROW, OWN_MEAN = -1, -2, -3  # `take_rows` sources that are not a matrix
+
+
+def row_pairs(take: bytes) -> torch.Tensor:
+    """`take_rows`' (source, row) pairs as an (rows, 2) int64 tensor."""
+    import torch
+
+    return torch.frombuffer(bytearray(take), dtype=torch.int32).view(-1, 2).long()
+
+
+def gather_rows(pairs: torch.Tensor, means: tuple[tuple[tuple[int, int], ...], ...], own_mean: torch.Tensor | None,
+                read: Callable[[int, torch.Tensor], torch.Tensor], dtype: torch.dtype,
+                width: tuple[int, ...]) -> torch.Tensor:
+    """The rows `pairs` (rows, 2) names (see `take_rows`), each source's read at once by `read(source, rows)`: the
+    kernel reads from matrices in memory, the row streamer from the input files, a block of rows at a time. The
+    result is on `pairs`' device."""
+    import torch
+
+    out = torch.zeros((len(pairs), *width), dtype=dtype, device=pairs.device)
+    for k in sorted(set(pairs[:, 0].tolist()) - {ZERO_ROW, MEAN_ROW, OWN_MEAN}):
+        chosen = (pairs[:, 0] == k).nonzero().squeeze(1)
+        out[chosen] = read(k, pairs[chosen, 1]).to(dtype)
+    for r in (pairs[:, 0] == MEAN_ROW).nonzero().squeeze(1).tolist():
+        entry = means[int(pairs[r, 1])]
+        picked = [read(k, torch.tensor([i], device=pairs.device)).float() for k, i in entry]
+        out[r] = torch.cat(picked).mean(0).to(dtype)
+    if own_mean is not None:
+        out[pairs[:, 0] == OWN_MEAN] = own_mean.to(dtype)
+    return out
+
+
 SHARED_KERNELS = {"cast": cast, "zeros": zeros, "constant": constant, "randn": randn, "uniform": uniform,
-                  "zero_at": zero_at}
+                  "zero_at": zero_at, TAKE_ROWS: take_rows}

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from recipekit.engine.core.graph import LazyModel, MoeInfo
+    from recipekit.engine.errors import Path_
     from recipekit.engine.measure.gates import GateRows
     from recipekit.engine.measure.similarity import Similarity
     from recipekit.engine.measure.superweights import SuperWeight, Verification
+    from recipekit.engine.train.heal import Healed
 
 RELATED = 0.5  # norm_correlation: fine-tunes of one base score well above this (0.99 for usual ones); unrelated near 0
 # verify_super_weights, as protect_super_weights and `recipe analyze --verify` use it by default. A single scalar
@@ -59,4 +61,15 @@ class Probe(Protocol):
 
     def norm_correlation(self, a: LazyModel, a_name: str, b: LazyModel, b_name: str) -> float | None:
         """How alike two models' norm weights are (Pearson); None when they cannot be compared."""
+        ...
+
+    def heal(self, student: LazyModel, name: str, teacher: LazyModel | None, teacher_name: str | None, *,
+             texts: list[tuple[Path_, str]], held_out: tuple[Path_, str] | None, trained: dict[int, list[str]],
+             depths: list[int] | None,
+             mode: str, steps: int, lr: float, seq_len: int, batch_size: int, max_windows: int,
+             seed: int) -> Healed:
+        """Train `trained[j]` (tensor names after `layers.<j>.`) of the student's layers on windows of the text
+        files, each given with the path of the step field that names it, so a file that cannot be read is a
+        located error (`blockwise`: student layer j against the teacher's stream entering teacher layer `depths[j + 1]`;
+        `end_to_end`: the whole model's loss); the trained tensors as new nodes, with what was measured."""
         ...

@@ -36,6 +36,11 @@ class StepBase(Strict):
         "Let this step remove or change a protected super weight (see protect_super_weights); without it, "
         "such a step is refused."))
 
+    def embeddings_from(self) -> str:
+        """The model or step whose embeddings the result keeps (the output vocabulary's base): by default the first
+        one the step reads."""
+        return self.references()[0][1]
+
     def local_paths(self) -> list[tuple[Path_, str]]:
         """Files this step reads besides models (e.g. a text), with their field paths; a shared recipe may
         name none unless the user allows local paths."""

@@ -13,9 +13,10 @@ FRANKENMERGE = "frankenmerge"  # layers stacked otherwise: repeated, reordered, 
 MOE = "moe"  # a Mixture of Experts stacked from the MLPs of dense models
 UPCYCLED = "upcycled"  # a Mixture of Experts whose attention and experts all come from one dense model
 EXPANDED = "expanded"  # identity layers inserted (block expansion): the model computes what it did, with room to train
+HEALED = "healed"  # some weights trained by heal (after pruning, to recover what it cost)
 MERGE = "merge"  # the weights of more than one input model in one model: a merge, or a frankenmerge or MoE of several
 
-VOCABULARY = (RECIPEKIT, PRUNED, FRANKENMERGE, EXPANDED, MOE, UPCYCLED, MERGE)
+VOCABULARY = (RECIPEKIT, PRUNED, FRANKENMERGE, EXPANDED, HEALED, MOE, UPCYCLED, MERGE)
 
 
 def ordered(tags: set[str] | tuple[str, ...]) -> list[str]:

@@ -11,7 +11,8 @@
 - mergekit's `dtype` is the dtype it computes in: every merge step's `compute_dtype`. The output is written in
   `out_dtype`, or else in `dtype`, as mergekit writes it.
 
-The tokenizer comes from `tokenizer_source` or else the base. A field recipekit does not compute is refused,
+The tokenizer comes from `tokenizer_source` or `tokenizer: {source, tokens, pad_to_multiple_of}` (a union, the
+base or a model; `output.tokenizer`), the chat template from `chat_template` (`auto` or a template). A field recipekit does not compute is refused,
 located in the config; nothing is silently ignored. Which methods exist is the recipe schema's business: an
 unknown one is reported there, located at `merge_method`.
 """
@@ -23,9 +24,8 @@ from recipekit.engine.errors import Path_
 from recipekit.engine.foreign.translation import ConfigTranslator, Translation
 
 _KEYS = ("merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-         "tokenizer", "random_seed")
+         "tokenizer", "random_seed", "chat_template")
 _UNSUPPORTED = {
-    "chat_template": "chat_template is not supported yet; the output keeps the tokenizer's own template",
     "modules": "per-module configs (`modules`) are not supported",
 }
 _PER_MODEL = ("weight", "density", "gamma", "epsilon", "scale")  # the merge op's per-model parameters
@@ -63,6 +63,9 @@ class MergekitYaml(ConfigTranslator):
         tokenizer = self._tokenizer(first)
         if tokenizer is not None:
             output["tokenizer"] = tokenizer
+        template = self._chat_template()
+        if template is not None:
+            output["chat_template"] = template
         recipe: dict[str, Any] = {"recipe": 1, "models": dict(self.models), "steps": steps}
         if output:
             recipe["output"] = output
@@ -291,29 +294,90 @@ class MergekitYaml(ConfigTranslator):
                 return None
         return node
 
-    def _tokenizer(self, base: str | None) -> str | None:
-        """The recipe's `output.tokenizer` for `tokenizer_source` (or the newer `tokenizer: {source}`)."""
+    def _tokenizer(self, base: str | None) -> str | dict | None:
+        """The recipe's `output.tokenizer` for `tokenizer_source: union|base|<model>`, or for the newer
+        `tokenizer: {source, tokens, pad_to_multiple_of}` (whose source defaults to union, as in mergekit)."""
         data = self.data
-        path: Path_ = ("tokenizer_source",)
-        source = data.get("tokenizer_source")
-        if isinstance(data.get("tokenizer"), dict):
-            self._unknown(data["tokenizer"], ("source",), ("tokenizer",), "mergekit's tokenizer settings")
-            source, path = data["tokenizer"].get("source"), ("tokenizer", "source")
-        elif data.get("tokenizer") is not None:
-            self._refuse(("tokenizer",), "expected a mapping {source: base or a model}")
-        if source is None:
+        settings = data.get("tokenizer")
+        if settings is not None and not isinstance(settings, dict):
+            self._refuse(("tokenizer",), "expected a mapping {source, tokens, pad_to_multiple_of}")
             return None
-        self.paths[("output", "tokenizer")] = path
+        if settings is None:
+            source, path = data.get("tokenizer_source"), ("tokenizer_source",)
+            if source is None:
+                return None
+        else:
+            self._unknown(settings, ("source", "tokens", "pad_to_multiple_of"), ("tokenizer",),
+                          "mergekit's tokenizer settings")
+            source, path = settings.get("source", "union"), ("tokenizer", "source")
+        self.paths[("output", "tokenizer")] = ("tokenizer",) if settings is not None else path
+        self.paths[("output", "tokenizer", "source")] = path
         if source == "base":
             if data.get("base_model") is None:
-                self._refuse(path, "tokenizer_source: base needs a base_model")
-            return base
-        if source == "union":
-            self._refuse(path, "tokenizer_source: union (a merged vocabulary) is not supported yet; name the model "
-                               "whose tokenizer the output keeps")
-            return None
-        return self._model(source, path, None)
+                self._refuse(path, "tokenizer source base needs a base_model")
+            name = base
+        elif source == "union":
+            name = "union"
+        else:
+            name = self._model(source, path, None)
+        if settings is None or set(settings) <= {"source"}:
+            return {"source": name} if name == "union" else name
+        out: dict[str, Any] = {"source": name}
+        if settings.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = settings["pad_to_multiple_of"]
+        tokens = settings.get("tokens")
+        if tokens is not None:
+            if not isinstance(tokens, dict):
+                self._refuse(("tokenizer", "tokens"), "expected a mapping from tokens to {source, force}")
+            else:
+                out["tokens"] = {token: self._token_source(entry, ("tokenizer", "tokens", token))
+                                 for token, entry in tokens.items()}
+        return out
 
+    def _token_source(self, entry: Any, path: Path_) -> dict:
+        """One entry of mergekit's `tokenizer.tokens`: {source: model | {kind: zero} | {kind: model_token, model,
+        token}, force}."""
+        self.paths[("output",) + path] = path
+        if not isinstance(entry, dict):
+            self._refuse(path, "expected a mapping {source, force}")
+            return {}
+        self._unknown(entry, ("source", "force"), path, "a mergekit token setting")
+        source = entry.get("source")
+        out: dict[str, Any] = {}
+        if isinstance(source, dict):
+            self._unknown(source, ("kind", "model", "token", "token_id"), path + ("source",), "a token source")
+            kind = source.get("kind")
+            if kind == "zero":
+                out["source"] = "zero"
+            elif kind == "model_token" and source.get("token") is not None:
+                model = self._model(source.get("model"), path + ("source", "model"), None)
+                out["source"] = {"model": model, "token": source["token"]}
+                self.paths[("output",) + path + ("source", "token")] = path + ("source", "token")
+            elif kind == "model_token":
+                self._refuse(path + ("source",), "a token source by token_id is not supported; name the token "
+                                                 "(token: ...)")
+            else:
+                self._refuse(path + ("source", "kind"), f"unknown token source kind {kind!r} (zero or model_token)")
+        elif source is None:
+            self._refuse(path, "a token setting needs a source (a model, {kind: zero} or {kind: model_token, ...})")
+        else:
+            out["source"] = self._model(source, path + ("source",), None)
+        if entry.get("force") is not None:
+            out["force"] = entry["force"]
+        return out
+
+    def _chat_template(self) -> str | None:
+        """`chat_template`: auto, or a Jinja template. mergekit's built-in templates by name are its own data,
+        which recipekit does not carry."""
+        value = self.data.get("chat_template")
+        if value in (None, ""):
+            return None
+        self.paths[("output", "chat_template")] = ("chat_template",)
+        if value == "auto" or (isinstance(value, str) and ("{{" in value or "{%" in value)):
+            return value
+        self._refuse(("chat_template",), f"chat_template {value!r}: write `auto` or the Jinja template itself "
+                                         "(mergekit's built-in templates by name are not included)")
+        return None
 
 def _rules(value: Any) -> list:
     """A parameter value as filter rules (a plain value or gradient is one rule that matches everything)."""

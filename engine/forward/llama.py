@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from recipekit.engine.core.added_modules import AddedModules
 from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.core.moe_layouts import LAYOUTS
 from recipekit.engine.core.names import DOWN, GATE, MLP_TENSORS, UP
@@ -24,6 +25,7 @@ from recipekit.engine.errors import PlanError
 from recipekit.engine.forward import rope as rotary
 from recipekit.engine.forward.blocks import Observe, Rope, apply_rope, attend, linear, rms_norm
 from recipekit.engine.forward.support import forward_type, llama_rope, number
+from recipekit.engine.modeling import streamed as added_modules
 
 Expected = dict[str, tuple[tuple[int, ...] | None, str]]  # tensor -> (its shape, or None for any; the config's why)
 
@@ -44,6 +46,7 @@ class LlamaSpec:
     fused: bool = False  # Phi-3: qkv_proj and gate_up_proj
     post_norms: bool = False  # OLMo 2: norms after attention and MLP, q/k norms over the whole projection
     embed_scale: float = 1.0
+    added: AddedModules | None = None  # the modules add_modules put into every layer
     score_copies = 0  # (not a field) [B, heads, T, T] attention scores held: none, the fused kernel makes none
 
     @classmethod
@@ -72,7 +75,7 @@ class LlamaSpec:
                 sliding=sliding, rope=llama_rope(c),
                 experts_per_token=number(c, "num_experts_per_tok", 0, int) if model_type in LAYOUTS else 0,
                 norm_topk=model_type == "mixtral" or bool(c.get("norm_topk_prob", False)),
-                fused=model_type == "phi3", post_norms=model_type == "olmo2",
+                fused=model_type == "phi3", post_norms=model_type == "olmo2", added=AddedModules.from_config(c),
             )
         except (TypeError, ValueError) as e:
             raise PlanError(f"config.json: {e}") from None
@@ -107,6 +110,9 @@ class LlamaSpec:
             out["self_attn.q_proj.weight"] = ((q, hidden), heads)
             out.update({f"self_attn.{p}.weight": ((kv, hidden), kv_heads) for p in ("k_proj", "v_proj")})
         out["self_attn.o_proj.weight"] = ((hidden, q), heads)
+        if self.added is not None:
+            out.update({rest: (shape, f"added_modules, hidden_size {hidden}")
+                        for rest, (shape, _) in self.added.tensors(hidden).items()})
         if self.post_norms:
             out["self_attn.q_norm.weight"] = ((q,), f"num_attention_heads {self.heads} x head_dim {self.head_dim}")
             out["self_attn.k_norm.weight"] = ((kv,), f"num_key_value_heads {self.kv_heads} x head_dim {self.head_dim}")
@@ -149,12 +155,14 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
     `rope` this layer's cos and sin."""
     observe("residual", hidden)
     x = hidden if spec.post_norms else rms_norm(hidden, weights["input_layernorm.weight"], spec.eps)
+    x = added_modules.attention_input(spec.added, weights, x, mask)
     observe("attn_in", x)
     attended = linear(_attention(spec, weights, x, mask, rope), weights, "self_attn.o_proj")
     if spec.post_norms:
         attended = rms_norm(attended, weights["post_attention_layernorm.weight"], spec.eps)
     hidden = hidden + attended
     x = hidden if spec.post_norms else rms_norm(hidden, weights["post_attention_layernorm.weight"], spec.eps)
+    x = added_modules.mlp_input(spec.added, weights, x)
     observe("mlp_in", x)
     if spec.model_type in LAYOUTS and LAYOUTS[spec.model_type].router in weights:
         return hidden + _moe_block(spec, weights, x, observe)
@@ -164,7 +172,7 @@ def decoder_layer(spec: LlamaSpec, layer: int, weights: dict[str, torch.Tensor],
     observe("down_out", down)
     if spec.post_norms:
         down = rms_norm(down, weights["post_feedforward_layernorm.weight"], spec.eps)
-    return hidden + down
+    return hidden + added_modules.mlp_output(spec.added, weights, down)
 
 
 def _swiglu(spec: LlamaSpec, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

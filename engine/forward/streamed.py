@@ -116,7 +116,7 @@ class StreamedForward:
         count = len(self.decoder.layers)
 
         with InputFiles() as files, ThreadPoolExecutor(max_workers=1) as reader:
-            hidden = self._scaled(self.embed(ids, files))
+            hidden = self.scaled(self.embed(ids, files))
             pending = reader.submit(self._read_layer, 0, files)
             bar = progress_bar(count, progress, unit="layer", desc="forward")
             for i in range(count):
@@ -200,7 +200,7 @@ class StreamedForward:
             rows = cast(rows, dtype=node.dtype)
         return rows.to(device=self.device, dtype=torch.float32)[where.to(self.device)]
 
-    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+    def scaled(self, rows: torch.Tensor) -> torch.Tensor:
         """Embedding rows times the family's `embed_scale` (Gemma: sqrt(hidden_size)), multiplied in the
         embedding's own dtype as transformers does (a bf16 model rounds the scale and the product to bf16)."""
         if self.spec.embed_scale == 1.0:

@@ -6,6 +6,7 @@ attention) is read here, once, by the family's spec and by `check_config`.
 """
 from __future__ import annotations
 
+from recipekit.engine.core.added_modules import family_of
 from recipekit.engine.core.architectures import layer_config, materialise
 from recipekit.engine.errors import PlanError
 
@@ -19,8 +20,9 @@ SUPPORTED = tuple(FAMILIES)
 
 
 def forward_type(config: dict) -> str:
-    """The config's model type; `PlanError` naming the supported ones when the streamed forward cannot run it."""
-    model_type = str(layer_config(config).get("model_type"))
+    """The config's model type (an add_modules output's family: `recipekit_qwen2` -> `qwen2`); `PlanError`
+    naming the supported ones when the streamed forward cannot run it."""
+    model_type = family_of(str(layer_config(config).get("model_type")))
     if model_type not in FAMILIES:
         raise PlanError(f"the streamed forward supports model types {', '.join(SUPPORTED)}; "
                         f"this model is {model_type!r}")

@@ -40,7 +40,7 @@ def prompt_gates(info: MoeInfo, mode: str, *, hidden_state: str = "router_input"
     """Router rows for every layer of a stacked model from its experts' prompts (`mode`: cheap_embed or hidden)."""
     prompts = info.prompts()
     try:
-        tokenizer = TextTokenizer.of(info.base.side_files)
+        tokenizer = TextTokenizer.of(info.base.side_files, info.base.token_rows)
     except RecipekitError as e:
         raise PlanError(Problem(f"mode {mode} tokenises the experts' prompts, but: {e.problems[0].message}",
                                 path=("mode",))) from None

@@ -64,7 +64,7 @@ def windows(ids: list[int], bos: int | None, seq_len: int, stride: int) -> list[
 def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 512, stride: int | None = None,
                max_tokens: int | None = None, device: str = "cpu", progress: bool = False) -> Perplexity:
     """exp(mean negative log-likelihood) of the text's tokens under `model`."""
-    tokenizer = TextTokenizer.of(model.side_files)
+    tokenizer = TextTokenizer.of(model.side_files, model.token_rows)
     ids = tokenizer.encode_plain(text)
     text_tokens = len(ids)
     if max_tokens is not None:
@@ -79,7 +79,7 @@ def perplexity(model: LazyModel, text: str, *, text_name: str, seq_len: int = 51
     if len(ids) < body or longest < 1:
         raise SourceError(Problem(f"the text has {counted(len(ids), 'token')}, fewer than one window of --seq-len "
                                   f"{seq_len}: use a longer text or a smaller --seq-len", text_name))
-    parts = windows(ids, tokenizer.bos_id, seq_len, stride)
+    parts = windows(ids, tokenizer.first, seq_len, stride)
     forward = StreamedForward(model, device=device)
     final, _ = forward.run([tokens for tokens, _ in parts], progress=progress)
     head = forward.lm_head()

@@ -14,6 +14,7 @@ from recipekit.engine.core.layers import decoder_of
 from recipekit.engine.core.probe import NotMeasured
 from recipekit.engine.core.sizes import human
 from recipekit.engine.core.words import counted
+from recipekit.engine.errors import Path_, PlanError, Problem, SourceError
 from recipekit.engine.forward.support import check_config
 from recipekit.engine.forward.tokenize import TOKENIZER_FILES, TextTokenizer
 from recipekit.engine.io.source import ModelSource
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from recipekit.engine.measure.gates import GateRows
     from recipekit.engine.measure.similarity import Similarity
     from recipekit.engine.measure.superweights import SuperWeight, Verification
+    from recipekit.engine.train.heal import Healed
 
 
 class EngineProbe:
@@ -64,13 +66,22 @@ class EngineProbe:
     def _text(self, text: str) -> Path:
         return self.base_dir / Path(text).expanduser()
 
+    def _located_text(self, field: Path_, text: str) -> str:
+        """The text file a step field names; a file that cannot be used is a problem located at that field."""
+        from recipekit.engine.measure.texts import read_text
+
+        try:
+            return read_text(self._text(text))
+        except SourceError as e:
+            raise PlanError([Problem(f"{text}: {p.message}", path=field) for p in e.problems]) from None
+
     def _forward_inputs(self, model: LazyModel) -> None:
         """What a streamed forward over text needs besides the weights. The family is checked first, always (from
         config.json alone, RoPE and activation too), so a forward that cannot run is never announced; the tokenizer
         only when not measuring (measuring checks it, with the weights, on the way)."""
         check_config(model.config)
         if not self.measure:
-            TextTokenizer.of(model.side_files)
+            TextTokenizer.of(model.side_files, model.token_rows)
 
     def snr(self, model: LazyModel, name: str, module: str) -> list[float]:
         """Random-matrix SNR of `<module>.weight` in every decoder layer of `model`, in layer order."""
@@ -118,7 +129,7 @@ class EngineProbe:
                         f"over {prompts}")
         else:
             if not self.measure:
-                TextTokenizer.of(info.base.side_files)
+                TextTokenizer.of(info.base.side_files, info.base.token_rows)
             self._start(f"router rows from the token embeddings of {prompts} in {info.base_name!r} (no forward "
                         "pass)")
         from recipekit.engine.measure.gates import prompt_gates
@@ -174,3 +185,35 @@ class EngineProbe:
 
         self._reads(a, b)
         return norm_correlation(a, a_name, b, b_name)
+
+    def heal(self, student: LazyModel, name: str, teacher: LazyModel | None, teacher_name: str | None, *,
+             texts: list[tuple[Path_, str]], held_out: tuple[Path_, str] | None, trained: dict[int, list[str]],
+             depths: list[int] | None,
+             mode: str, steps: int, lr: float, seq_len: int, batch_size: int, max_windows: int,
+             seed: int) -> Healed:
+        """Train the named tensors of the student (see `core.probe.Probe.heal`)."""
+        contents = [(text, self._located_text(field, text)) for field, text in texts]
+        held = None if held_out is None else (held_out[1], self._located_text(*held_out))
+        paths = [self._text(text) for _, text in texts]
+        held_path = None if held_out is None else self._text(held_out[1])
+        for model in (student, teacher):
+            if model is not None:
+                self._forward_inputs(model)
+        count = sum(1 for names in trained.values() if names)
+        what = (f"{counted(count, 'layer')} of {name!r} by distillation from {teacher_name!r}, layer by layer, "
+                f"{counted(steps, 'step')} each" if mode == "blockwise" else
+                f"{counted(count, 'layer')} of {name!r} end to end"
+                + (f" against {teacher_name!r}" if teacher is not None else "") + f", {counted(steps, 'step')}")
+        self._start(f"healing: training {what} on {', '.join(text for _, text in texts)} "
+                    f"({human(sum(len(c.encode()) for _, c in contents))}), windows of {seq_len} tokens")
+        from recipekit.engine.train.heal import heal
+        from recipekit.engine.train.loop import Settings
+
+        self._reads(student, *([teacher] if teacher is not None else []), tokenizer=student.side_files)
+        self.read.update(dict.fromkeys([*paths, *([held_path] if held_path else [])]))
+        settings = Settings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=self.device,
+                            progress=self.progress)
+        result = heal(student, name, teacher, teacher_name, texts=contents, held_out=held, trained=trained,
+                      depths=depths, mode=mode, seq_len=seq_len, max_windows=max_windows, settings=settings)
+        self.held = max(self.held, result.held_bytes)
+        return result

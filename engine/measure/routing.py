@@ -59,7 +59,7 @@ def routing(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 256
                         f"the routers of {', '.join(LAYOUTS)} models")
     forward = StreamedForward(model, device=device, name=name)
     k = forward.spec.experts_per_token
-    tokenizer = TextTokenizer.of(model.side_files)
+    tokenizer = TextTokenizer.of(model.side_files, model.token_rows)
     sequences = [ids for ids in (tokenizer.encode(t)[:seq_len] for t in texts[:max_texts]) if ids]
     counts: dict[int, torch.Tensor] = {}
     top1: dict[int, torch.Tensor] = {}

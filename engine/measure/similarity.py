@@ -54,7 +54,7 @@ def similarity(model: LazyModel, name: str, texts: list[str], *, seq_len: int = 
     from recipekit.engine.forward.streamed import FLOAT32, StreamedForward
     from recipekit.engine.forward.tokenize import TextTokenizer
 
-    tokenizer = TextTokenizer.of(model.side_files)
+    tokenizer = TextTokenizer.of(model.side_files, model.token_rows)
     sequences = [tokenizer.encode(t)[:seq_len] for t in texts[:max_texts]]
     forward = StreamedForward(model, device=device, name=name)
     count = len(forward.decoder.layers)

@@ -102,7 +102,7 @@ class Verification:
 def find_super_weights(model: LazyModel, name: str, texts: list[str], *, threshold: float = 50.0, rounds: int = 10,
                        seq_len: int = 256, max_texts: int = 64, device: str = "cpu", progress: bool = False) -> Search:
     """Every super weight the default prompt and `texts` reveal, and every layer's peaks."""
-    tokenizer = TextTokenizer.of(model.side_files)
+    tokenizer = TextTokenizer.of(model.side_files, model.token_rows)
     sequences = [ids for ids in (tokenizer.encode(t)[:seq_len] for t in [DEFAULT_PROMPT, *texts[:max_texts]]) if ids]
     decoder = StreamedForward(model, name=name).decoder
     found: list[SuperWeight] = []
@@ -140,7 +140,7 @@ def verify(model: LazyModel, name: str, weights: list[SuperWeight], text: str, *
     """
     from recipekit.engine.measure.perplexity import perplexity
 
-    tokenizer = TextTokenizer.of(model.side_files)
+    tokenizer = TextTokenizer.of(model.side_files, model.token_rows)
     tokens = min(len(tokenizer.encode_plain(text)), max_tokens)
     window = min(seq_len, tokens + (tokenizer.bos_id is not None))
 

@@ -7,6 +7,7 @@ checked in a second pass so one report holds everything wrong with a recipe.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
@@ -30,15 +31,78 @@ ShardSize = Annotated[
 ]
 
 
+class TokenRow(Strict):
+    """Another token's row: `{model: chat, token: "<|im_end|>"}`."""
+
+    model: Ref = Field(description="The model whose row is taken.")
+    token: str = Field(min_length=1, description="The token (as its tokenizer writes it) whose row is taken.")
+
+
+class TokenOverride(Strict):
+    """Where one token's embedding and lm_head rows come from, instead of the default rule."""
+
+    source: TokenRow | Ref = Field(description=(
+        "`zero` (a zero row), a model name (that model's row of this token), or {model, token} (that model's row "
+        "of another token)."))
+    force: bool = Field(False, description=(
+        "Use this row for every input model, also those that have the token (as mergekit's force); default: only "
+        "for the models that lack it."))
+
+
+VOCABULARY_KEYWORDS = ("union", "base")  # `source` values that are not model names (`base` unless a model is so named)
+
+
+class TokenizerSettings(Strict):
+    """The output vocabulary: its tokenizer, and where each token's embedding and lm_head rows come from."""
+
+    source: Ref = Field("union", description=(
+        "`union` (every token of every input: the base's ids first, then the others' new tokens), `base` (the "
+        "model the output's embeddings come from, or the model named base) or a model name."))
+    tokens: dict[str, TokenOverride] = Field(default_factory=dict, description=(
+        "Per-token row sources, by token as its tokenizer writes it."))
+    pad_to_multiple_of: int | None = Field(None, ge=1, description=(
+        "Round the number of rows up to a multiple of this; the padding rows are zero."))
+    missing: Literal["zero", "mean"] = Field("zero", description=(
+        "The row of a token no input has a row for: zero, or the mean of the model's rows that tokens use."))
+
+
 class Output(Strict):
     """How the result is written."""
 
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="Cast every floating-point tensor to this dtype; default: keep each tensor's dtype.")
     shard_size: ShardSize = "5GB"
-    tokenizer: Ref | None = Field(
-        None, description="Model whose tokenizer (and generation config) is copied; default: the model that "
-                          "gives the output its embeddings.")
+    tokenizer: Ref | TokenizerSettings | None = Field(
+        None, description="Model whose tokenizer (and generation config) is copied, or the output vocabulary's "
+                          "settings; default: the tokenizer of the model that gives the output its embeddings "
+                          "(inputs with different vocabularies need a setting).")
+    chat_template: str | None = Field(None, min_length=1, description=(
+        "The output's chat template: a model name (its template), `auto` (the template most inputs share) or a "
+        "Jinja template; default: the tokenizer's own."))
+
+    def references(self) -> list[tuple[Path_, str]]:
+        """The models the output settings name, with their paths (keywords like `union` and `zero` are not)."""
+        refs: list[tuple[Path_, str]] = []
+        settings = self.tokenizer
+        if isinstance(settings, str):
+            refs.append((("tokenizer",), settings))
+        elif settings is not None:
+            if settings.source not in VOCABULARY_KEYWORDS:
+                refs.append((("tokenizer", "source"), settings.source))
+            for token, override in settings.tokens.items():
+                source = override.source
+                if isinstance(source, TokenRow):
+                    refs.append((("tokenizer", "tokens", token, "source", "model"), source.model))
+                elif source != "zero":
+                    refs.append((("tokenizer", "tokens", token, "source"), source))
+        if self.chat_template is not None and self.chat_template != "auto" and is_name(self.chat_template):
+            refs.append((("chat_template",), self.chat_template))
+        return refs
+
+
+def is_name(text: str) -> bool:
+    """Whether `text` reads as a model name rather than a template (which holds `{{` or `{%`)."""
+    return re.match(NAME_PATTERN, text) is not None
 
 
 def _said(text: str) -> str:
@@ -82,12 +146,11 @@ def parse_recipe(data: Any, locator: Locator) -> Recipe:
         # report wrong references too, for the steps that are valid on their own
         models = data.get("models") if isinstance(data.get("models"), dict) else {}
         steps = data.get("steps") if isinstance(data.get("steps"), list) else []
-        output = data.get("output") if isinstance(data.get("output"), dict) else {}
-        tokenizer = output.get("tokenizer") if isinstance(output.get("tokenizer"), str) else None
         valid = [_valid_step(s) for s in steps]
-        problems += check_references(list(models), valid, tokenizer, locator) or unused_results(valid, locator)
+        problems += (check_references(list(models), valid, _output_references(data.get("output")), locator)
+                     or unused_results(valid, locator))
         raise RecipeError(in_file_order(problems)) from None
-    problems = (check_references(list(recipe.models), recipe.steps, recipe.output.tokenizer, locator)
+    problems = (check_references(list(recipe.models), recipe.steps, recipe.output.references(), locator)
                 or unused_results(recipe.steps, locator))
     if problems:
         raise RecipeError(problems)
@@ -115,7 +178,15 @@ def _valid_step(data: Any) -> StepBase | _InvalidStep:
         return _InvalidStep(step_id if isinstance(step_id, str) else None)
 
 
-def check_references(models: list[str], steps: list[StepBase | _InvalidStep], tokenizer: str | None,
+def _output_references(output: Any) -> list[tuple[Path_, str]]:
+    """The models a not-yet-valid recipe's `output` names, when that part is valid on its own."""
+    try:
+        return Output.model_validate(output).references() if isinstance(output, dict) else []
+    except ValidationError:
+        return []
+
+
+def check_references(models: list[str], steps: list[StepBase | _InvalidStep], output: list[tuple[Path_, str]],
                      locator: Locator) -> list[Problem]:
     """Every step reads only models and earlier steps; ids are unique."""
     problems: list[Problem] = []
@@ -133,11 +204,11 @@ def check_references(models: list[str], steps: list[StepBase | _InvalidStep], to
                                         locator.where(full), full))
             else:
                 known.append(step.id)
-    if tokenizer is not None and tokenizer not in models:
-        path = ("output", "tokenizer")
-        problems.append(Problem(f"unknown model {tokenizer!r}{_suggest(tokenizer, models)}; "
-                                f"the tokenizer comes from one of: {', '.join(models)}",
-                                locator.where(path), path))
+    for path, ref in output:
+        if ref not in models:
+            full = ("output", *path)
+            problems.append(Problem(f"unknown model {ref!r}{_suggest(ref, models)}; the tokenizer comes from "
+                                    f"one of: {', '.join(models)}", locator.where(full), full))
     return problems
 
 

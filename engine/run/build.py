@@ -17,6 +17,8 @@ from recipekit.engine.io.source import ModelSource, open_model
 from recipekit.engine.measure.probe import EngineProbe
 from recipekit.engine.recipe.document import Recipe
 from recipekit.engine.recipe.yamlsource import Locator
+from recipekit.engine.vocab.align import Aligned, align, check_combined
+from recipekit.engine.vocab.chat import chat_files
 from recipekit.ops.registry import KERNELS, function_for
 
 
@@ -72,7 +74,12 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
     progress bars when `progress`. With `measure=False`, such a step has its inputs checked but does not run,
     nor does any step that reads its result; the rest are built as usual.
     """
-    results: dict[str, LazyModel] = open_inputs(recipe, locator, base_dir, hub_only)
+    inputs = open_inputs(recipe, locator, base_dir, hub_only)
+    try:
+        aligned = align(recipe, inputs)
+    except RecipekitError as e:
+        raise type(e)([_locate(p, (), locator) for p in e.problems]) from None
+    results: dict[str, LazyModel] = dict(aligned.models)
     probe = EngineProbe(base_dir, device, progress=progress, announce=announce, measure=measure)
     model = None
     unset_since = None  # the step that left routers unset
@@ -111,13 +118,40 @@ def build(recipe: Recipe, locator: Locator, base_dir: Path, hub_only: bool = Fal
         path = ("steps", unset_since)
         raise PlanError(Problem("the routers of this Mixture of Experts are not set: add an init_gates step after it "
                                 "(mode: random, uniform, cheap_embed or hidden)", locator.where(path), path))
-    tokenizer = recipe.output.tokenizer
-    if tokenizer is not None:
-        model = model.evolve(side_files=results[tokenizer].side_files)
+    if aligned.groups:
+        try:
+            check_combined(model, inputs, aligned.groups)
+        except RecipekitError as e:
+            raise type(e)([_locate(p, (), locator) for p in e.problems]) from None
+    model = _with_tokenizer(model, recipe, inputs, aligned, locator)
     cards = [source.card for _, source in model.sources if source.card is not None]  # the card carries a license
-    model = model.evolve(notes=tuple(sorted(model.notes, key=order.__getitem__)),
-                         read_files=tuple(dict.fromkeys([*probe.read, *cards])), measure_memory=probe.held)
+    notes = tuple(sorted(model.notes, key=order.__getitem__))
+    if aligned.report is not None:
+        notes += (aligned.report.line(),)
+    model = model.evolve(notes=notes, measure_memory=probe.held,
+                         read_files=tuple(dict.fromkeys([*probe.read, *cards, *model.read_files])))
     return Built(model, tuple(messages), tuple(skipped))
+
+
+def _with_tokenizer(model: LazyModel, recipe: Recipe, inputs: dict[str, LazyModel], aligned: Aligned,
+                    locator: Locator) -> LazyModel:
+    """The output with the tokenizer files it gets: the named model's, the vocabulary's, and its chat template."""
+    tokenizer = recipe.output.tokenizer
+    origin = aligned.tokenizer_from or (tokenizer if isinstance(tokenizer, str) else None)
+    if origin is not None:
+        model = model.evolve(side_files=inputs[origin].side_files)
+    files, read = dict(aligned.files), list(aligned.read)
+    if recipe.output.chat_template is not None:
+        try:
+            files, seen, message = chat_files(recipe.output.chat_template, {n: m.side_files for n, m in inputs.items()},
+                                              model.side_files, files)
+        except RecipekitError as e:
+            raise type(e)([_locate(p, (), locator) for p in e.problems]) from None
+        read += seen
+        if message is not None:
+            model = model.evolve(messages=(*model.messages, message))
+    return model.evolve(side_overrides=tuple(files.items()), vocabulary=aligned.report,
+                        read_files=(*model.read_files, *read))
 
 
 def _numbered_notes(model: LazyModel, step: StepBase, k: int, order: dict[str, int]) -> LazyModel:

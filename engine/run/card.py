@@ -11,7 +11,9 @@ import json
 import re
 from importlib.metadata import PackageNotFoundError, metadata
 
+from recipekit.engine.core.added_modules import CONFIG_KEY
 from recipekit.engine.core.architectures import layer_config
+from recipekit.engine.core.tags import HEALED
 from recipekit.engine.core.words import counted, listed
 from recipekit.engine.io.source import ModelSource
 from recipekit.engine.recipe.document import Recipe
@@ -43,7 +45,7 @@ def render_card(plan: Plan, recipe: Recipe, text: str, standalone: Standalone, *
     dtype = plan.config.get("dtype") or plan.config.get("torch_dtype") or "as in the inputs"
     sizes = (f"{counted(len(model.layer_origins), 'decoder layer')}, {counted(len(plan.tensors), 'tensor')} in "
              f"{counted(len(plan.shards), 'shard')}, dtype {dtype}.")
-    lines += ["", sizes, "", "## Rebuild", "", rebuild(standalone), "",
+    lines += ["", sizes, "", *loading(plan.config), "## Rebuild", "", rebuild(standalone), "",
               "## Recipe", "", "```yaml", text.rstrip("\n"), "```", ""]
     return "\n".join(lines)
 
@@ -127,8 +129,25 @@ def _bases(plan: Plan) -> str:
     elif relation == "finetune":
         words.append("Every weight comes from one base model, which the Hub files as a fine-tune of it "
                      "(`base_model_relation: finetune`, the Hub's relation for a model derived from one base that "
-                     "is neither an adapter nor quantized), though nothing was trained: see the steps.")
+                     "is neither an adapter nor quantized)"
+                     + (", some of its weights trained: see the steps." if HEALED in model.tags else
+                        ", though nothing was trained: see the steps."))
     return " ".join(words)
+
+
+def loading(config: dict) -> list[str]:
+    """How to load an output whose layers have added modules (none for a plain checkpoint): recipekit provides
+    the classes, so the card says what to install and the lines that load it."""
+    added = config.get(CONFIG_KEY)
+    if not added:
+        return []
+    return ["## Loading", "",
+            f"Its decoder layers have modules transformers does not know ({listed(list(added))}; model type "
+            f"`{config.get('model_type')}`). recipekit provides their classes and registers them with transformers "
+            "when it is imported; nothing in this folder is code and nothing needs `trust_remote_code`. Install "
+            "`pip install 'recipekit[modules]'` (recipekit with transformers), then:", "",
+            "```python", "import recipekit", "from transformers import AutoModelForCausalLM", "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")', "```", ""]
 
 
 def rebuild(standalone: Standalone) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from recipekit.engine.core.graph import Apply, Load, Node, loads_of
-from recipekit.engine.core.kernels import compute_dtype, torch_dtype
+from recipekit.engine.core.kernels import OWN_MEAN, TAKE_ROWS, compute_dtype, gather_rows, row_pairs, torch_dtype
 from recipekit.engine.errors import PlanError
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, TensorInfo
 from recipekit.ops.registry import KERNELS
@@ -60,12 +60,18 @@ def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
 
 
 def read_rows(info: TensorInfo, fd: int, rows: list[int]) -> torch.Tensor:
-    """Rows of a 2-D input tensor (e.g. the embeddings of some tokens), reading only their bytes."""
-    width = info.shape[1]
-    out = torch.empty((len(rows), width), dtype=torch_dtype(info.dtype))
+    """Rows of a 2-D input tensor (e.g. the embeddings of some tokens), reading only their bytes; consecutive rows
+    are read in one call."""
+    width = math.prod(info.shape[1:])
+    out = torch.empty((len(rows), *info.shape[1:]), dtype=torch_dtype(info.dtype))
     view, row_bytes = _bytes_of(out), width * out.element_size()
-    for k, row in enumerate(rows):
-        _read_into(view[k * row_bytes:(k + 1) * row_bytes], fd, info.offset + row * row_bytes, info)
+    k = 0
+    while k < len(rows):
+        run = 1
+        while k + run < len(rows) and rows[k + run] == rows[k] + run:
+            run += 1
+        _read_into(view[k * row_bytes:(k + run) * row_bytes], fd, info.offset + rows[k] * row_bytes, info)
+        k += run
     return out
 
 
@@ -164,31 +170,65 @@ def cast_stream(info: TensorInfo, src_fd: int, dst_fd: int, dst_offset: int, dty
 def rowwise_stream(node: Apply, open_input: Callable[[TensorInfo], int], dst_fd: int, dst_offset: int,
                    name: str) -> None:
     """Compute a rowwise kernel (a linear merge) a block of rows at a time, from the input files to the output
-    file: memory is a few blocks per thread, whatever the tensor's size. Every input is a `Load` of `node`'s shape.
-    """
-    kernel = KERNELS[node.kernel]
+    file: memory is a few blocks per thread, whatever the tensor's size. Every input is a `Load` of `node`'s shape
+    or rows gathered from `Load`s (`take_rows`: an input in the output vocabulary), and `node` may be such gathered
+    rows itself."""
+    gathered = node.kernel == TAKE_ROWS
+    kernel = None if gathered else KERNELS[node.kernel]
     params = dict(node.params)
     keep = params.pop("keep", ())
     rows, row_elems = node.shape[0], math.prod(node.shape[1:])
     out_dtype = torch_dtype(node.dtype)
     work = DTYPE_SIZES[compute_dtype(node.params)]
+    sources = (node,) if gathered else node.inputs
     # inputs in their dtype and their copies in the compute dtype, the result and its cast: about CAST_CHUNK_BYTES
-    per_row = row_elems * (sum(DTYPE_SIZES[i.dtype] + work for i in node.inputs) + work + out_dtype.itemsize)
+    per_row = row_elems * (sum(DTYPE_SIZES[i.dtype] + work for i in sources) + work + out_dtype.itemsize)
     step = max(1, CAST_CHUNK_BYTES // per_row)
     out_row = row_elems * out_dtype.itemsize
+    readers = [_block_reader(source, open_input) for source in sources]
     for start in range(0, rows, step):
         n = min(step, rows - start)
-        blocks = []
-        for load in node.inputs:
-            info = load.tensor
-            block = torch.empty((n, *node.shape[1:]), dtype=torch_dtype(info.dtype))
-            in_row = row_elems * DTYPE_SIZES[info.dtype]
-            _read_into(_bytes_of(block), open_input(info), info.offset + start * in_row, info)
-            blocks.append(block)
-        local = tuple((r - start, c, s) for r, c, s in keep if start <= r < start + n)
-        result = kernel(*blocks, **params, **({"keep": local} if local else {})).to(out_dtype)
+        blocks = [read(start, n) for read in readers]
+        if kernel is None:
+            result = blocks[0].to(out_dtype)
+        else:
+            local = tuple((r - start, c, s) for r, c, s in keep if start <= r < start + n)
+            result = kernel(*blocks, **params, **({"keep": local} if local else {})).to(out_dtype)
         check_finite(result, lambda: blocks, name)
         write_tensor(result, dst_fd, dst_offset + start * out_row)
+
+
+def _block_reader(node: Node, open_input: Callable[[TensorInfo], int]) -> Callable[[int, int], torch.Tensor]:
+    """`read(start, n)`: rows [start, start + n) of a `Load`, or of rows gathered from `Load`s, read from the files."""
+    if isinstance(node, Load):
+        info = node.tensor
+        in_row = math.prod(info.shape[1:]) * DTYPE_SIZES[info.dtype]
+
+        def read_block(start: int, n: int) -> torch.Tensor:
+            block = torch.empty((n, *info.shape[1:]), dtype=torch_dtype(info.dtype))
+            _read_into(_bytes_of(block), open_input(info), info.offset + start * in_row, info)
+            return block
+
+        return read_block
+    params = dict(node.params)
+    pairs = row_pairs(params["take"])
+    infos = [load.tensor for load in node.inputs]
+    own_mean = _mean_rows(infos[0], open_input, params["used"]) if bool((pairs[:, 0] == OWN_MEAN).any()) else None
+
+    def read(k: int, picked: torch.Tensor) -> torch.Tensor:
+        return read_rows(infos[k], open_input(infos[k]), picked.tolist())
+
+    return lambda start, n: gather_rows(pairs[start:start + n], params["means"], own_mean, read,
+                                        torch_dtype(node.dtype), node.shape[1:])
+
+
+def _mean_rows(info: TensorInfo, open_input: Callable[[TensorInfo], int], used: int) -> torch.Tensor:
+    """The float32 mean of the first `used` rows of an input matrix, read a block of rows at a time."""
+    step = max(1, CAST_CHUNK_BYTES // (math.prod(info.shape[1:]) * 4))
+    total = torch.zeros(info.shape[1:], dtype=torch.float64)
+    for start in range(0, used, step):
+        total += read_rows(info, open_input(info), list(range(start, min(used, start + step)))).double().sum(0)
+    return (total / max(used, 1)).float()
 
 
 class Evaluator:

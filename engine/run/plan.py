@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from recipekit.engine.core.graph import Apply, LazyModel, Load, Node, cast_source, loads_of
-from recipekit.engine.core.kernels import compute_dtype
+from recipekit.engine.core.kernels import TAKE_ROWS, compute_dtype
 from recipekit.engine.io.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES
 from recipekit.engine.recipe.document import OUTPUT_DTYPES, Output
 from recipekit.ops.registry import ROWWISE, SCRATCH
@@ -158,8 +158,20 @@ def _nbytes(node: Node) -> int:
 
 
 def is_rowwise(node: Node) -> bool:
-    return (isinstance(node, Apply) and node.kernel in ROWWISE and len(node.shape) >= 1
-            and all(isinstance(i, Load) and i.shape == node.shape for i in node.inputs))
+    """Computed a block of rows at a time from the input files: a rowwise kernel over inputs of its shape, each a
+    `Load` or rows gathered from `Load`s (an input in the output vocabulary), or such gathered rows themselves."""
+    if not isinstance(node, Apply) or not node.shape:
+        return False
+    if node.kernel == TAKE_ROWS:
+        return gathered(node, node.shape)
+    return node.kernel in ROWWISE and all((isinstance(i, Load) and i.shape == node.shape) or gathered(i, node.shape)
+                                          for i in node.inputs)
+
+
+def gathered(node: Node, shape: tuple[int, ...]) -> bool:
+    """Rows of `shape` gathered straight from input tensors (`take_rows` over `Load`s)."""
+    return (isinstance(node, Apply) and node.kernel == TAKE_ROWS and node.shape == shape
+            and all(isinstance(i, Load) for i in node.inputs))
 
 
 def _peak_memory(nodes: dict[str, Node]) -> int:

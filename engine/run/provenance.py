@@ -9,7 +9,8 @@
   (layers dropped or re-stacked, a MoE upcycled from it, matrices made low
   rank) is a full set of weights derived from one base, which the Hub files as
   `finetune`: said explicitly, so the model tree does not depend on the Hub's
-  guess, and the card's body says that nothing was trained.
+  guess, and the card's body says that nothing was trained (or, after `heal`,
+  tagged `healed`, that some weights were).
 - `license`: carried only when every input states one and they all agree,
   from its card's front matter or else its config; otherwise left out, and the
   body says why. Never invented.

@@ -183,10 +183,14 @@ def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], late_files: La
         (partial / JOURNAL).unlink()
         _write_json(partial / INDEX_FILE, plan.index())
         _write_json(partial / "config.json", plan.config)
+        overrides = dict(plan.model.side_overrides)
         for name in SIDE_FILES:
             source = plan.model.side_files.side_file(name)
-            if source is not None:
+            if source is not None and name not in overrides:
                 shutil.copyfile(source, partial / name)
+        for name, data in overrides.items():
+            if data is not None:
+                (partial / name).write_bytes(data)
         if late_files is not None:
             files = {**files, **late_files()}
         for name, data in files.items():

@@ -39,6 +39,9 @@ class SliceLayers(StepBase):
         refs += [((field,), ref) for field, ref in (("base", self.base), ("head", self.head)) if ref is not None]
         return refs
 
+    def embeddings_from(self) -> str:
+        return self.base or self.slices[0].model
+
     def title(self, names: Mapping[str, str]) -> str:
         models = list(dict.fromkeys(names[ref] for _, ref in self.references()))
         if len(models) > 1:
@@ -83,8 +86,11 @@ def _with_head(model: LazyModel, base_name: str, head: LazyModel, head_name: str
         raise PlanError(Problem(f"the final norm and lm_head cannot come from {head_name!r}: {why}", path=("head",)))
     for name, node in taken.items():
         if node.shape != model.tensors[name].shape:
+            vocabulary = ("; the models have different vocabularies: set output.tokenizer (source: union, or a "
+                          "model name) so that rows are matched by token" if "lm_head" in name else "")
             raise PlanError(Problem(f"{name} from {head_name!r} has shape {list(node.shape)}, the base "
-                                    f"{base_name!r} has {list(model.tensors[name].shape)}", path=("head",)))
+                                    f"{base_name!r} has {list(model.tensors[name].shape)}{vocabulary}",
+                                    path=("head",)))
     return model.evolve(tensors={**model.tensors, **taken}).absorb(head, tags=(FRANKENMERGE,))
 
 

@@ -101,6 +101,9 @@ class Merge(StepBase):
         refs: list[tuple[Path_, str]] = [(("models", k, "model"), m.model) for k, m in enumerate(self.models)]
         return refs + ([(("base",), self.base)] if self.base is not None else [])
 
+    def embeddings_from(self) -> str:
+        return self.base or self.models[0].model
+
     def title(self, names: Mapping[str, str]) -> str:
         onto = self.base is not None and METHODS[self.method].base != "ignored"  # the others are measured from it
         merged = [names[m.model] for m in self.models if not (onto and m.model == self.base)]
@@ -245,8 +248,8 @@ def _check_compatible(entries: list[Input], inputs: list[LazyModel]) -> None:
             theirs = model.tensors[tensor].shape
             if theirs != node.shape:
                 vocabulary = tensor.endswith(("embed_tokens.weight", "lm_head.weight"))
-                why = (": the models have different vocabularies; merge models that share a tokenizer (a "
-                       "vocabulary union is not supported yet)" if vocabulary else "")
+                why = (": the models have different vocabularies; set output.tokenizer (source: union, or a model "
+                       "name) so that rows are matched by token" if vocabulary else "")
                 problems.append(Problem(f"{tensor} has shape {list(theirs)} in {name!r} but {list(node.shape)} in "
                                         f"{base_name!r}{why}", path=path))
                 break

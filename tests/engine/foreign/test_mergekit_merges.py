@@ -202,8 +202,7 @@ def test_what_a_merge_config_asks_that_recipekit_does_not_compute_is_named(work:
     assert_recipe_refused(work, capsys, command, textwrap.dedent(UNSUPPORTED).lstrip(), [
         line("weight: 0.5, ^t: 0.3", "models[1].parameters.t", "not a per-model parameter"),
         line("modules: ^{text", "modules", "modules"),
-        line("chat_template: ^chatml", "chat_template", "not supported"),
-        line("tokenizer_source: ^union", "tokenizer_source", "union"),
+        line("chat_template: ^chatml", "chat_template", "built-in templates by name are not included"),
     ])
 
 

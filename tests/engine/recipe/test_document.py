@@ -58,7 +58,7 @@ steps:
   - model: a
   - op: drop_layers
 """)
-    assert problems[0] == "r.yaml:4:5: steps[0]: every step needs an 'op': one of drop_layers, slice_layers, expand_layers, stack_experts, init_gates, protect_super_weights, low_rank, merge"
+    assert problems[0] == "r.yaml:4:5: steps[0]: every step needs an 'op': one of drop_layers, slice_layers, expand_layers, add_modules, stack_experts, init_gates, protect_super_weights, low_rank, heal, merge"
     assert "r.yaml:5:5: steps[1].model: missing required key 'model'" in problems
 
 

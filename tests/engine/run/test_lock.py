@@ -74,10 +74,11 @@ def test_the_lock_covers_every_file_read_or_copied_and_equals_sequential_hashing
     # files are copied into the output (the first model's, as the output tokenizer by default)
     assert a_files == {"config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
                        "tokenizer_config.json"} | shards_a
-    # b: only the shards of the layers the output takes, its config and index; its tokenizer is not used
-    assert {"config.json", "model.safetensors.index.json"} < b_files
-    assert not b_files & {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
-    for name in b_files - {"config.json", "model.safetensors.index.json"}:
+    # b: only the shards of the layers the output takes, its config and index, and its tokenizer.json, read to
+    # check that its vocabulary is a's (its other side files are not used)
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} < b_files
+    assert not b_files & {"tokenizer_config.json", "generation_config.json"}
+    for name in b_files - {"config.json", "model.safetensors.index.json", "tokenizer.json"}:
         assert name.endswith(".safetensors")
 
 

@@ -341,7 +341,7 @@ def _other_model(family: Path, tmp_path: Path, **config) -> Path:
 
 @pytest.mark.parametrize("config, words", [
     ({"layers": 3}, ("has 3 layers", "has 4", "slice_layers")),
-    ({"vocab_size": 100}, ("[100, 32]", "[96, 32]", "different vocabularies")),
+    ({"vocab_size": 100}, ("[100, 32]", "[96, 32]", "different vocabularies", "output.tokenizer")),
     ({"intermediate_size": 48}, ("mlp.down_proj.weight", "[32, 48]", "[32, 64]")),
 ])
 def test_models_that_do_not_fit_are_named(family: Path, tmp_path: Path, capsys, config: dict,

@@ -1,0 +1,1 @@
+"""Training: the only package that calls `backward()` (see docs/architecture.md, "Healing")."""
