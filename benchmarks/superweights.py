@@ -95,9 +95,10 @@ def analyze(recipe: str, model: Path, extra: list[str]) -> dict:
     return report
 
 
-def transformers_effects(model_dir: Path, weights: list[dict]) -> tuple[float, list[float]]:
+def transformers_effects(model_dir: Path, weights: list[dict], prepare=None) -> tuple[float, list[float]]:
     """Perplexity of the built-in calibration text under transformers' forward, as it is and with each weight
-    zeroed on its own (the text as one window, as `analyze --seq-len` above makes it)."""
+    zeroed on its own (the text as one window, as `analyze --seq-len` above makes it); `prepare(model)`, when
+    given, adjusts the loaded model first."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -107,6 +108,8 @@ def transformers_effects(model_dir: Path, weights: list[dict]) -> tuple[float, l
 
     ids = TextTokenizer.of(open_model(str(model_dir), base_dir=Path("/"))).encode(CALIBRATION_TEXT)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if prepare is not None:
+        prepare(model)
     batch = torch.tensor([ids])
 
     def score() -> float:

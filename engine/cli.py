@@ -161,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seq-len", type=_positive, default=256, help="tokens per text at most (default 256)")
     analyze.add_argument("--max-texts", type=_positive, default=64, help="texts used at most (default 64)")
     analyze.add_argument("--module", action="append", metavar="NAME",
-                         help="a module such as self_attn.v_proj (repeatable; default: all projections)")
+                         help="a module such as self_attn.v_proj, named as in Llama; in a fused layout (Phi-3's "
+                              "qkv_proj) its rows of the fused matrix (repeatable; default: all projections)")
     analyze.add_argument("--threshold", type=float, default=50.0,
                          help="super-weights: a layer's largest down_proj input and output must exceed this "
                               "many times the layer's median (default 50)")

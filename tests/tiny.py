@@ -55,10 +55,12 @@ def make_model(path: Path, *, family: str = "llama", layers: int = 4, seed: int 
     return path
 
 
-def make_multimodal_gemma3(path: Path, *, layers: int = 3, seed: int = 0, tied: bool = True, **text) -> Path:
-    """Save a randomly initialised tiny Gemma3ForConditionalGeneration (a 2-layer vision tower, its projector and a
-    text model of `layers` layers, `text` overriding its config) to `path`; norms made to differ from 0, the
-    identity of Gemma's (1 + weight) norms. Untied, its head is saved as `language_model.lm_head.weight`."""
+def make_multimodal_gemma3(path: Path, *, layers: int = 3, vision_layers: int = 2, seed: int = 0, tied: bool = True,
+                           **text) -> Path:
+    """Save a randomly initialised tiny Gemma3ForConditionalGeneration (a SigLIP vision tower of `vision_layers`
+    layers, its projector and a text model of `layers` layers, `text` overriding its config) to `path`; norms made
+    to differ from 0, the identity of Gemma's (1 + weight) norms, and the projector from its initial zeros, so a
+    tensor taken from the wrong place shows. Untied, its head is saved as `language_model.lm_head.weight`."""
     import torch
     import transformers
 
@@ -67,12 +69,14 @@ def make_multimodal_gemma3(path: Path, *, layers: int = 3, seed: int = 0, tied: 
                 num_hidden_layers=layers, vocab_size=96, max_position_embeddings=128, tie_word_embeddings=tied) | text
     config = transformers.Gemma3Config(
         text_config=text,
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14), mm_tokens_per_image=4, tie_word_embeddings=tied)
+        # 28x28 images in 14x14 patches: 4 patches, as many as mm_tokens_per_image
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=vision_layers,
+                           num_attention_heads=2, image_size=28, patch_size=14), mm_tokens_per_image=4,
+        tie_word_embeddings=tied)
     model = transformers.Gemma3ForConditionalGeneration(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "mm_input_projection" in name:
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return path

@@ -47,7 +47,8 @@ def split_layer_name(name: str) -> tuple[str, int, str] | None:
 
 
 def decoder_of(model: LazyModel, model_name: str) -> Decoder:
-    """Find the decoder stack; the prefix whose layer count matches `num_hidden_layers` wins."""
+    """Find the decoder stack; the prefix whose layer count matches `num_hidden_layers` wins, and of several
+    (a vision encoder as deep as the language model) the one under `language_model`."""
     stacks: dict[str, dict[int, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
     for name in model.tensors:
         parts = split_layer_name(name)
@@ -57,6 +58,8 @@ def decoder_of(model: LazyModel, model_name: str) -> Decoder:
     if not stacks:
         raise PlanError(f"model {model_name!r} has no decoder layers (tensors named <prefix>.layers.<i>.<rest>)")
     matching = [p for p, layers in stacks.items() if len(layers) == expected]
+    if len(matching) > 1:  # a vision encoder as deep as the language model: the count cannot tell them apart
+        matching = [p for p in matching if "language_model" in p.split(".")] or matching
     if len(stacks) == 1:
         prefix = next(iter(stacks))
     elif len(matching) == 1:
@@ -122,9 +125,15 @@ def compose_layers(picks: list[Pick], base_name: str, base: LazyModel, note: str
         for rest, name in layer.items():
             base_shapes[rest].add(base.tensors[name].shape)
 
+    everywhere = set.intersection(*(set(layer) for layer in base_decoder.layers))  # MoE layers may add more
     layer_names = base_decoder.layer_names()
     tensors = {name: node for name, node in base.tensors.items() if name not in layer_names}
     for j, (name, model, i, path) in enumerate(picks):
+        lacking = sorted(everywhere - set(decoders[id(model)].layers[i]))
+        if model is not base and lacking:  # a layer of another family (a Llama layer has no Gemma 3 q_norm)
+            more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+            raise PlanError(Problem(f"layer {i} of model {name!r} does not fit the base {base_name!r}: it has no "
+                                    f"{lacking[0]}{more}, which every layer of the base has", path=path))
         for rest, full in decoders[id(model)].layers[i].items():
             node = model.tensors[full]
             if model is not base and node.shape not in base_shapes.get(rest, ()):

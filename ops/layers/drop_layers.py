@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from recipekit.engine.core.graph import LazyModel
 from recipekit.engine.core.layers import Pick, compose_layers, decoder_of, out_of_range
+from recipekit.engine.core.modules import module_weights
 from recipekit.engine.core.probe import Probe
 from recipekit.engine.core.schema import LayerSpan, Ref, StepBase, Strict
 from recipekit.engine.core.words import counted
@@ -23,7 +24,9 @@ class SnrSelect(Strict):
     """Choose layers by the random-matrix SNR of one module's weight (see `recipe analyze --metric snr`)."""
 
     metric: Literal["snr"] = Field(description="Random-matrix signal-to-noise ratio (data-free).")
-    module: str = Field("self_attn.v_proj", description="Module whose weight is measured in every layer.")
+    module: str = Field("self_attn.v_proj", description=(
+        "Module whose weight is measured in every layer, named as in Llama (self_attn.v_proj, mlp.down_proj); in a "
+        "fused layout (Phi-3's qkv_proj, gate_up_proj) its rows of the fused matrix."))
     where: Literal["infinite"] | None = Field(None, description="Choose the layers whose SNR is infinite.")
     below: float | None = Field(None, description="Choose the layers whose SNR is below this value.")
     lowest: int | None = Field(None, ge=1, description="Choose this many layers with the lowest SNR.")
@@ -36,11 +39,10 @@ class SnrSelect(Strict):
 
     def measure(self, name: str, model: LazyModel, probe: Probe) -> list[float]:
         """One value per layer."""
-        layer = decoder_of(model, name).layers[0]
-        weight = layer.get(f"{self.module}.weight")
-        if weight is not None and len(model.tensors[weight].shape) != 2:
-            raise PlanError(Problem(f"{self.module}.weight has shape {list(model.tensors[weight].shape)}: SNR is "
-                                    "measured on a matrix (e.g. self_attn.v_proj)", path=("select", "module")))
+        shape = module_weights(model, name, self.module, path=("select", "module"))[0].shape
+        if len(shape) != 2:
+            raise PlanError(Problem(f"{self.module}.weight has shape {list(shape)}: SNR is measured on a matrix "
+                                    "(e.g. self_attn.v_proj)", path=("select", "module")))
         return probe.snr(model, name, self.module)
 
     def choose(self, values: list[float]) -> list[int]:

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from recipekit.engine.core.graph import LazyModel, ProtectedWeight
 from recipekit.engine.core.layers import decoder_of, out_of_range
+from recipekit.engine.core.modules import module_weights
 from recipekit.engine.core.probe import SUPER_WEIGHT_MIN_EFFECT, VERIFY_TOKENS, Probe
 from recipekit.engine.core.schema import Ref, StepBase, Strict
 from recipekit.engine.core.words import counted
@@ -37,7 +38,9 @@ class Coordinate(Strict):
     layer: int = Field(ge=0, description="Decoder layer index.")
     row: int = Field(ge=0, description="Row (output channel) of the weight matrix.")
     column: int = Field(ge=0, description="Column (input channel) of the weight matrix.")
-    module: str = Field("mlp.down_proj", description="Module whose weight holds the entry.")
+    module: str = Field("mlp.down_proj", description=(
+        "Module whose weight holds the entry, named as in Llama; in a fused layout (Phi-3's gate_up_proj) the row "
+        "counts within the module's rows."))
 
 
 class ProtectSuperWeights(StepBase):
@@ -124,18 +127,19 @@ def _given(step: ProtectSuperWeights, model: LazyModel) -> list[tuple[str, int, 
         problems = out_of_range([(path + ("layer",), (c.layer, c.layer + 1))], len(decoder.layers), step.model)
         if problems:
             raise PlanError(problems)
-        name = decoder.layers[c.layer].get(f"{c.module}.weight")
-        if name is None:
-            raise PlanError(Problem(f"layer {c.layer} has no {c.module}.weight", path=path + ("module",)))
-        shape = model.tensors[name].shape
+        weight = module_weights(model, step.model, c.module, path + ("module",))[c.layer]
+        name, shape = weight.tensor, weight.shape
         if len(shape) != 2:
             raise PlanError(Problem(f"{name} has shape {list(shape)}: a super weight is an entry of a matrix; "
                                     "name a module with a 2-D weight (mlp.down_proj)", path=path + ("module",)))
         rows, columns = shape
         if c.row >= rows or c.column >= columns:
-            raise PlanError(Problem(f"[{c.row}, {c.column}] is outside {name}, of shape [{rows}, {columns}]",
+            what = name if weight.rows is None else \
+                f"{c.module} (rows {weight.rows[0]}..{weight.rows[1] - 1} of {name})"
+            raise PlanError(Problem(f"[{c.row}, {c.column}] is outside {what}, of shape [{rows}, {columns}]",
                                     path=path))
-        entries.append((name, c.layer, c.row, c.column, "given"))
+        offset = weight.rows[0] if weight.rows else 0  # a row of a fused module is a row of the fused matrix
+        entries.append((name, c.layer, offset + c.row, c.column, "given"))
     return entries
 
 

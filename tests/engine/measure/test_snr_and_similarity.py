@@ -36,7 +36,7 @@ def test_snr_of_chosen_modules_and_of_a_recipe(tmp_path, capsys):
     assert main(["analyze", str(path), "--metric", "snr"]) == 0
     assert "self_attn.q_proj" in capsys.readouterr().out
     assert main(["analyze", str(path), "--metric", "snr", "--module", "mlp.nope"]) == 2
-    assert "has no mlp.nope in every layer" in capsys.readouterr().err
+    assert "has no module 'mlp.nope' in its layers; its weight matrices: mlp.down_proj" in capsys.readouterr().err
 
 
 def _reference_residuals(path, sequences):

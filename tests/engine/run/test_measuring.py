@@ -190,7 +190,8 @@ def test_no_measure_still_checks_what_a_measurement_would_read(folder, tmp_path,
                                     f"  - {{op: drop_layers, model: m, select: {select}}}\n")
     expected = {"missing text": f"{tmp_path / 'texts.txt'}: steps[0]: text file not found",
                 "unsupported family": f"{recipe}:4:5: steps[0]: the streamed forward supports model types llama",
-                "unknown module": f"{recipe}:4:5: steps[0]: model 'm' has no self_attn.w_proj in every layer"}[case]
+                "unknown module": f"{recipe}:4:63: steps[0].select.module: model 'm' has no module "
+                                  "'self_attn.w_proj' in its layers (did you mean 'self_attn.v_proj'?)"}[case]
     capsys.readouterr()
     rc = main(["validate", str(recipe), "--no-measure"])
     err = capsys.readouterr().err

@@ -136,7 +136,7 @@ def test_without_protection_low_rank_changes_the_weight(work: Path) -> None:
     ("{op: protect_super_weights, model: story, coordinates: [{layer: 1, row: 900, column: 0}]}",
      "coordinates: [^{layer: 1", ("steps[0].coordinates[0]", "[900, 0] is outside", "[128, 384]")),
     ("{op: low_rank, model: story, modules: [mlp.down], rank: 4}",
-     "modules: [^mlp.down]", ("steps[0].modules[0]", "has no mlp.down.weight")),
+     "modules: [^mlp.down]", ("steps[0].modules[0]", "has no module 'mlp.down'", "did you mean 'mlp.down_proj'?")),
     ("{op: low_rank, model: story, modules: [mlp.down_proj], rank: 500}",
      "rank: ^500", ("steps[0].rank", "rank 500 is more than")),
 ])
