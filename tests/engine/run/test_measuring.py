@@ -3,20 +3,16 @@ measure before they start, show progress bars on a terminal, can be left out of 
 memory counts what they hold."""
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
 
 from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
+from tests.terminal import stderr_on_a_terminal
 from tests.tiny import add_char_tokenizer, make_model, write_recipe
 
 STEPS = {
@@ -111,23 +107,7 @@ def test_a_terminal_shows_the_forward_bar(folder):
     recipe = _recipe(folder, "angular")
 
     def stderr_of(*extra: str) -> str:
-        leader, follower = pty.openpty()
-        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
-        child = subprocess.Popen([sys.executable, "-m", "recipekit.engine.cli", "plan", str(recipe), *extra],
-                                 stderr=follower, stdout=subprocess.DEVNULL)
-        os.close(follower)  # the child holds the terminal now; reading it ends when the child exits
-        text = b""
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the child closed its end
-                break
-            if not chunk:
-                break
-            text += chunk
-        os.close(leader)
-        assert child.wait() == 0, text
-        return text.decode()
+        return stderr_on_a_terminal("plan", str(recipe), *extra)
 
     shown = stderr_of()
     assert "forward:" in shown and "/4 [" in shown, shown  # tqdm's count of 4 layers
@@ -144,15 +124,15 @@ print("torch" in sys.modules, rc)
 
 
 def test_validate_no_measure_checks_the_recipe_and_headers_but_runs_no_measurement(folder, tmp_path):
-    recipe = write_recipe(folder, f"""
+    recipe = write_recipe(folder, """
         recipe: 1
-        models: {{m: m}}
+        models: {m: m}
         steps:
-          - {{id: pruned, op: drop_layers, model: m, select: {{metric: angular, n: 1, text: texts.txt}}}}
-          - {{id: small, op: low_rank, model: pruned, modules: [mlp.down_proj], rank: 2}}
-          - {{id: other, op: drop_layers, model: m, layers: [0]}}
+          - {id: pruned, op: drop_layers, model: m, select: {metric: angular, n: 1, text: texts.txt}}
+          - {id: small, op: low_rank, model: pruned, modules: [mlp.down_proj], rank: 2}
+          - {id: other, op: drop_layers, model: m, layers: [0]}
           - op: slice_layers
-            slices: [{{model: small, range: [0, 2]}}, {{model: other, range: [0, 1]}}]
+            slices: [{model: small, range: [0, 2]}, {model: other, range: [0, 1]}]
         """, "no-measure.yaml")
     result = subprocess.run([sys.executable, "-c", NO_TORCH, str(recipe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

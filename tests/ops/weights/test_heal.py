@@ -3,15 +3,10 @@ changes, the same recipe gives the same bytes (on any thread count), and bad ste
 runs."""
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import termios
 
 import pytest
 import torch
@@ -21,6 +16,7 @@ from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 from recipekit.engine.recipe.shared import untrusted_problems
 from tests.bad_inputs.checks import assert_recipe_refused, line
+from tests.terminal import stderr_on_a_terminal
 from tests.tiny import add_char_tokenizer, load_causal_lm, make_model, tensors_of, write_recipe
 
 SENTENCES = ["the cat sat on the mat.", "a dog ran to the park.", "the sun is warm today.", "we ate bread and jam.",
@@ -267,23 +263,9 @@ def test_blockwise_heals_other_families_the_forward_runs(tmp_path, family):
 
 
 def test_a_terminal_shows_steps_loss_and_tokens_per_second(work, tmp_path):
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 140, 0, 0))  # a new pty is 0 columns wide
-    child = subprocess.Popen([sys.executable, "-m", "recipekit.engine.cli", "run", str(_recipe(work, name="bar.yaml")),
-                              "-o", str(tmp_path / "out")], stderr=follower, stdout=subprocess.DEVNULL)
-    os.close(follower)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(leader)
-    assert child.wait() == 0
-    bars = [ln for ln in shown.decode().replace("\r", "\n").splitlines() if ln.startswith("heal (blockwise):")]
+    shown = stderr_on_a_terminal("run", str(_recipe(work, name="bar.yaml")), "-o", str(tmp_path / "out"),
+                                 columns=140)
+    bars = [ln for ln in shown.replace("\r", "\n").splitlines() if ln.startswith("heal (blockwise):")]
     # 2 trained layers x 15 steps; tqdm redraws at most every 0.1 s, so which steps show depends on the speed
     drawn = [ln for ln in bars if re.search(r"\| \d+/30 \[.*(step/s|s/step), loss [\d.e-]+, [\d,]+ tok/s\]", ln)]
     assert drawn, bars
