@@ -1,4 +1,6 @@
-"""recipekit builds language-model checkpoints from others: `recipekit.engine` is the Python API, `recipe` the
+"""The `recipekit` package itself (pyproject.toml maps it here, so the repository keeps its engine/ + ops/ layout).
+
+recipekit builds language-model checkpoints from others: `recipekit.engine` is the Python API, `recipe` the
 command line.
 
 Importing `recipekit` makes transformers' Auto classes know the model types of `add_modules` outputs
