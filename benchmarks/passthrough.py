@@ -18,8 +18,9 @@ A benchmark, not a test: CI never runs it. It
    RSS per command, and with --json FILE writes the numbers as JSON.
 
 With `--baseline PATH` (another `recipe` executable, e.g. an install of an
-earlier commit) that one is timed in the same rounds too, `validate` included,
-so a change can be judged before and after in one run.
+earlier commit) that one is timed in the same rounds too, `validate` included
+(and its first run, in the variant `first`), so a change can be judged before
+and after in one run.
 
 Run it with the interpreter of the environment recipekit is installed in:
 
@@ -437,7 +438,7 @@ def bench_variant(rows: list[Row], inputs: list[Path], input_bytes: int, dest: P
             row.runs.append(Run(wall, rss, out))
             log(f"  {row.variant:8} {row.tool:9} round {rnd + 1}/{repeats}: {wall:7.2f}s  "
                 f"{out / wall / 1e6:8.1f} MB/s  RSS {rss:7.1f} MB")
-            if row.tool in ("recipe", "baseline", "first run") and rnd == 0:
+            if row.tool in ("recipe", "baseline", "first run", "base first") and rnd == 0:
                 check_output(dest, row.variant, log)
     clear(dest)
     if fresh is not None:
@@ -530,11 +531,13 @@ def report(rows_by_variant: dict[str, list[Row]], spec: ModelSpec, startup: dict
                 "error": row.error,
             }
     first = data.get("first", {})
-    if "first run" in first and "recipe" in first and "median_wall_s" in first["first run"]:
-        ratio = first["first run"]["median_wall_s"] / first["recipe"]["median_wall_s"]
-        cp = first["first run"]["median_bytes_per_s"] / first["cp"]["median_bytes_per_s"]
-        table.append(("first", "first/warm", "-", f"{ratio:.2f}x", "-", f"{cp:.2f}", "-", "<= 1.3x",
-                      "ok" if ratio <= 1.3 else "SLOW"))
+    for cold, warm, label in (("first run", "recipe", "first/warm"), ("base first", "baseline", "base f/w")):
+        if cold in first and warm in first and "median_wall_s" in first[cold] and "median_wall_s" in first[warm]:
+            ratio = first[cold]["median_wall_s"] / first[warm]["median_wall_s"]
+            cp = first[cold]["median_bytes_per_s"] / first["cp"]["median_bytes_per_s"]
+            table.append(("first", label, "-", f"{ratio:.2f}x", "-", f"{cp:.2f}", "-", "<= 1.3x",
+                          "ok" if ratio <= 1.3 else "SLOW"))
+            first[label] = {"ratio": ratio, "vs_cp": cp}
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 or i == 8 else str(c).rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -686,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             rows.append(Row(variant, "baseline", [args.baseline, "run", str(recipe), "-o", str(dest), "-q",
                                                   "--overwrite"]))
+            if variant == "first":
+                rows.append(Row(variant, "base first", [args.baseline, "run", str(recipes["first"]), "-o",
+                                                        str(dest), "-q"], fresh=True))
         if mergekit and variant in mk_configs:
             rows.append(Row(variant, "mergekit", [mergekit, str(mk_configs[variant]), str(dest),
                                                   "--out-shard-size", "2B", "--lazy-unpickle"]))

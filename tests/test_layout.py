@@ -6,10 +6,12 @@ run). A test per rule, and one that proves the checker sees a violation.
 from __future__ import annotations
 
 import ast
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"engine": "recipekit.engine", "ops": "recipekit.ops"}
@@ -111,7 +113,21 @@ def torch_rule(imp: Import) -> str | None:
     return None
 
 
-RULES = [ops_rule, core_rule, registry_rule, torch_rule]
+# what the console script loads before recipekit, pydantic or torch, to start hashing early (run/prehash.py)
+EARLY_MODULES = ("recipekit.engine.entry", "recipekit.engine.run.prehash", "recipekit.engine.run.hash_cache",
+                 "recipekit.engine.run.digest")
+
+
+def early_rule(imp: Import) -> str | None:
+    """The early hashing imports, at module level, only the standard library and the other early modules."""
+    if imp.module in EARLY_MODULES and not imp.in_function:
+        if imp.target.split(".")[0] not in sys.stdlib_module_names | {"__future__"} and \
+                not any(under(imp.target, m) for m in EARLY_MODULES):
+            return "an early module imports only the standard library and the other early modules"
+    return None
+
+
+RULES = [ops_rule, core_rule, registry_rule, torch_rule, early_rule]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
@@ -132,6 +148,8 @@ def test_the_tree_keeps_the_rule(rule) -> None:
     ("recipekit.engine.run.build", "from recipekit.ops.layers.drop_layers import DropLayers\n", registry_rule),
     ("recipekit.engine.run.plan", "import torch\n", torch_rule),
     ("recipekit.ops.weights.low_rank", "import torch.nn.functional as F\n", torch_rule),
+    ("recipekit.engine.run.prehash", "import yaml\n", early_rule),
+    ("recipekit.engine.run.hash_cache", "from recipekit.engine.run.plan import Plan\n", early_rule),
 ])
 def test_the_checker_sees_a_violation(module: str, source: str, rule) -> None:
     (imp,) = imports_of(source, module)
@@ -144,6 +162,17 @@ def test_the_checker_sees_a_violation(module: str, source: str, rule) -> None:
     ("recipekit.ops.weights.low_rank", "def kernel(x):\n    import torch\n", torch_rule),
     ("recipekit.engine.forward.llama", "import torch\n", torch_rule),
     ("recipekit.engine.run.build", "from recipekit.ops.registry import KERNELS\n", registry_rule),
+    ("recipekit.engine.run.prehash", "def start():\n    import yaml\n", early_rule),
+    ("recipekit.engine.run.prehash", "from recipekit.engine.run.digest import blocks\n", early_rule),
 ])
 def test_the_checker_allows_what_the_rules_allow(module: str, source: str, rule) -> None:
     assert all(rule(imp) is None for imp in imports_of(source, module))
+
+
+def test_every_package_of_the_tree_is_installed() -> None:
+    """A regular install holds only what pyproject lists: a package left out works from the checkout (and in an
+    editable install) and fails to import for everyone who pip-installs recipekit."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {"recipekit"} | {module_name(init) for folder in PACKAGES for init in (ROOT / folder).rglob("__init__.py")
+                             if "toplevel" not in init.parts}  # engine/toplevel is the `recipekit` package itself
+    assert found == listed, f"not in pyproject: {sorted(found - listed)}; not in the tree: {sorted(listed - found)}"

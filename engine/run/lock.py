@@ -5,13 +5,12 @@ file the build read or copied (config, index, the shards holding used tensors, t
 output, what measurements read) its size and sha256. Files outside every input that a measurement read (a text)
 are under `files`, keyed by their absolute path. For Hub LFS files the sha256 is the name
 of the blob in the cache; other files get a sha256-tree (`digest.py`), hashed in threads (`Hashing`) while the
-writer copies.
+writer copies, the largest begun before recipekit has even loaded (`prehash.py`).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,11 +18,12 @@ from pathlib import Path
 from recipekit.engine.core.graph import loads_of
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.io.source import INDEX_FILE, SIDE_FILES
-from recipekit.engine.run.digest import block_digest, blocks, combine, file_identity
+from recipekit.engine.run import prehash
+from recipekit.engine.run.digest import block_digest, blocks, combine, yield_cpu
+from recipekit.engine.run.hash_cache import cache_key, known_sha256, remember, remembered
 from recipekit.engine.run.plan import Plan
 
 LOCK_VERSION = 2  # 1 locked config.json and the shards only, by plain sha256
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGESTS = ("sha256", "sha256_tree")  # a file entry holds one: Hub blobs' plain sha256, else a sha256-tree
 
 
@@ -62,14 +62,14 @@ class Hashing:
         self.plan = plan
         self.groups = lock_files(plan)
         self._stop = threading.Event()
-        self._known = _hash_cache()
+        self._known = remembered()
         self._digests: dict[Path, tuple[str, str]] = {}  # path -> (kind, hex digest), once known
         self._pending: dict[Path, tuple[str, list[Future]]] = {}  # path -> (cache key, one future per block)
         todo = []
         for path in dict.fromkeys(p for files in self.groups.values() for p in files.values()):
-            blob = _known_sha256(path)
+            blob = known_sha256(path)
             try:
-                key = _stat_key(path)
+                key = cache_key(path)
             except OSError as e:
                 raise _unreadable(path, e) from None
             if blob is not None:
@@ -79,30 +79,35 @@ class Hashing:
             else:
                 todo.append((path, key))
         self._pool = None
+        for path, key in list(todo):
+            early = prehash.adopt(key)  # begun before recipekit had loaded (`prehash.py`)
+            if early is not None:
+                self._pending[path] = (key, early)
+                todo.remove((path, key))
+        prehash.discard()  # the early hashing of files this lock does not cover
         if todo:
             self._pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1,
-                                            thread_name_prefix="recipekit-hash")
+                                            thread_name_prefix="recipekit-hash", initializer=yield_cpu)
             # the largest first, so that a small file never waits behind the tail of the work
             for path, key in sorted(todo, key=lambda item: -item[0].stat().st_size):
                 count = blocks(path.stat().st_size)
-                self._pending[path] = (key, [self._pool.submit(self._block, path, i) for i in range(count)])
-
-    def _block(self, path: Path, index: int) -> bytes:
-        try:
-            return block_digest(path, index, self._stop)
-        except OSError as e:
-            raise _unreadable(path, e) from None
+                self._pending[path] = (key, [self._pool.submit(block_digest, path, i, self._stop)
+                                             for i in range(count)])
 
     def lock(self) -> dict:
         """The lock, once every file is hashed (`SourceError` for a file that could not be read)."""
         for path, (key, futures) in self._pending.items():
-            digest = combine([f.result() for f in futures])
+            try:
+                digest = combine([_wait_or_hash(f, path, i, self._stop) for i, f in enumerate(futures)])
+            except OSError as e:
+                raise _unreadable(path, e) from None
             self._known[key] = digest
             self._digests[path] = ("sha256_tree", digest)
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-            _save_hash_cache(self._known)
+        if self._pending:
+            remember(self._known)
         self._pending = {}
         inputs: dict[str, dict] = {}
         for name, source in self.plan.model.sources:
@@ -123,9 +128,15 @@ class Hashing:
     def close(self) -> None:
         """Stop hashing (the run failed): running hashes end at their next read, queued ones never start."""
         self._stop.set()
+        prehash.stop()
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+
+
+def _wait_or_hash(future: Future, path: Path, index: int, stop: threading.Event) -> bytes:
+    """Block `index` of `path`, hashed in this thread (at its own priority) if no hashing thread has begun it."""
+    return block_digest(path, index, stop) if future.cancel() else future.result()
 
 
 def _unreadable(path: Path, e: OSError) -> SourceError:
@@ -204,53 +215,3 @@ def _file_entries(files: object) -> bool:
 
 def lock_bytes(lock: dict) -> bytes:
     return (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _known_sha256(path: Path) -> str | None:
-    """The sha256 huggingface_hub already knows for a file, without reading it: the name of a cache blob, or the
-    etag a `--local-dir` download recorded (`.cache/huggingface/download/<name>.metadata`: commit, etag,
-    timestamp), if the file is not newer than that record. Only LFS files have a sha256 there; others None."""
-    target = path.resolve()
-    if path.is_symlink() and target.parent.name == "blobs" and _SHA256.match(target.name):
-        return target.name
-    record = path.parent / ".cache" / "huggingface" / "download" / f"{path.name}.metadata"
-    try:
-        _, etag, timestamp = record.read_text(encoding="utf-8").splitlines()[:3]
-        fresh = path.stat().st_mtime <= float(timestamp)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return etag.strip() if fresh and _SHA256.match(etag.strip()) else None
-
-
-def _stat_key(path: Path) -> str:
-    """What the remembered-hash cache knows a file by; `tree1:` since its digests are sha256-trees."""
-    return f"tree1:{file_identity(path)}"
-
-
-def hash_cache_file() -> Path:
-    """Where remembered hashes live: `$RECIPEKIT_CACHE`, else `$XDG_CACHE_HOME/recipekit`, else ~/.cache/recipekit."""
-    root = os.environ.get("RECIPEKIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
-                                                              "recipekit")
-    return Path(root).expanduser() / "sha256.json"
-
-
-def _hash_cache() -> dict[str, str]:
-    try:
-        known = json.loads(hash_cache_file().read_text(encoding="utf-8"))
-        return known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_hash_cache(known: dict[str, str]) -> None:
-    """Best effort: a cache that cannot be written only costs a rehash next time. Entries another run saved since
-    this one read the cache are kept."""
-    path = hash_cache_file()
-    try:
-        merged = {**_hash_cache(), **known}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(dict(list(merged.items())[-10_000:])), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass

@@ -1,9 +1,10 @@
 """The executor: every output tensor is a job that writes its bytes at the offset the plan fixed, so jobs run in
 any order and still give the same file.
 
-Unchanged tensors are copied by the kernel (`os.copy_file_range`), plain dtype casts and row-wise merges are
-streamed in small chunks, several streams at once; other computed tensors go through `evaluate.py`, several at
-once while their working sets together stay within the largest one's (`admission.py`). Shards a resumed run
+Unchanged tensors are copied by the kernel (`os.copy_file_range`, one copy into an output file at a time), plain
+dtype casts and row-wise merges are streamed in small chunks, several streams at once; other computed tensors go
+through `evaluate.py`, several at once while their working sets together stay within the largest one's
+(`admission.py`). Shards a resumed run
 keeps are skipped, and each shard that is complete is reported to the journal.
 """
 from __future__ import annotations
@@ -55,6 +56,9 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
     bar = progress_bar(plan.output_bytes, progress, unit="B", desc="writing")
     try:
         streamed: list[tuple[TensorPlan, int, int, str]] = []  # byte copies and chunked casts
+        # the kernel takes an output file's lock for each copy into it, and a second copy into the same file only
+        # spins on it (CPU the lock's hashing needs): copies into one shard take turns
+        copying: dict[int, threading.Lock] = {}
         computes: list[tuple[TensorPlan, int, int, str]] = []
         for shard in plan.shards:
             if shard.filename in keep:
@@ -62,6 +66,7 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
                 continue
             fd = os.open(folder / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             outputs.append(fd)
+            copying[fd] = threading.Lock()
             _allocate(fd, shard.size)
             os.pwrite(fd, shard.header, 0)
             base = len(shard.header)
@@ -83,7 +88,8 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
             t, fd, offset, shard = job
             if t.is_copy:
                 info = t.node.tensor
-                _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
+                with copying[fd]:
+                    _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
             elif t.is_rowwise:
                 evaluate.rowwise_stream(t.node, inputs.fd, fd, offset, t.name)
             else:

@@ -12,7 +12,7 @@ import pytest
 
 from recipekit.engine.api import load_recipe
 from recipekit.engine.cli import main
-from recipekit.engine.run import digest, lock, shards
+from recipekit.engine.run import digest, hash_cache, lock, shards
 from tests.tiny import add_char_tokenizer, make_model, write_recipe
 
 TEXT = "The cat sat on the mat.\n\nA second paragraph of text, for the measurement.\n"
@@ -192,7 +192,7 @@ def test_local_hashes_are_remembered_and_invalidated(project, monkeypatch):
     again = lock.Hashing(plan).lock()
     assert hashed[count:] == [config]
     assert again["inputs"]["a"]["files"]["config.json"]["sha256_tree"] == tree(config.read_bytes(), digest.BLOCK)
-    assert lock.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
+    assert hash_cache.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
 
 
 def test_a_local_dir_download_keeps_the_sha256_huggingface_hub_recorded(project, monkeypatch):
