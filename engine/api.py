@@ -104,7 +104,7 @@ class LoadedRecipe:
                      "recipe.yaml": recipe.text.encode()}
             late = (lambda: {"recipe.lock": lock_bytes(hashing.lock())}) if hash_inputs else None
             result = write_model(plan, Path(out), files, late_files=late, overwrite=overwrite, progress=progress,
-                                 device=device, resume=resume)
+                                 device=device, resume=resume, cpu_shared=hashing is not None and hashing.busy())
         finally:
             if hashing is not None:
                 hashing.close()

@@ -94,6 +94,10 @@ class Hashing:
                 self._pending[path] = (key, [self._pool.submit(block_digest, path, i, self._stop)
                                              for i in range(count)])
 
+    def busy(self) -> bool:
+        """Whether some file is still being hashed."""
+        return any(not f.done() for _, futures in self._pending.values() for f in futures)
+
     def lock(self) -> dict:
         """The lock, once every file is hashed (`SourceError` for a file that could not be read)."""
         for path, (key, futures) in self._pending.items():

@@ -1,11 +1,11 @@
 """The executor: every output tensor is a job that writes its bytes at the offset the plan fixed, so jobs run in
 any order and still give the same file.
 
-Unchanged tensors are copied by the kernel (`os.copy_file_range`, one copy into an output file at a time), plain
-dtype casts and row-wise merges are streamed in small chunks, several streams at once; other computed tensors go
-through `evaluate.py`, several at once while their working sets together stay within the largest one's
-(`admission.py`). Shards a resumed run
-keeps are skipped, and each shard that is complete is reported to the journal.
+Unchanged tensors are copied by the kernel (`os.copy_file_range`; while the lock is hashed, one copy into an
+output file at a time), plain dtype casts and row-wise merges are streamed in small chunks, several streams at
+once; other computed tensors go through `evaluate.py`, several at once while their working sets together stay
+within the largest one's (`admission.py`). Shards a resumed run keeps are skipped, and each shard that is
+complete is reported to the journal.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from recipekit.engine.core.graph import Apply
@@ -50,15 +51,17 @@ class _Completion:
 
 
 def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep: frozenset[str] = frozenset(),
-                 journal: Journal | None = None) -> None:
-    """Write every shard of `plan` into `folder`, except those named in `keep` (already there, verified)."""
+                 journal: Journal | None = None, cpu_shared: bool = False) -> None:
+    """Write every shard of `plan` into `folder`, except those named in `keep` (already there, verified).
+
+    The kernel takes an output file's lock for each copy into it, so a second copy stream into the same file
+    gains a little wall time and spins away most of a core. With `cpu_shared` (other work, the lock's hashing,
+    needs that core meanwhile), copies into one shard take turns; streams into different shards never wait."""
     inputs, outputs = InputFiles(), []
     bar = progress_bar(plan.output_bytes, progress, unit="B", desc="writing")
     try:
         streamed: list[tuple[TensorPlan, int, int, str]] = []  # byte copies and chunked casts
-        # the kernel takes an output file's lock for each copy into it, and a second copy into the same file only
-        # spins on it (CPU the lock's hashing needs): copies into one shard take turns
-        copying: dict[int, threading.Lock] = {}
+        copying: dict[int, AbstractContextManager] = {}  # per output file: held while copying into it
         computes: list[tuple[TensorPlan, int, int, str]] = []
         for shard in plan.shards:
             if shard.filename in keep:
@@ -66,7 +69,7 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
                 continue
             fd = os.open(folder / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             outputs.append(fd)
-            copying[fd] = threading.Lock()
+            copying[fd] = threading.Lock() if cpu_shared else nullcontext()
             _allocate(fd, shard.size)
             os.pwrite(fd, shard.header, 0)
             base = len(shard.header)

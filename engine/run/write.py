@@ -116,11 +116,13 @@ def _guarded_folders(recipe_dir: Path | None) -> list[tuple[Path, str]]:
 
 
 def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, late_files: LateFiles | None = None,
-                overwrite: bool = False, progress: bool = True, device: str = "cpu", resume: bool = False) -> RunResult:
+                overwrite: bool = False, progress: bool = True, device: str = "cpu", resume: bool = False,
+                cpu_shared: bool = False) -> RunResult:
     """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically, holding OUT's
     lock so that no other run writes it at the same time. `late_files()` gives more files once the shards are
     written (the lock, hashed meanwhile), before OUT appears. With `resume`, the shards a killed run of the same
-    plan finished (journaled, and their sha256 checked again) are kept."""
+    plan finished (journaled, and their sha256 checked again) are kept. `cpu_shared`: the lock's hashing needs
+    the CPU meanwhile (`write_shards`)."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
@@ -128,7 +130,7 @@ def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, late_files: L
         if out.exists() and not overwrite:  # another run finished it since the check
             raise WriteError(Problem(f"{out} already exists; pass --overwrite to replace it"))
         return _write_locked(plan, out, files, late_files, overwrite=overwrite, progress=progress, device=device,
-                             resume=resume)
+                             resume=resume, cpu_shared=cpu_shared)
     finally:
         _unlock(out, lock)
 
@@ -170,7 +172,7 @@ def _lock_path(out: Path) -> Path:
 
 
 def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], late_files: LateFiles | None, *, overwrite: bool,
-                  progress: bool, device: str, resume: bool) -> RunResult:
+                  progress: bool, device: str, resume: bool, cpu_shared: bool) -> RunResult:
     start = time.perf_counter()
     partial = partial_path(out)
     print_id = fingerprint(plan, device, _version())
@@ -178,7 +180,8 @@ def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], late_files: La
     _clear_partials(out, keep=kept)
     journal = Journal(partial, print_id, kept)
     try:
-        write_shards(plan, partial, progress=progress, device=device, keep=frozenset(kept), journal=journal)
+        write_shards(plan, partial, progress=progress, device=device, keep=frozenset(kept), journal=journal,
+                     cpu_shared=cpu_shared)
         journal.close()
         (partial / JOURNAL).unlink()
         _write_json(partial / INDEX_FILE, plan.index())

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recipekit.engine import entry
+from recipekit.engine import api, entry
+from recipekit.engine.api import load_recipe
 from recipekit.engine.run import digest, hash_cache, lock, prehash, shards
 from tests.engine.run.test_lock import _sequential_lock
 from tests.tiny import make_model, write_recipe
@@ -191,7 +192,8 @@ def test_the_waiting_caller_hashes_a_queued_block_itself(tmp_path):
         busy.set()
 
 
-def test_copies_into_one_output_file_take_turns(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpu_shared", [True, False])
+def test_copies_into_one_output_file_take_turns_while_the_lock_is_hashed(tmp_path, monkeypatch, cpu_shared):
     make_model(tmp_path / "base", layers=4, seed=1, shard_size="40KB")
     recipe = write_recipe(tmp_path, """
         recipe: 1
@@ -199,6 +201,7 @@ def test_copies_into_one_output_file_take_turns(tmp_path, monkeypatch):
         steps: [{op: drop_layers, model: base, layers: [1]}]
         output: {shard_size: 10MB}
         """)
+    plan = load_recipe(recipe).plan()
     inside: dict[int, int] = {}
     most = [0]
     guard = threading.Lock()
@@ -216,5 +219,23 @@ def test_copies_into_one_output_file_take_turns(tmp_path, monkeypatch):
                 inside[dst] -= 1
 
     monkeypatch.setattr(shards, "_copy_range", counting)
-    assert run_console_script(monkeypatch, "run", str(recipe), "-o", str(tmp_path / "out"), "-q", "--no-lock") == 0
-    assert most[0] == 1 and len(inside) == 1  # one output shard, never two copies into it at once
+    monkeypatch.setattr(shards, "copy_threads", lambda: 2)
+    (tmp_path / "out").mkdir()
+    shards.write_shards(plan, tmp_path / "out", progress=False, device="cpu", cpu_shared=cpu_shared)
+    assert len(inside) == 1  # one output shard
+    assert most[0] == 1 if cpu_shared else most[0] == 2  # never two copies into it at once / one per stream
+
+
+def test_the_writer_is_told_while_hashing_is_under_way(models, monkeypatch):
+    tmp_path, recipe = models
+    told = []
+    write_model = api.write_model
+    monkeypatch.setattr(api, "write_model", lambda *a, **k: told.append(k["cpu_shared"]) or write_model(*a, **k))
+    release = threading.Event()
+    block_digest = lock.block_digest
+    monkeypatch.setattr(lock, "block_digest", lambda *a: release.wait(20) and block_digest(*a))
+    threading.Timer(1.0, release.set).start()
+    load_recipe(recipe).run(tmp_path / "first")  # hashes held back: still hashing when the write starts
+    release.set()
+    load_recipe(recipe).run(tmp_path / "warm")  # remembered: nothing to hash
+    assert told == [True, False]
