@@ -1,5 +1,5 @@
 """Digests recipekit does not have to compute: the sha256 huggingface_hub already knows for a downloaded file,
-and the sha256-trees earlier runs computed, remembered by file identity.
+and the BLAKE3 digests earlier runs computed, remembered by file identity.
 
 Standard library only: the early hashing (`prehash.py`) consults it before the rest of recipekit is loaded.
 """
@@ -33,8 +33,9 @@ def known_sha256(path: Path) -> str | None:
 
 
 def cache_key(path: Path) -> str:
-    """What the remembered-hash cache knows a file by; `tree1:` since its digests are sha256-trees."""
-    return f"tree1:{file_identity(path)}"
+    """What the remembered-hash cache knows a file by; `blake3:` names the kind of digest it remembers (its
+    entries of lock version 2 were `tree1:` sha256-trees)."""
+    return f"blake3:{file_identity(path)}"
 
 
 def hash_cache_file() -> Path:

@@ -4,7 +4,7 @@ For every input: the reference as written, the resolved Hub commit (none for a l
 file the build read or copied (config, index, the shards holding used tensors, the side files copied into the
 output, what measurements read) its size and sha256. Files outside every input that a measurement read (a text)
 are under `files`, keyed by their absolute path. For Hub LFS files the sha256 is the name
-of the blob in the cache; other files get a sha256-tree (`digest.py`), hashed in threads (`Hashing`) while the
+of the blob in the cache; other files get their BLAKE3 (`digest.py`), hashed in threads (`Hashing`) while the
 writer copies, the largest begun before recipekit has even loaded (`prehash.py`).
 """
 from __future__ import annotations
@@ -19,12 +19,14 @@ from recipekit.engine.core.graph import loads_of
 from recipekit.engine.errors import Problem, SourceError
 from recipekit.engine.io.source import INDEX_FILE, SIDE_FILES
 from recipekit.engine.run import prehash
-from recipekit.engine.run.digest import block_digest, blocks, combine, yield_cpu
+from recipekit.engine.run.digest import blake3_file, yield_cpu
 from recipekit.engine.run.hash_cache import cache_key, known_sha256, remember, remembered
 from recipekit.engine.run.plan import Plan
 
-LOCK_VERSION = 2  # 1 locked config.json and the shards only, by plain sha256
-_DIGESTS = ("sha256", "sha256_tree")  # a file entry holds one: Hub blobs' plain sha256, else a sha256-tree
+# 1 locked config.json and the shards only, by plain sha256; 2 every file read, local ones by a sha256-tree
+LOCK_VERSION = 3
+LOCAL_DIGEST = "blake3"
+_DIGESTS = ("sha256", LOCAL_DIGEST)  # a file entry holds one: Hub blobs' plain sha256, else the file's BLAKE3
 
 
 def lock_files(plan: Plan) -> dict[str | None, dict[str, Path]]:
@@ -54,8 +56,8 @@ class Hashing:
     that the hashing overlaps whatever the caller does next; `lock()` waits for the hashes and assembles it.
 
     Files huggingface_hub downloaded keep their plain sha256 (a cache blob's name, or the etag of a --local-dir
-    download: free); other files get a sha256-tree (`digest.py`), whose 64 MiB blocks the threads hash in
-    parallel, so even one large shard is spread over every core.
+    download: free); other files get their BLAKE3 (`digest.blake3_file`), one file per thread, the largest
+    first.
     """
 
     def __init__(self, plan: Plan, threads: int | None = None):
@@ -64,7 +66,7 @@ class Hashing:
         self._stop = threading.Event()
         self._known = remembered()
         self._digests: dict[Path, tuple[str, str]] = {}  # path -> (kind, hex digest), once known
-        self._pending: dict[Path, tuple[str, list[Future]]] = {}  # path -> (cache key, one future per block)
+        self._pending: dict[Path, tuple[str, Future]] = {}  # path -> (cache key, its digest to come)
         todo = []
         for path in dict.fromkeys(p for files in self.groups.values() for p in files.values()):
             blob = known_sha256(path)
@@ -75,7 +77,7 @@ class Hashing:
             if blob is not None:
                 self._digests[path] = ("sha256", blob)
             elif key in self._known:
-                self._digests[path] = ("sha256_tree", self._known[key])
+                self._digests[path] = (LOCAL_DIGEST, self._known[key])
             else:
                 todo.append((path, key))
         self._pool = None
@@ -90,23 +92,21 @@ class Hashing:
                                             thread_name_prefix="recipekit-hash", initializer=yield_cpu)
             # the largest first, so that a small file never waits behind the tail of the work
             for path, key in sorted(todo, key=lambda item: -item[0].stat().st_size):
-                count = blocks(path.stat().st_size)
-                self._pending[path] = (key, [self._pool.submit(block_digest, path, i, self._stop)
-                                             for i in range(count)])
+                self._pending[path] = (key, self._pool.submit(blake3_file, path, self._stop))
 
     def busy(self) -> bool:
         """Whether some file is still being hashed."""
-        return any(not f.done() for _, futures in self._pending.values() for f in futures)
+        return any(not future.done() for _, future in self._pending.values())
 
     def lock(self) -> dict:
         """The lock, once every file is hashed (`SourceError` for a file that could not be read)."""
-        for path, (key, futures) in self._pending.items():
+        for path, (key, future) in self._pending.items():
             try:
-                digest = combine([_wait_or_hash(f, path, i, self._stop) for i, f in enumerate(futures)])
+                digest = _wait_or_hash(future, path, self._stop)
             except OSError as e:
                 raise _unreadable(path, e) from None
             self._known[key] = digest
-            self._digests[path] = ("sha256_tree", digest)
+            self._digests[path] = (LOCAL_DIGEST, digest)
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -138,9 +138,9 @@ class Hashing:
             self._pool = None
 
 
-def _wait_or_hash(future: Future, path: Path, index: int, stop: threading.Event) -> bytes:
-    """Block `index` of `path`, hashed in this thread (at its own priority) if no hashing thread has begun it."""
-    return block_digest(path, index, stop) if future.cancel() else future.result()
+def _wait_or_hash(future: Future, path: Path, stop: threading.Event) -> str:
+    """The digest of `path`, hashed in this thread (at its own priority) if no hashing thread has begun it."""
+    return blake3_file(path, stop) if future.cancel() else future.result()
 
 
 def _unreadable(path: Path, e: OSError) -> SourceError:
@@ -153,7 +153,7 @@ def lock_problems(lock: dict, current: dict, where: str) -> list[Problem]:
     if lock.get("recipekit_lock") != LOCK_VERSION:
         return [Problem(f"this lock was written by another recipekit (lock version {lock.get('recipekit_lock')}; "
                         f"this one writes and checks version {LOCK_VERSION}, which covers every file a build reads "
-                        "and hashes local files by sha256-tree): run once without --locked (or with --no-lock for "
+                        "and hashes local files by BLAKE3): run once without --locked (or with --no-lock for "
                         "a shared recipe) and lock with the recipe.lock that run writes", where)]
     problems = []
     for name, locked in lock.get("inputs", {}).items():

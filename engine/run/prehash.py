@@ -6,7 +6,7 @@ imports anything else; this module needs only the standard library and PyYAML. I
 names, takes every string in it that names a local model folder (a directory holding `config.json`, relative
 to the recipe's folder as the recipe resolves it), and hashes the `*.safetensors` files there whose digest is
 not already known, in one thread per core. Once the plan knows what the lock covers, `lock.Hashing` adopts the
-blocks of its files and `discard` cancels the rest.
+digests of its files and `discard` cancels the rest.
 
 It is a guess made before the recipe is validated: an unreadable recipe, a YAML error, a Hub id or `--no-lock`
 mean no early start, never an error, and a wrong guess costs only CPU time; the lock never depends on it.
@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
-from recipekit.engine.run.digest import block_digest, blocks, yield_cpu
+from recipekit.engine.run.digest import blake3_file, yield_cpu
 from recipekit.engine.run.hash_cache import cache_key, known_sha256, remembered
 
 _MAX_RECIPE = 2**20  # bytes: a recipe is a few KB, a larger file is not one
@@ -31,7 +31,7 @@ _SWITCH_INTERVAL = 0.0005
 
 
 class _Early:
-    """The early hashing under way: per file (by `cache_key`), one future per block."""
+    """The early hashing under way: per file (by `cache_key`), the future of its digest."""
 
     def __init__(self, files: list[Path]):
         sized = sorted(((path.stat().st_size, cache_key(path), path) for path in files), reverse=True)
@@ -41,14 +41,12 @@ class _Early:
         self.switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self.switch_interval, _SWITCH_INTERVAL))
         # the largest first, as `Hashing` orders its own
-        self.files: dict[str, list[Future]] = {
-            key: [self.pool.submit(block_digest, path, i, self.stop) for i in range(blocks(size))]
-            for size, key, path in sized}
+        self.files: dict[str, Future] = {key: self.pool.submit(blake3_file, path, self.stop)
+                                         for size, key, path in sized}
 
     def end(self, *, stop_adopted: bool) -> None:
-        for futures in self.files.values():
-            for future in futures:
-                future.cancel()
+        for future in self.files.values():
+            future.cancel()
         self.files = {}
         if stop_adopted:
             self.stop.set()
@@ -77,9 +75,9 @@ def start(argv: list[str]) -> None:
         return
 
 
-def adopt(key: str) -> list[Future] | None:
-    """The block futures of the file known as `key` (`hash_cache.cache_key`) if it is being hashed early; they
-    are the caller's from now on (`discard` leaves them running)."""
+def adopt(key: str) -> Future | None:
+    """The future digest of the file known as `key` (`hash_cache.cache_key`) if it is being hashed early; it is
+    the caller's from now on (`discard` leaves it running)."""
     return None if _early is None else _early.files.pop(key, None)
 
 
@@ -92,7 +90,7 @@ def discard() -> None:
 
 
 def stop() -> None:
-    """Stop all early hashing, adopted or not: the run is over (a block being hashed ends at its next read)."""
+    """Stop all early hashing, adopted or not: the run is over (a file being hashed ends at its next read)."""
     global _early
     if _early is not None:
         _early.end(stop_adopted=True)

@@ -9,6 +9,7 @@ import shutil
 import threading
 
 import pytest
+from blake3 import blake3
 
 from recipekit.engine.api import load_recipe
 from recipekit.engine.cli import main
@@ -39,10 +40,9 @@ def project(tmp_path):
     return tmp_path, recipe
 
 
-def tree(data: bytes, block: int) -> str:
-    """sha256-tree as docs/architecture.md defines it, written out from the definition."""
-    leaves = b"".join(hashlib.sha256(data[i:i + block]).digest() for i in range(0, len(data), block))
-    return hashlib.sha256(b"recipekit sha256-tree v1\n" + block.to_bytes(8, "little") + leaves).hexdigest()
+def b3(data: bytes) -> str:
+    """The BLAKE3 of a file's bytes in one call (what `b3sum` prints), the reference for recipekit's streamed reads."""
+    return blake3(data).hexdigest()
 
 
 def _sequential_lock(tmp_path, recipe) -> dict:
@@ -50,15 +50,15 @@ def _sequential_lock(tmp_path, recipe) -> dict:
     loaded = load_recipe(recipe)
     groups = lock.lock_files(loaded.plan())
     def entries(files):
-        return {key: {"size": path.stat().st_size, "sha256_tree": tree(path.read_bytes(), digest.BLOCK)}
+        return {key: {"size": path.stat().st_size, "blake3": b3(path.read_bytes())}
                 for key, path in files.items()}
     return {name: entries(files) for name, files in groups.items()}
 
 
-@pytest.mark.parametrize("block", [digest.BLOCK, 4096])  # 4 KiB: every shard of many blocks, hashed in parallel
-def test_the_lock_covers_every_file_read_or_copied_and_equals_sequential_hashing(project, monkeypatch, block):
+@pytest.mark.parametrize("read", [digest._READ, 4096])  # 4 KiB: every shard read in many pieces
+def test_the_lock_covers_every_file_read_or_copied_and_equals_sequential_hashing(project, monkeypatch, read):
     tmp_path, recipe = project
-    monkeypatch.setattr(digest, "BLOCK", block)
+    monkeypatch.setattr(digest, "_READ", read)
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     got = json.loads((tmp_path / "out" / "recipe.lock").read_text())
     assert got["recipekit_lock"] == lock.LOCK_VERSION
@@ -101,9 +101,9 @@ def test_locked_refuses_a_changed_side_file_text_or_added_file(project, change, 
     if change == "added chat template":
         assert "input 'a': chat_template.jinja is read now but not in the lock" in err
     elif change == "calib.txt":
-        assert "calib.txt changed (sha256" in err
+        assert "calib.txt changed (blake3" in err
     else:
-        assert f"input 'a': {change} changed (sha256" in err
+        assert f"input 'a': {change} changed (blake3" in err
     assert not (tmp_path / "again").exists()
 
 
@@ -119,7 +119,7 @@ def test_locked_accepts_unchanged_inputs_and_refuses_a_lock_of_another_version(p
     capsys.readouterr()
     assert main(["run", str(recipe), "-o", str(tmp_path / "v1"), "-q", "--locked"]) == 2
     err = capsys.readouterr().err
-    assert "this lock was written by another recipekit (lock version 1; this one writes and checks version 2" in err
+    assert "this lock was written by another recipekit (lock version 1; this one writes and checks version 3" in err
     problems = [line for line in err.splitlines() if ": measuring " not in line]  # the selector says it measures
     assert len(problems) == 1 and not (tmp_path / "v1").exists()
 
@@ -127,7 +127,7 @@ def test_locked_accepts_unchanged_inputs_and_refuses_a_lock_of_another_version(p
 def test_no_lock_hashes_nothing_and_the_card_says_unlocked(project, monkeypatch, capsys):
     tmp_path, recipe = project
     hashed = []
-    monkeypatch.setattr(lock, "block_digest", lambda path, index, stop=None: hashed.append(path))
+    monkeypatch.setattr(lock, "blake3_file", lambda path, stop=None: hashed.append(path))
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q", "--no-lock"]) == 0
     assert hashed == [] and not (tmp_path / "out" / "recipe.lock").exists()
     assert "This build is unlocked (`--no-lock`)" in (tmp_path / "out" / "README.md").read_text()
@@ -141,18 +141,18 @@ def test_hashing_runs_while_the_shards_are_copied(project, monkeypatch):
     time out here."""
     tmp_path, recipe = project
     copying = threading.Event()
-    copy_range, block_digest = shards._copy_range, lock.block_digest
+    copy_range, blake3_file = shards._copy_range, lock.blake3_file
 
     def copy_and_signal(*args):
         copying.set()
         return copy_range(*args)
 
-    def hash_after_a_copy(path, index, stop=None):
+    def hash_after_a_copy(path, stop=None):
         assert copying.wait(timeout=20), "the lock was hashed before the writer copied anything"
-        return block_digest(path, index, stop)
+        return blake3_file(path, stop)
 
     monkeypatch.setattr(shards, "_copy_range", copy_and_signal)
-    monkeypatch.setattr(lock, "block_digest", hash_after_a_copy)
+    monkeypatch.setattr(lock, "blake3_file", hash_after_a_copy)
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     got = json.loads((tmp_path / "out" / "recipe.lock").read_text())
     assert got["inputs"]["a"]["files"] == _sequential_lock(tmp_path, recipe)["a"]
@@ -160,14 +160,14 @@ def test_hashing_runs_while_the_shards_are_copied(project, monkeypatch):
 
 def test_a_file_that_cannot_be_hashed_fails_the_run_and_leaves_nothing(project, monkeypatch, capsys):
     tmp_path, recipe = project
-    block_digest, config = lock.block_digest, tmp_path / "a" / "config.json"
+    blake3_file, config = lock.blake3_file, tmp_path / "a" / "config.json"
 
-    def unreadable_config(path, index, stop=None):
+    def unreadable_config(path, stop=None):
         if path == config:  # chmod would not stop root, who runs the tests in CI
             raise PermissionError(13, "Permission denied", str(path))
-        return block_digest(path, index, stop)
+        return blake3_file(path, stop)
 
-    monkeypatch.setattr(lock, "block_digest", unreadable_config)
+    monkeypatch.setattr(lock, "blake3_file", unreadable_config)
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "cannot read this input to hash it for recipe.lock: Permission denied" in err
@@ -178,9 +178,9 @@ def test_a_file_that_cannot_be_hashed_fails_the_run_and_leaves_nothing(project, 
 def test_local_hashes_are_remembered_and_invalidated(project, monkeypatch):
     tmp_path, recipe = project
     hashed = []
-    block_digest = lock.block_digest
-    monkeypatch.setattr(lock, "block_digest",
-                        lambda path, index, stop=None: hashed.append(path) or block_digest(path, index, stop))
+    blake3_file = lock.blake3_file
+    monkeypatch.setattr(lock, "blake3_file",
+                        lambda path, stop=None: hashed.append(path) or blake3_file(path, stop))
     plan = load_recipe(recipe).plan()
     first = lock.Hashing(plan).lock()
     count = len(hashed)
@@ -191,7 +191,7 @@ def test_local_hashes_are_remembered_and_invalidated(project, monkeypatch):
     os.utime(config, ns=(1, 1))
     again = lock.Hashing(plan).lock()
     assert hashed[count:] == [config]
-    assert again["inputs"]["a"]["files"]["config.json"]["sha256_tree"] == tree(config.read_bytes(), digest.BLOCK)
+    assert again["inputs"]["a"]["files"]["config.json"]["blake3"] == b3(config.read_bytes())
     assert hash_cache.hash_cache_file().is_relative_to(tmp_path.parent)  # the test session's folder
 
 
@@ -206,9 +206,9 @@ def test_a_local_dir_download_keeps_the_sha256_huggingface_hub_recorded(project,
     record = records / f"{shard.name}.metadata"
     record.write_text(f"{'1' * 40}\n{real}\n{shard.stat().st_mtime + 5}\n")
     hashed = []
-    block_digest = lock.block_digest
-    monkeypatch.setattr(lock, "block_digest",
-                        lambda path, index, stop=None: hashed.append(path) or block_digest(path, index, stop))
+    blake3_file = lock.blake3_file
+    monkeypatch.setattr(lock, "blake3_file",
+                        lambda path, stop=None: hashed.append(path) or blake3_file(path, stop))
     plan = load_recipe(recipe).plan()
     assert lock.Hashing(plan).lock()["inputs"]["b"]["files"][shard.name] == {
         "size": shard.stat().st_size, "sha256": real}
@@ -216,4 +216,4 @@ def test_a_local_dir_download_keeps_the_sha256_huggingface_hub_recorded(project,
 
     record.write_text(f"{'1' * 40}\n{real}\n{shard.stat().st_mtime - 5}\n")  # the file changed after the download
     entry = lock.Hashing(plan).lock()["inputs"]["b"]["files"][shard.name]
-    assert entry == {"size": shard.stat().st_size, "sha256_tree": tree(shard.read_bytes(), digest.BLOCK)}
+    assert entry == {"size": shard.stat().st_size, "blake3": b3(shard.read_bytes())}

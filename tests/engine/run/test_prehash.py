@@ -1,5 +1,5 @@
 """The early hashing the console script starts before recipekit has loaded (run/prehash.py): what it guesses from
-the command line and the recipe, that the lock adopts its blocks and equals a lock hashed file by file, that a
+the command line and the recipe, that the lock adopts its digests and equals a lock hashed file by file, that a
 wrong guess is cancelled and a failed guess is no error, and that hashing threads yield the CPU to the run."""
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def models(tmp_path):
     return tmp_path, recipe
 
 
-def test_the_lock_adopts_the_early_blocks_and_equals_sequential_hashing(models, monkeypatch):
+def test_the_lock_adopts_the_early_digests_and_equals_sequential_hashing(models, monkeypatch):
     tmp_path, recipe = models
     adopted, cancelled = [], []
     adopt, end = prehash.adopt, prehash._Early.end
@@ -186,9 +186,9 @@ def test_the_waiting_caller_hashes_a_queued_block_itself(tmp_path):
     busy = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         pool.submit(busy.wait, 20)  # the only hashing thread is busy
-        queued = pool.submit(digest.block_digest, path, 0)
-        got = lock._wait_or_hash(queued, path, 0, threading.Event())
-        assert queued.cancelled() and got == digest.block_digest(path, 0)
+        queued = pool.submit(digest.blake3_file, path)
+        got = lock._wait_or_hash(queued, path, threading.Event())
+        assert queued.cancelled() and got == digest.blake3_file(path)
         busy.set()
 
 
@@ -232,8 +232,8 @@ def test_the_writer_is_told_while_hashing_is_under_way(models, monkeypatch):
     write_model = api.write_model
     monkeypatch.setattr(api, "write_model", lambda *a, **k: told.append(k["cpu_shared"]) or write_model(*a, **k))
     release = threading.Event()
-    block_digest = lock.block_digest
-    monkeypatch.setattr(lock, "block_digest", lambda *a: release.wait(20) and block_digest(*a))
+    blake3_file = lock.blake3_file
+    monkeypatch.setattr(lock, "blake3_file", lambda *a: release.wait(20) and blake3_file(*a))
     threading.Timer(1.0, release.set).start()
     load_recipe(recipe).run(tmp_path / "first")  # hashes held back: still hashing when the write starts
     release.set()
