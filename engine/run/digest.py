@@ -29,61 +29,47 @@ def blocks(size: int) -> int:
 
 
 def block_digest(path: Path, index: int, stop: threading.Event | None = None) -> bytes:
-    """sha256 of block `index` of `path`, read in large reads into one buffer. With `stop` set, gives up at the
-    next read (OSError)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_READ)
-    view = memoryview(buffer)
+    """sha256 of block `index` of `path`. With `stop` set, gives up at the next read (OSError)."""
+    return _digest(hashlib.sha256(), path, index * BLOCK, (index + 1) * BLOCK, stop).digest()
+
+
+def blake3_file(path: Path, stop: threading.Event | None = None) -> str:
+    """The BLAKE3 hex digest of `path` (the package releases the GIL while it hashes). With `stop` set, gives up
+    at the next read (OSError)."""
+    from blake3 import blake3  # the compiled extension, loaded only by a run that hashes
+
+    return _digest(blake3(), path, 0, None, stop).hexdigest()
+
+
+def _digest(digest, path: Path, offset: int, end: int | None, stop: threading.Event | None):
+    """`digest` updated with bytes [offset, end) of `path` (to its end with None), in large reads into one
+    buffer."""
+    view = memoryview(bytearray(_READ))
     fd = os.open(path, os.O_RDONLY)
     try:
-        offset, end = index * BLOCK, (index + 1) * BLOCK
-        while offset < end:
+        while end is None or offset < end:
             if stop is not None and stop.is_set():
                 raise OSError(f"hashing of {path} stopped")
-            n = os.preadv(fd, [view[:min(_READ, end - offset)]], offset)
+            n = os.preadv(fd, [view if end is None else view[:min(_READ, end - offset)]], offset)
             if n == 0:
                 break
             digest.update(view[:n])
             offset += n
     finally:
         os.close(fd)
-    return digest.digest()
+    return digest
 
 
 def yield_cpu() -> None:
     """Run the calling thread at the lowest CPU priority (on Linux, where each thread has its own nice value;
     elsewhere nothing), for the threads that hash inputs for the lock while the run itself works: they then take
     only the CPU the run leaves idle, instead of slowing its copies by a third on two cores. A hashing pool's
-    initializer; the caller that waits for the digests hashes the queued blocks itself, at its own priority."""
+    initializer; the caller that waits for the digests hashes the queued files itself, at its own priority."""
     if sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except OSError:
             pass
-
-
-def blake3_file(path: Path, stop: threading.Event | None = None) -> str:
-    """The BLAKE3 hex digest of `path`, read in large reads into one buffer (the hashing itself releases the
-    GIL). With `stop` set, gives up at the next read (OSError)."""
-    from blake3 import blake3  # the compiled extension, loaded only by a run that hashes
-
-    digest = blake3()
-    buffer = bytearray(_READ)
-    view = memoryview(buffer)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        offset = 0
-        while True:
-            if stop is not None and stop.is_set():
-                raise OSError(f"hashing of {path} stopped")
-            n = os.preadv(fd, [view], offset)
-            if n == 0:
-                break
-            digest.update(view[:n])
-            offset += n
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
 
 
 def combine(block_digests: list[bytes]) -> str:
