@@ -103,8 +103,9 @@ class LoadedRecipe:
             files = {**dict(plan.model.files), "README.md": card.encode(),
                      "recipe.yaml": recipe.text.encode()}
             late = (lambda: {"recipe.lock": lock_bytes(hashing.lock())}) if hash_inputs else None
+            busy = hashing.busy if hashing is not None else lambda: False
             result = write_model(plan, Path(out), files, late_files=late, overwrite=overwrite, progress=progress,
-                                 device=device, resume=resume, cpu_shared=hashing is not None and hashing.busy())
+                                 device=device, resume=resume, cpu_shared=busy)
         finally:
             if hashing is not None:
                 hashing.close()

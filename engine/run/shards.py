@@ -12,8 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 from recipekit.engine.core.graph import Apply
@@ -51,17 +52,17 @@ class _Completion:
 
 
 def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep: frozenset[str] = frozenset(),
-                 journal: Journal | None = None, cpu_shared: bool = False) -> None:
+                 journal: Journal | None = None, cpu_shared: Callable[[], bool] = lambda: False) -> None:
     """Write every shard of `plan` into `folder`, except those named in `keep` (already there, verified).
 
     The kernel takes an output file's lock for each copy into it, so a second copy stream into the same file
-    gains a little wall time and spins away most of a core. With `cpu_shared` (other work, the lock's hashing,
-    needs that core meanwhile), copies into one shard take turns; streams into different shards never wait."""
+    gains a little wall time and spins away most of a core. While `cpu_shared()` (other work, the lock's
+    hashing, needs that core), copies into one shard take turns; streams into different shards never wait."""
     inputs, outputs = InputFiles(), []
     bar = progress_bar(plan.output_bytes, progress, unit="B", desc="writing")
     try:
         streamed: list[tuple[TensorPlan, int, int, str]] = []  # byte copies and chunked casts
-        copying: dict[int, AbstractContextManager] = {}  # per output file: held while copying into it
+        turns: dict[int, threading.Lock] = {}  # per output file: held while copying into it, while cpu_shared()
         computes: list[tuple[TensorPlan, int, int, str]] = []
         for shard in plan.shards:
             if shard.filename in keep:
@@ -69,7 +70,7 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
                 continue
             fd = os.open(folder / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             outputs.append(fd)
-            copying[fd] = threading.Lock() if cpu_shared else nullcontext()
+            turns[fd] = threading.Lock()
             _allocate(fd, shard.size)
             os.pwrite(fd, shard.header, 0)
             base = len(shard.header)
@@ -91,7 +92,7 @@ def write_shards(plan: Plan, folder: Path, *, progress: bool, device: str, keep:
             t, fd, offset, shard = job
             if t.is_copy:
                 info = t.node.tensor
-                with copying[fd]:
+                with turns[fd] if cpu_shared() else nullcontext():
                     _copy_range(inputs.fd(info), fd, info.offset, offset, info.nbytes, info)
             elif t.is_rowwise:
                 evaluate.rowwise_stream(t.node, inputs.fd, fd, offset, t.name)

@@ -117,12 +117,12 @@ def _guarded_folders(recipe_dir: Path | None) -> list[tuple[Path, str]]:
 
 def write_model(plan: Plan, out: Path, files: dict[str, bytes], *, late_files: LateFiles | None = None,
                 overwrite: bool = False, progress: bool = True, device: str = "cpu", resume: bool = False,
-                cpu_shared: bool = False) -> RunResult:
+                cpu_shared: Callable[[], bool] = lambda: False) -> RunResult:
     """Write shards, index, config, side files and `files` (name -> bytes) into OUT, atomically, holding OUT's
     lock so that no other run writes it at the same time. `late_files()` gives more files once the shards are
     written (the lock, hashed meanwhile), before OUT appears. With `resume`, the shards a killed run of the same
-    plan finished (journaled, and their sha256 checked again) are kept. `cpu_shared`: the lock's hashing needs
-    the CPU meanwhile (`write_shards`)."""
+    plan finished (journaled, and their sha256 checked again) are kept. `cpu_shared()`: whether the lock's
+    hashing needs the CPU at the moment (`write_shards`)."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
@@ -172,7 +172,7 @@ def _lock_path(out: Path) -> Path:
 
 
 def _write_locked(plan: Plan, out: Path, files: dict[str, bytes], late_files: LateFiles | None, *, overwrite: bool,
-                  progress: bool, device: str, resume: bool, cpu_shared: bool) -> RunResult:
+                  progress: bool, device: str, resume: bool, cpu_shared: Callable[[], bool]) -> RunResult:
     start = time.perf_counter()
     partial = partial_path(out)
     print_id = fingerprint(plan, device, _version())
