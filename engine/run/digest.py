@@ -20,7 +20,7 @@ from pathlib import Path
 
 BLOCK = 64 * 2**20
 _PREFIX = b"recipekit sha256-tree v1\n"
-_READ = 8 * 2**20  # per read: large enough that hashlib releases the GIL for nearly all the work
+_READ = 8 * 2**20  # per read: large enough that the hash releases the GIL for nearly all the work
 
 
 def blocks(size: int) -> int:
