@@ -205,6 +205,48 @@ def test_analyze_takes_a_device_like_eval(capsys, monkeypatch, metric):
     assert capsys.readouterr().err.strip() == "--device cuda: no CUDA device is available here"
 
 
+TEXT = str(DEMO / "heldout.txt")
+MEASURES = {
+    "snr": ["analyze", "{model}", "--metric", "snr"],
+    "angular": ["analyze", "{model}", "--metric", "angular", "--text", TEXT, "--max-texts", "4"],
+    "angular-mean": ["analyze", "{model}", "--metric", "angular", "--token", "mean", "--n", "2", "--text", TEXT,
+                     "--max-texts", "4"],
+    "bi": ["analyze", "{model}", "--metric", "bi", "--text", TEXT, "--max-texts", "4"],
+    "super-weights": ["analyze", "{model}", "--metric", "super-weights", "--verify", "--text", TEXT],
+    "eval": ["eval", "{model}", "--text", TEXT, "--seq-len", "64"],
+    "eval-recipe": ["eval", str(DEMO / "story-merge-ties.yaml"), "--text", TEXT, "--seq-len", "64"],
+    "analyze-routing": ["analyze-routing", "{moe}", "--text", TEXT, "--max-texts", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def demo_moe(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe") / "moe"
+    assert main(["run", str(DEMO / "moe-from-prompts.yaml"), "-o", str(out), "-q"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("measure", sorted(MEASURES))
+def test_measurements_with_device_cuda_are_the_cpus(capsys, demo_moe, measure):
+    """On the stand-in device of tests/simulated_cuda.py (it computes on the CPU and refuses a host tensor mixed
+    into device work), every command that runs the model puts it on the device and prints what the CPU prints
+    (SNR's eigenvalues to float64 rounding)."""
+    from tests.simulated_cuda import simulated_cuda
+
+    args = [a.format(model=DEMO / "models" / "tiny-story", moe=demo_moe) for a in MEASURES[measure]]
+    assert main([*args, "--json", "-q"]) == 0
+    on_cpu = json.loads(capsys.readouterr().out)
+    with simulated_cuda() as placed:
+        assert main([*args, "--json", "-q", "--device", "cuda"]) == 0
+    on_device = json.loads(capsys.readouterr().out)
+    assert placed.count > 0
+    if measure == "snr":
+        assert [r["signal_values"] for r in on_device["rows"]] == [r["signal_values"] for r in on_cpu["rows"]]
+        assert [r["snr"] for r in on_device["rows"]] == pytest.approx([r["snr"] for r in on_cpu["rows"]], rel=1e-12)
+    else:
+        assert on_device == on_cpu
+
+
 def _help(capsys, monkeypatch, *command: str) -> str:
     """What `recipe COMMAND --help` prints, each option's help on one line (argparse wraps to $COLUMNS)."""
     monkeypatch.setenv("COLUMNS", "1000")

@@ -14,6 +14,7 @@ from recipekit.engine import load_recipe
 from recipekit.engine.cli import main
 from recipekit.engine.core.tags import VOCABULARY
 from recipekit.engine.foreign.formats import detect
+from tests.simulated_cuda import simulated_cuda
 from tests.tiny import assert_layers_from, load_causal_lm, read_config, tensors_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,29 @@ def test_recipe_validates_runs_and_holds_what_it_says(path, tmp_path, capsys):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+# recipes whose runs compute nothing on a device: byte copies, casts and constants only
+NO_DEVICE_WORK = {"recipes/demo/drop-layers.yaml", "recipes/demo/frankenmerge.yaml",
+                  "recipes/demo/mergekit-passthrough.yaml", "recipes/demo/story-add-modules.yaml",
+                  "recipes/demo/story-drop-first.yaml", "recipes/demo/story-drop-middle.yaml",
+                  "recipes/demo/story-expand.yaml", "recipes/demo/story-upcycle.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_writes_the_same_bytes_with_device_cuda(path, tmp_path):
+    """On the stand-in device of tests/simulated_cuda.py (it computes on the CPU and refuses a host tensor mixed
+    into device work), `--device cuda` writes every file the CPU run writes, byte for byte; and the recipes that
+    compute (merges, measured selections, router rows, healing) put tensors on the device."""
+    assert main(["run", str(path), "-o", str(tmp_path / "cpu"), "-q"]) == 0
+    with simulated_cuda() as placed:
+        assert main(["run", str(path), "-o", str(tmp_path / "cuda"), "-q", "--device", "cuda"]) == 0
+
+    def files(out: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    assert files(tmp_path / "cuda") == files(tmp_path / "cpu")
+    assert (placed.count == 0) == (str(path.relative_to(ROOT)) in NO_DEVICE_WORK)
 
 
 def assert_standalone(path: Path, out: Path) -> None:

@@ -53,7 +53,8 @@ def noise_edge(values: torch.Tensor, shape: tuple[int, int]) -> float:
     """The Marchenko-Pastur edge estimated from a matrix's singular values: sigma * (1 + sqrt(beta))."""
     import torch
 
-    q25, q75 = torch.quantile(values.to(torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    quartiles = torch.tensor([0.25, 0.75], dtype=torch.float64, device=values.device)
+    q25, q75 = torch.quantile(values.to(torch.float64), quartiles).tolist()
     sigma = (q75 - q25) / 1.349
     rows, cols = shape
     return sigma * (1 + math.sqrt(min(rows, cols) / max(rows, cols)))

@@ -96,7 +96,7 @@ class EngineProbe:
 
         self._reads(model)
         self.held = max(self.held, held_bytes(model, name, (module,)))
-        return [row.snr for row in snr_table(model, name, (module,), progress=self.progress)]
+        return [row.snr for row in snr_table(model, name, (module,), device=self.device, progress=self.progress)]
 
     def similarity(self, model: LazyModel, name: str, text: str, seq_len: int, max_texts: int,
                    mean_n: int | None = None) -> Similarity:

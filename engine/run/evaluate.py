@@ -119,11 +119,15 @@ def _write_from(view: memoryview, fd: int, offset: int) -> None:
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    """The memory of a contiguous CPU tensor as writable bytes (no copy)."""
+    """The memory of a contiguous CPU tensor as writable bytes (no copy). The view holds the tensor: it may be a
+    temporary (a copy from the GPU, or `contiguous()` of a strided result) that would otherwise be freed, and its
+    memory reused, before the bytes are written."""
     size = tensor.numel() * tensor.element_size()
     if size == 0:
         return memoryview(b"")
-    return memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")
+    memory = (ctypes.c_char * size).from_address(tensor.data_ptr())
+    memory.tensor = tensor
+    return memoryview(memory).cast("B")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

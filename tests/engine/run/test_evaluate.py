@@ -1,6 +1,7 @@
 """Kernels and the evaluator against plain torch, and the chunked cast against a whole-tensor cast."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -76,3 +77,19 @@ def test_whole_tensor_compute_path_writes_what_torch_computes(tmp_path):
     got = load_file(str(shard))
     assert torch.equal(got["model.layers.0.w"], x.to(torch.bfloat16).to(torch.float32).to(torch.float16))
     assert torch.equal(got["emb"], torch.arange(6, dtype=torch.int64))  # integers are not cast
+
+
+def test_a_strided_result_is_written_whole(tmp_path):
+    """`write_tensor` writes from a temporary (`contiguous()` of a strided tensor here, a copy from the GPU under
+    --device cuda): the bytes must be the tensor's, not memory freed before the write (a large one is unmapped,
+    a small one's first bytes reused by the allocator)."""
+    for shape in ((1024, 1024), (16, 8)):
+        value = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+        path = tmp_path / f"{shape[0]}.bin"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            evaluate.write_tensor(value.T, fd, 0)
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == value.T.contiguous().numpy().tobytes()
+        assert evaluate.tensor_bytes(value.T) == value.T.contiguous().numpy().tobytes()

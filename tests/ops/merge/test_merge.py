@@ -17,6 +17,7 @@ from recipekit.ops.merge.interpolate import linear, slerp
 from recipekit.ops.merge.methods import METHODS
 from recipekit.ops.registry import SCRATCH
 from tests.bad_inputs.checks import assert_no_output, assert_refused, cli, mark, snapshot
+from tests.simulated_cuda import simulated_cuda
 from tests.tiny import finetune, load_causal_lm, make_model, tensors_of, write_recipe
 
 LAYERS = 4
@@ -219,6 +220,25 @@ def test_a_float64_merge_is_the_arithmetic_done_in_float64(family: Path, tmp_pat
         in_float32 = base[name] + 0.9 * (0.5 * (a[name] - base[name]) + 0.5 * (b[name] - base[name]))
         closer += int((got[name] != in_float32).sum())
     assert closer > 0
+
+
+@pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_every_method_runs_its_kernels_on_the_device(family: Path, tmp_path: Path, method: str,
+                                                      compute_dtype: str | None) -> None:
+    """`--device cuda`, on the stand-in device of tests/simulated_cuda.py (which computes on the CPU and refuses
+    a host tensor mixed into device work): every tensor the kernels compute is put on the device, and the bytes
+    are the CPU run's."""
+    recipe = load_recipe(_recipe(tmp_path, family, _in(compute_dtype, method) if compute_dtype else STEPS[method]))
+    on_cpu = recipe.run(tmp_path / "cpu").out
+    with simulated_cuda() as placed:
+        on_device = recipe.run(tmp_path / "cuda", device="cuda").out
+    computed = [t for shard in recipe.plan().shards for t in shard.tensors if not t.is_copy]
+    assert computed and placed.count >= len(computed)  # each reads at least one input onto the device
+    files = sorted(p.name for p in on_cpu.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in on_device.glob("*.safetensors"))
+    for name in files:
+        assert (on_device / name).read_bytes() == (on_cpu / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "float64", "bfloat16", "float16"])

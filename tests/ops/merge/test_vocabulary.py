@@ -445,3 +445,25 @@ def test_a_head_from_a_model_with_another_vocabulary_needs_a_setting(tmp_path):
         load_recipe(recipe).plan()
     (problem,) = error.value.problems
     assert problem.path == ("steps", 0, "head") and "set output.tokenizer" in problem.message
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_union_merge_with_device_cuda_gathers_its_rows_on_the_device(tmp_path, method):
+    """On the stand-in device of tests/simulated_cuda.py (it computes on the CPU and refuses a host tensor mixed
+    into device work): the rows a union gathers, zero rows, forced rows and padding included, are gathered on the
+    device (the CPU streams them from the files instead), and the bytes are the CPU run's."""
+    from tests.simulated_cuda import simulated_cuda
+
+    vocab_models(tmp_path)
+    overrides = '{"<think>": {source: {model: a, token: "<|im_end|>"}}, c5: {source: zero, force: true}}'
+    output = f"{{tokenizer: {{source: union, pad_to_multiple_of: 16, tokens: {overrides}}}}}"
+    recipe = load_recipe(_linear(tmp_path, output) if method == "linear" else write_recipe(
+        tmp_path, "recipe: 1\nmodels: {a: ./a, b: ./b}\nsteps:\n  - {op: merge, method: ties, base: a, models: "
+                  f"[{{model: b, weight: 1, density: 0.5}}]}}\noutput: {output}\n"))
+    on_cpu = recipe.run(tmp_path / "cpu").out
+    with simulated_cuda() as placed:
+        on_device = recipe.run(tmp_path / "cuda", device="cuda").out
+    assert placed.count > 0
+    assert [p.read_bytes() for p in sorted(on_device.glob("*.safetensors"))] == \
+        [p.read_bytes() for p in sorted(on_cpu.glob("*.safetensors"))]
+    assert (on_device / "tokenizer.json").read_bytes() == (on_cpu / "tokenizer.json").read_bytes()

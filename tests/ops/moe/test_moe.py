@@ -396,6 +396,30 @@ def test_prompt_gates_follow_the_device_and_a_missing_gpu_is_refused_first(tmp_p
         assert not (tmp_path / "gpu").exists()
 
 
+@pytest.mark.parametrize("gates", ["mode: hidden", "{mode: hidden, token: mean}", "mode: cheap_embed",
+                                   "{mode: cheap_embed, token: mean}", "mode: random"])
+def test_router_rows_from_prompts_are_the_same_with_device_cuda(tmp_path: Path, models: Path, gates: str) -> None:
+    """On the stand-in device of tests/simulated_cuda.py (it computes on the CPU and refuses a host tensor mixed
+    into device work), router rows measured on the device are the CPU's, bytes and all."""
+    from recipekit.engine.cli import main
+    from tests.simulated_cuda import simulated_cuda
+
+    recipe = stack(tmp_path, models, f"""
+          - id: moe
+            op: stack_experts
+            base: base
+            experts: [{{model: e0, positive: ['the cat']}},
+                      {{model: e1, positive: ['0123'], negative: ['x'], noise_scale: 0.01}}]
+          - {{op: init_gates, model: moe, {gates.strip("{}")}}}
+        """)
+    assert main(["run", str(recipe), "-o", str(tmp_path / "cpu"), "-q"]) == 0
+    with simulated_cuda() as placed:
+        assert main(["run", str(recipe), "-o", str(tmp_path / "cuda"), "-q", "--device", "cuda"]) == 0
+    assert placed.count > 0  # the prompts' forward, or the noise added to expert 1
+    on_cpu, on_device = tensors_of(tmp_path / "cpu"), tensors_of(tmp_path / "cuda")
+    assert on_device.keys() == on_cpu.keys() and all(torch.equal(on_device[k], on_cpu[k]) for k in on_cpu)
+
+
 def test_experts_from_another_base_are_warned_about_and_fine_tunes_are_not(tmp_path: Path, models: Path,
                                                                           capsys) -> None:
     """Norm weights tell relatives apart: e0 is an unrelated model, `tuned` the base with every weight nudged."""

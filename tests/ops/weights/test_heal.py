@@ -163,6 +163,25 @@ def test_end_to_end_lowers_the_loss_training_only_the_named_modules(work, healed
     assert after < before
 
 
+@pytest.mark.parametrize("mode, teacher", [("blockwise", "base"), ("end_to_end", "base"), ("end_to_end", None)])
+def test_healing_with_device_cuda_trains_on_the_device(work, mode, teacher):
+    """On the stand-in device of tests/simulated_cuda.py (it computes on the CPU and refuses a host tensor mixed
+    into device work), training, its optimiser and the perplexities run on the device, and the bytes are the
+    CPU run's."""
+    from tests.simulated_cuda import simulated_cuda
+
+    recipe = _recipe(work, mode, name=f"device-{mode}-{teacher}.yaml", teacher=teacher)
+    _run(recipe, work / f"device-{mode}-{teacher}-cpu")
+    with simulated_cuda() as placed:
+        _run(recipe, work / f"device-{mode}-{teacher}-cuda", "--device", "cuda")
+    assert placed.count > 0
+    on_cpu, on_device = (tensors_of(work / f"device-{mode}-{teacher}-{d}") for d in ("cpu", "cuda"))
+    assert on_device.keys() == on_cpu.keys()
+    assert all(torch.equal(on_device[name], on_cpu[name]) for name in on_cpu)
+    card = (work / f"device-{mode}-{teacher}-cuda" / "README.md").read_text()
+    assert card == (work / f"device-{mode}-{teacher}-cpu" / "README.md").read_text()
+
+
 def test_a_shared_recipe_may_not_read_heal_texts_unless_allowed(work):
     loaded = load_recipe(_recipe(work, name="shared.yaml"))
     problems = untrusted_problems(loaded.recipe, loaded.locator, allow_local_paths=False)
