@@ -48,8 +48,8 @@ class TokenMixing(nn.Module):
     With a transformers cache, the last kernel_size - 1 inputs of this layer are kept on the cache object with the
     number of tokens they follow, so generation one token at a time computes what a full forward does; an empty
     cache for this layer starts over, and a cache that holds other tokens than those (cut back by assisted
-    decoding, or another model's) is refused rather than mixed wrongly. Beam search reorders a cache without
-    telling it, so it is not supported.
+    decoding, or another model's) is refused rather than mixed wrongly. Beam search reorders them with the cache
+    (`reorder_saved_inputs`).
     """
 
     def __init__(self, hidden: int, kernel_size: int, layer_idx: int):
@@ -66,12 +66,20 @@ class TokenMixing(nn.Module):
                 if states.get(self.layer_idx, (None,))[0] != seen:
                     raise ValueError("this cache holds other tokens than token mixing saw: it was filled by another "
                                      "model or cut back (assisted generation); token_mixing supports generation "
-                                     "that only appends (greedy, sampling), not beam search or assisted decoding")
+                                     "that only appends or reorders (greedy, sampling, beam search), not assisted "
+                                     "decoding")
                 past = states[self.layer_idx][1]
         out, last = token_mix(x, self.weight, valid, past)
         if states is not None:
             states[self.layer_idx] = (seen + x.shape[1], last.detach())
         return out
+
+
+def reorder_saved_inputs(cache: object, beam_idx: torch.Tensor) -> None:
+    """Give each row of token mixing's saved inputs the beam it continues, as beam search does to the cache."""
+    states = cache.__dict__.get(_STATES, {})
+    for layer, (seen, last) in states.items():
+        states[layer] = (seen, last.index_select(0, beam_idx.to(last.device)))
 
 
 class SEBlock(nn.Module):
@@ -140,3 +148,9 @@ class AddedModulesCausalLM:
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, token_mask=token_mask, **kwargs)
+
+    def _reorder_cache(self, cache, beam_idx: torch.Tensor):
+        """What beam search calls between steps, where a model defines it, instead of `cache.reorder_cache`."""
+        cache.reorder_cache(beam_idx)
+        reorder_saved_inputs(cache, beam_idx)
+        return cache

@@ -192,6 +192,22 @@ def test_cached_generation_computes_what_a_full_forward_does(tmp_path):
             model(ids[:, 7:8], cache=cache, use_cache=True)
 
 
+def test_beam_search_reorders_token_mixings_saved_inputs_with_the_cache(tmp_path):
+    """Beam search reorders the cache between steps: token mixing's saved inputs must follow their beams, so a
+    cached beam search finds what one that recomputes every step (no cache) finds."""
+    _, out = _add(tmp_path, modules="[token_mixing]", options="token_mixing: {kernel_size: 4}")
+    _perturb(out, seed=3)
+    model = _load(out)
+    ids, mask = (t[:2] for t in _batch())  # the full row and the left-padded one
+    settings = dict(max_new_tokens=8, num_beams=4, num_return_sequences=2, do_sample=False,
+                    return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        cached = model.generate(ids, attention_mask=mask, **settings)
+        uncached = model.generate(ids, attention_mask=mask, use_cache=False, **settings)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_streamed_forward_computes_the_modules_as_the_classes_do(tmp_path, family):
     _, out = _add(tmp_path, family, options="token_mixing: {kernel_size: 3}\n            seed: 4")
