@@ -4,10 +4,12 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from recipekit.engine.core.graph import Apply, LazyModel, Load
+from recipekit.engine.errors import PlanError
 from recipekit.engine.io.source import open_model
 from recipekit.engine.recipe.document import Output
 from recipekit.engine.run import evaluate
@@ -93,3 +95,22 @@ def test_a_strided_result_is_written_whole(tmp_path):
             os.close(fd)
         assert path.read_bytes() == value.T.contiguous().numpy().tobytes()
         assert evaluate.tensor_bytes(value.T) == value.T.contiguous().numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_non_finite_value_anywhere_is_found(dtype):
+    """`check_finite` reads the smallest and largest values: a NaN or an infinity at any position (vector lanes,
+    the tail, a strided view) must still be found, and one the inputs already had passes."""
+    finite = [torch.ones(3, dtype=torch.float32)]
+    evaluate.check_finite(torch.randn(40, 33).to(dtype), lambda: finite, "w")
+    evaluate.check_finite(torch.zeros(0, 4, dtype=dtype), lambda: finite, "empty")
+    bad_values = [math.nan] + ([] if dtype == torch.float8_e4m3fn else [math.inf, -math.inf])  # e4m3fn: no inf
+    for bad in bad_values:
+        for row, column in ((0, 0), (17, 5), (39, 32)):
+            result = torch.randn(40, 33)
+            result[row, column] = bad
+            for view in (result.to(dtype), result.to(dtype).t()):
+                with pytest.raises(PlanError, match="NaN or infinite"):
+                    evaluate.check_finite(view, lambda: finite, "w")
+                evaluate.check_finite(view, lambda: [torch.tensor([bad, 1.0])], "w")  # the input had it
