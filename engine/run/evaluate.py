@@ -35,7 +35,7 @@ def _bound_the_heap() -> None:
     merge of 1.7 GB models peaked 10-20% higher (about 1.8 GB against 1.55-1.65 GB with the bound, measured here).
     Fixing that threshold also fixes the trim threshold at its 128 KiB default, so the few-MiB blocks a streamed
     merge allocates per step went back to the system and were faulted in again: a linear merge of 1.67 GB models
-    took 290k-540k page faults, with the trim threshold raised 54k (median 4.9 s against 4.4 s, same peak RSS).
+    took 290k-540k page faults, with the trim threshold raised 54k (median 4.9 s before, 4.4 s after; same peak RSS).
     Elsewhere (not glibc) this does nothing.
     """
     try:
