@@ -36,8 +36,6 @@ import io
 import json
 import os
 import re
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,13 +44,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from merge import config_for  # noqa: E402
+from merge import METHODS, config_for, timed_rounds  # noqa: E402
 from moe import generate_expert, read_tensors  # noqa: E402
-from passthrough import choose_spec, clear, human, parse_size, timed, warm_cache  # noqa: E402
+from passthrough import choose_spec, clear, human, parse_size, timed  # noqa: E402
 
-METHODS = ("linear", "passthrough", "slerp", "nuslerp", "multislerp", "karcher", "nearswap", "model_stock",
-           "arcee_fusion", "sce", "ram", "ramplus_tl", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 # methods that keep or drop entries by comparing magnitudes with a threshold or a rank
 RANKING = {"ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram",
            "ramplus_tl", "arcee_fusion"}
@@ -261,25 +256,11 @@ def stage_timing(workdir: Path, size: int, repeats: int, device: Device) -> dict
         argv = ["run", str(config), "-o", str(out), "-q", "--overwrite"]
         sides = {"cpu": [sys.executable, "-c", plain, *argv],
                  "cuda": [sys.executable, "-c", on_device, *argv, "--device", "cuda"]}
-        runs: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
         for side, command in sides.items():  # untimed: the lock's first hashing, CUDA's start-up caches
             clear(out)
             if timed(command, workdir)[2] != 0:
                 raise SystemExit(f"gpu_check: {method} on {side} failed")
-        for r in range(repeats):
-            for side in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-                clear(out)
-                subprocess.run(["sync"], check=False)
-                time.sleep(2)
-                warm_cache(inputs)
-                wall, rss, rc, err = timed(sides[side], workdir)
-                if rc != 0:
-                    raise SystemExit(f"gpu_check: timed {method} on {side} failed: {err.strip()[-2000:]}")
-                runs[side].append((wall, rss))
-                log(f"  timing {method} {side} round {r + 1}: {wall:.2f} s, {rss:.0f} MB")
-        clear(out)
-        results[method] = {side: {"median_wall_s": statistics.median(w for w, _ in rs),
-                                  "peak_rss_mb": max(m for _, m in rs), "runs": rs} for side, rs in runs.items()}
+        results[method] = timed_rounds(sides, repeats, out, inputs, workdir, f"timing {method}", settle=2.0)
         results[method]["cuda_vs_cpu_wall"] = (results[method]["cuda"]["median_wall_s"]
                                                / results[method]["cpu"]["median_wall_s"])
     return {"model_bytes": spec.nbytes, "repeats": repeats, **results}

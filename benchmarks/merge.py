@@ -37,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe import ensure_mergekit, generate_expert, read_tensors  # noqa: E402
 from passthrough import choose_spec, clear, find_recipe, human, parse_size, timed, warm_cache  # noqa: E402
 
+METHODS = ("linear", "passthrough", "slerp", "nuslerp", "multislerp", "karcher", "nearswap", "model_stock",
+           "arcee_fusion", "sce", "ram", "ramplus_tl", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 SEEDED = ("dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion")
 TIMED = ("linear", "ties")
 
@@ -86,6 +89,24 @@ def run(argv: list[str], workdir: Path, inputs: list[Path]) -> tuple[float, floa
     if rc != 0:
         raise SystemExit(f"{' '.join(argv[:3])} ... failed: {err.strip()[-2000:]}")
     return wall, rss
+
+
+def timed_rounds(rows: dict[str, list[str]], repeats: int, out: Path, inputs: list[Path], workdir: Path,
+                 label: str, settle: float = 5.0) -> dict:
+    """Each command of `rows` timed `repeats` times, the order rotating so each leads a round in turn; before each,
+    outside the timing, `out` removed, `sync`, `settle` seconds and the inputs read into the page cache. Per row:
+    the median wall seconds, the peak RSS and every run."""
+    runs: dict[str, list[tuple[float, float]]] = {side: [] for side in rows}
+    for r in range(repeats):
+        for side in list(rows)[r % len(rows):] + list(rows)[:r % len(rows)]:
+            clear(out)
+            subprocess.run(["sync"], check=False)
+            time.sleep(settle)
+            runs[side].append(run(rows[side], workdir, inputs))
+            log(f"  {label} {side:9} round {r + 1}: {runs[side][-1][0]:.2f}s, {runs[side][-1][1]:.0f} MB")
+    clear(out)
+    return {side: {"median_wall_s": statistics.median(w for w, _ in rs), "peak_rss_mb": max(m for _, m in rs),
+                   "runs": rs} for side, rs in runs.items()}
 
 
 def agreement(method: str, ours: Path, theirs: Path, base: Path) -> dict:
@@ -206,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, m in enumerate(models):
             generate_expert(spec, m, 100 + k, log)
         inputs = [f for m in models for f in m.glob("*.safetensors")]
-        methods = ([m.strip() for m in args.methods.split(",")] if args.methods != "all" else
-                   ["linear", "passthrough", "slerp", "nuslerp", "multislerp", "karcher", "nearswap", "model_stock",
-                    "arcee_fusion", "sce", "ram", "ramplus_tl", "task_arithmetic", "ties", "dare_ties",
-                    "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods != "all" else list(METHODS)
         for method in methods:
             config = workdir / f"merge-{method}.yml"
             config.write_text(json.dumps(config_for(method, models, "float32"), indent=2))
@@ -260,17 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mergekit": [str(mergekit), str(config), str(out), "--out-shard-size", "2B", "--lazy-unpickle"],
                     # the floor of writing the output's bytes: a copy of one input (the same size)
                     "cp": ["cp", "-r", str(models[1]), str(out)]}
-            runs: dict[str, list[tuple[float, float]]] = {side: [] for side in rows}
-            for r in range(args.repeats):
-                for side in list(rows)[r % 3:] + list(rows)[:r % 3]:  # each row first in one round of three
-                    clear(out)
-                    subprocess.run(["sync"], check=False)
-                    time.sleep(5)
-                    runs[side].append(run(rows[side], workdir, inputs))
-                    log(f"  {method} {side:9} round {r + 1}: {runs[side][-1][0]:.2f}s, {runs[side][-1][1]:.0f} MB")
-            clear(out)
-            summary = {side: {"median_wall_s": statistics.median(w for w, _ in rs),
-                              "peak_rss_mb": max(m for _, m in rs), "runs": rs} for side, rs in runs.items()}
+            summary = timed_rounds(rows, args.repeats, out, inputs, workdir, method)
             summary["wall_ratio"] = summary["recipekit"]["median_wall_s"] / summary["mergekit"]["median_wall_s"]
             summary["rss_ratio"] = summary["recipekit"]["peak_rss_mb"] / summary["mergekit"]["peak_rss_mb"]
             results["timing"][method] = summary
